@@ -1,0 +1,5 @@
+"""Initializers of S: ``(real, ipc, generator) -> SyntheticSet``."""
+
+from ddrun.init.initializers import kcenter, kcenter_greedy, noise, real
+
+__all__ = ["noise", "real", "kcenter", "kcenter_greedy"]

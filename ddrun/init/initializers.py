@@ -1,0 +1,81 @@
+"""Initializations of the synthetic set S (``conf/init/*.yaml``).
+
+Every initializer has the signature ``(real: RealData, ipc: int, generator: torch.Generator, **options) ->
+SyntheticSet`` and returns ``ipc`` images per class, ordered class by class, with hard labels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ddrun.data.datasets import RealData
+from ddrun.synthetic import SyntheticSet
+from ddrun.train import embed, train_epoch
+
+
+def _labels(real: RealData, ipc: int) -> torch.Tensor:
+    return torch.arange(real.num_classes).repeat_interleave(ipc)
+
+
+def noise(real: RealData, ipc: int, generator: torch.Generator, std: float = 1.0) -> SyntheticSet:
+    """Gaussian noise N(0, std^2) in the normalized image space (the DC reference's ``--init noise``)."""
+    k, c, (h, w) = real.num_classes, real.channels, real.im_size
+    images = torch.randn(k * ipc, c, h, w, generator=generator) * std
+    return SyntheticSet(images, _labels(real, ipc), k)
+
+
+def real(real: RealData, ipc: int, generator: torch.Generator) -> SyntheticSet:
+    """``ipc`` random real training images per class (the reference's ``--init real``; with ``iterations=0``
+    this is the random-subset baseline)."""
+    images = torch.cat([real.sample_class(c, ipc, generator).cpu() for c in range(real.num_classes)])
+    return SyntheticSet(images, _labels(real, ipc), real.num_classes)
+
+
+def kcenter_greedy(features: torch.Tensor, k: int, first: int) -> list[int]:
+    """Greedy K-Center (Sener & Savarese, "Active Learning for Convolutional Neural Networks: A Core-Set
+    Approach", ICLR 2018, Algorithm 1): starting from ``first``, repeatedly add the point whose distance to its
+    nearest chosen center is largest.
+
+    Args:
+        features: float ``[N, D]``.
+        k: number of centers (``k <= N``).
+        first: index of the first center.
+
+    Returns:
+        ``k`` distinct indices into ``features``, in the order chosen.
+    """
+    chosen = [int(first)]
+    dist = torch.cdist(features, features[first:first + 1]).flatten()
+    for _ in range(k - 1):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(features, features[nxt:nxt + 1]).flatten())
+    return chosen
+
+
+def kcenter(real: RealData, ipc: int, generator: torch.Generator, net: Callable[..., torch.nn.Module],
+            train_epochs: int = 1, lr: float = 0.01, batch_size: int = 256,
+            max_candidates: int = 5000) -> SyntheticSet:
+    """Per class, greedy K-Center (:func:`kcenter_greedy`) on the embeddings of a network.
+
+    The embedding network is built from ``net`` (the ``net`` config) and first trained ``train_epochs`` epochs on
+    the real training set (SGD lr ``lr``, momentum 0.9); 0 uses the randomly initialized network. The first
+    center of each class is the sample nearest to the class mean embedding; at most ``max_candidates`` random
+    samples per class are considered.
+    """
+    device = real.device
+    model = net(channels=real.channels, num_classes=real.num_classes, im_size=real.im_size).to(device)
+    if train_epochs > 0:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        for _ in range(train_epochs):
+            train_epoch(model, real.train_images, real.train_labels, opt, batch_size, generator=generator)
+    picks = []
+    for c in range(real.num_classes):
+        cand = real.sample_class(c, max_candidates, generator)
+        feats = embed(model, cand).float()
+        first = int(torch.cdist(feats, feats.mean(0, keepdim=True)).argmin())
+        idx = kcenter_greedy(feats, min(ipc, len(cand)), first)
+        picks.append(cand[idx].cpu())
+    return SyntheticSet(torch.cat(picks), _labels(real, ipc), real.num_classes)

@@ -1,0 +1,5 @@
+"""Networks used for distillation and evaluation."""
+
+from ddrun.nets.convnet import ConvNet
+
+__all__ = ["ConvNet"]

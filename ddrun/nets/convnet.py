@@ -1,0 +1,82 @@
+"""The ConvNet of the DC / DSA / DM / MTT papers.
+
+Zhao et al., "Dataset Condensation with Gradient Matching", ICLR 2021, Sec. 4 ("ConvNet"), following
+Gidaris & Komodakis 2018: ``depth`` blocks of [3x3 conv (``width`` filters) -> norm -> act -> pool], then one
+linear classifier. Defaults are the reference's: width 128, depth 3, ReLU, instance norm (implemented as
+``GroupNorm(C, C)``, one group per channel, affine), average pooling 2x2. 28x28 single-channel inputs get
+padding 3 in the first conv, so they are treated as 32x32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddrun.utils import ConfigError
+
+_ACTS = {"relu": lambda: nn.ReLU(inplace=True), "sigmoid": nn.Sigmoid, "leakyrelu": lambda: nn.LeakyReLU(0.01),
+         "swish": nn.SiLU}
+_POOLS = {"avgpooling": lambda: nn.AvgPool2d(2, 2), "maxpooling": lambda: nn.MaxPool2d(2, 2), "none": None}
+
+
+def _norm(kind: str, c: int, hw: tuple[int, int]) -> nn.Module | None:
+    if kind == "instancenorm":
+        return nn.GroupNorm(c, c, affine=True)
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(c)
+    if kind == "layernorm":
+        return nn.LayerNorm([c, *hw], elementwise_affine=True)
+    if kind == "groupnorm":
+        return nn.GroupNorm(4, c, affine=True)
+    if kind == "none":
+        return None
+    raise ConfigError(f"net.norm={kind!r}: valid values are instancenorm, batchnorm, layernorm, groupnorm, none")
+
+
+class ConvNet(nn.Module):
+    """ConvNet-``depth`` with ``width`` channels.
+
+    Args:
+        channels: input channels C.
+        num_classes: output logits K.
+        im_size: input (H, W).
+        width, depth, act, norm, pooling: see the module doc.
+
+    Input float32 ``[B, C, H, W]``; ``forward`` returns logits ``[B, K]``, ``embed`` the flattened features
+    before the classifier ``[B, feature_dim]`` (what DM matches).
+
+    Raises:
+        ConfigError: unknown ``act``, ``norm`` or ``pooling``.
+    """
+
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int] = (32, 32), width: int = 128,
+                 depth: int = 3, act: str = "relu", norm: str = "instancenorm", pooling: str = "avgpooling"):
+        super().__init__()
+        if act not in _ACTS:
+            raise ConfigError(f"net.act={act!r}: valid values are {sorted(_ACTS)}")
+        if pooling not in _POOLS:
+            raise ConfigError(f"net.pooling={pooling!r}: valid values are {sorted(_POOLS)}")
+        layers: list[nn.Module] = []
+        h, w = im_size
+        if (h, w) == (28, 28):
+            h, w = 32, 32
+        c = channels
+        for d in range(depth):
+            layers.append(nn.Conv2d(c, width, 3, padding=3 if channels == 1 and d == 0 and im_size[0] == 28 else 1))
+            c = width
+            n = _norm(norm, c, (h, w))
+            if n is not None:
+                layers.append(n)
+            layers.append(_ACTS[act]())
+            if _POOLS[pooling] is not None:
+                layers.append(_POOLS[pooling]())
+                h, w = h // 2, w // 2
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = c * h * w
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))

@@ -1,0 +1,1 @@
+"""Distillation objectives: ``objective(syn, real, net, it, generator) -> scalar loss``."""

@@ -1,0 +1,115 @@
+"""The synthetic set S."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ddrun.utils import DataError
+
+
+class SyntheticSet(nn.Module):
+    """The learned synthetic set S.
+
+    Attributes:
+        images: Parameter, float32 ``[N, C, H, W]`` in the dataset's normalized (and ZCA) space;
+            N = ipc x K, ordered class by class.
+        labels: int64 ``[N]`` hard labels (a buffer), or float32 ``[N, K]`` soft labels given as *logits*
+            (a Parameter when learned, Sucholutsky & Schonlau 2021).
+        log_lr: Parameter (scalar, the log of the learned inner step size, MTT / DD) or None.
+        num_classes: K.
+        meta: plain dict of str/int/float (dataset, normalization, zca, ipc, method, iteration, config hash).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float | None = None,
+                 learn_labels: bool = False, meta: dict | None = None):
+        super().__init__()
+        self.images = nn.Parameter(images.detach().clone().float())
+        if learn_labels:
+            self.labels = nn.Parameter(labels.detach().clone().float())
+        else:
+            self.register_buffer("labels", labels.detach().clone())
+        self.log_lr = None if lr is None else nn.Parameter(torch.tensor(math.log(lr), dtype=torch.float32))
+        self.num_classes = int(num_classes)
+        self.meta = dict(meta or {})
+
+    @property
+    def ipc(self) -> int:
+        return len(self.images) // self.num_classes
+
+    @property
+    def lr(self) -> torch.Tensor | None:
+        """The learned step size ``exp(log_lr)`` (a differentiable scalar), or None."""
+        return None if self.log_lr is None else self.log_lr.exp()
+
+    @property
+    def soft(self) -> bool:
+        return self.labels.dtype.is_floating_point
+
+    def hard_labels(self) -> torch.Tensor:
+        """int64 ``[N]``: the labels, or the argmax of soft labels."""
+        return self.labels.argmax(1) if self.soft else self.labels
+
+    def class_slice(self, c: int) -> torch.Tensor:
+        """Indices of the images whose (hard) label is ``c``."""
+        return torch.nonzero(self.hard_labels() == c).flatten()
+
+    def param_groups(self, lr_img: float, lr_lr: float | None = None, lr_labels: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: the images, and the learned step size / labels where they are learned."""
+        groups = [{"params": [self.images], "lr": lr_img, "name": "images"}]
+        if self.log_lr is not None and lr_lr:
+            groups.append({"params": [self.log_lr], "lr": lr_lr, "name": "lr"})
+        if isinstance(self.labels, nn.Parameter) and lr_labels:
+            groups.append({"params": [self.labels], "lr": lr_labels, "name": "labels"})
+        return groups
+
+    def state(self) -> dict:
+        """A plain dict ``{images, labels, lr, meta}`` (CPU tensors; ``lr`` a float32 scalar or None)."""
+        return {
+            "images": self.images.detach().cpu().clone(),
+            "labels": self.labels.detach().cpu().clone(),
+            "lr": None if self.log_lr is None else self.lr.detach().cpu().clone(),
+            "meta": dict(self.meta),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state` to ``path`` atomically; ``torch.load(path, weights_only=True)`` reads it."""
+        from ddrun.checkpoint import atomic_save
+
+        atomic_save(self.state(), path)
+
+    @torch.no_grad()
+    def load_state(self, state: dict) -> None:
+        """Copy images, labels and the learned step size of a :meth:`state` dict into this set (in place)."""
+        self.images.copy_(state["images"])
+        self.labels.copy_(state["labels"])
+        if self.log_lr is not None and state.get("lr") is not None:
+            self.log_lr.copy_(state["lr"].log())
+
+    @classmethod
+    def from_state(cls, state: dict, learn_labels: bool = False) -> "SyntheticSet":
+        lr = state.get("lr")
+        labels = state["labels"]
+        meta = dict(state.get("meta") or {})
+        k = int(meta.get("num_classes", labels.shape[1] if labels.dtype.is_floating_point else int(labels.max()) + 1))
+        return cls(state["images"], labels, k, None if lr is None else float(lr), learn_labels, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SyntheticSet":
+        """Load a file written by :meth:`save`, or any ``{images, labels}`` tensor dict.
+
+        Raises:
+            DataError: the file is missing, unreadable or lacks ``images`` / ``labels``.
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise DataError(f"synthetic set not found: {path}") from None
+        except Exception as exc:
+            raise DataError(f"corrupt synthetic set file {path} ({type(exc).__name__}: {exc})") from None
+        if not isinstance(state, dict) or "images" not in state or "labels" not in state:
+            raise DataError(f"{path}: expected a dict with 'images' and 'labels'")
+        return cls.from_state(state)

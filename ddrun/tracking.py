@@ -1,0 +1,113 @@
+"""Run tracking: local files (``metrics.jsonl``, PNG grids) and Weights & Biases.
+
+W&B ``mode``: ``auto`` (online when an API key is configured, through ``WANDB_API_KEY`` or a ``wandb login``
+entry in ``~/.netrc``, else offline), ``online``, ``offline`` or ``disabled``. Its files live in
+``<run_dir>/wandb``. When W&B cannot start (misconfigured, unreachable) the run continues with local logging
+and says so once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode(mode: str) -> str:
+    """Resolve ``auto`` to ``online`` when W&B credentials are configured, else ``offline``."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def image_grid(pixels: torch.Tensor, ipc: int, max_per_class: int = 10) -> torch.Tensor:
+    """A grid with one row per class: ``pixels`` float ``[K*ipc, C, H, W]`` in [0, 1], ordered class by class,
+    at most ``max_per_class`` images per row. Returns float ``[3, H', W']``."""
+    k = len(pixels) // ipc
+    per = min(ipc, max_per_class)
+    keep = torch.cat([torch.arange(c * ipc, c * ipc + per) for c in range(k)])
+    return torchvision.utils.make_grid(pixels[keep].cpu(), nrow=per, padding=2, pad_value=1.0)
+
+
+class Tracker:
+    """Writes ``metrics.jsonl`` and ``images/*.png`` under ``run_dir`` and mirrors both to W&B.
+
+    Args:
+        run_dir: the run directory.
+        config: the resolved run config (a plain dict) given to W&B.
+        enabled: False for ``logger=none`` (local files only).
+        mode: W&B mode (see module doc).
+        project, entity, group, name, tags: W&B run identity.
+    """
+
+    def __init__(self, run_dir: str | Path, config: dict | None = None, enabled: bool = True, mode: str = "auto",
+                 project: str = "ddrun", entity: str | None = None, group: str | None = None,
+                 name: str | None = None, tags: list[str] | None = None, resume_id: str | None = None):
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.run = None
+        self.mode = wandb_mode(mode) if enabled else "disabled"
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(project=project, entity=entity, group=group, name=name, tags=list(tags or []),
+                                  config=config, dir=str(self.run_dir), mode=self.mode, id=resume_id,
+                                  resume="allow" if resume_id else None, reinit="finish_previous")
+        except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop the run
+            log.warning("W&B could not start (%s: %s); continuing with local logging only (%s)",
+                        type(exc).__name__, exc, self.metrics_path)
+            self.run = None
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Append ``metrics`` (with ``iteration = step``) to ``metrics.jsonl`` and log the scalars to W&B."""
+        row = {"iteration": int(step), **{k: v for k, v in metrics.items() if v is not None}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self._safe(self.run.log, {k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(step))
+
+    def images(self, pixels: torch.Tensor, ipc: int, step: int, name: str = "synthetic") -> Path:
+        """Save the grid of ``pixels`` (see :func:`image_grid`) as ``images/<name>_<step>.png`` and log it."""
+        grid = image_grid(pixels, ipc)
+        path = self.run_dir / "images" / f"{name}_{int(step):06d}.png"
+        torchvision.utils.save_image(grid, path)
+        if self.run is not None:
+            import wandb
+
+            self._safe(self.run.log, {f"images/{name}": wandb.Image(str(path))}, step=int(step))
+        return path
+
+    def _safe(self, fn, *args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("W&B logging failed (%s); continuing with local logging only", exc)
+            self.run = None
+
+    def close(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            finally:
+                self.run = None

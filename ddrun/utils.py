@@ -1,0 +1,53 @@
+"""Small shared helpers: errors, device resolution and seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+class DdrunError(Exception):
+    """Base class of the errors ddrun reports to the user as one line, without a traceback."""
+
+
+class ConfigError(DdrunError):
+    """A configuration value is invalid; the message names the key and the valid values."""
+
+
+class DataError(DdrunError):
+    """A dataset or buffer file is missing or corrupt; the message names the path."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map the ``device`` config value to a :class:`torch.device`.
+
+    ``auto`` picks CUDA when available, else CPU; any other value is passed to ``torch.device``.
+
+    Raises:
+        ConfigError: the value names a device that is not available here.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: CUDA is not available on this machine (use device=auto or device=cpu)")
+    return dev
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices) from one ``seed``; return a CPU generator seeded with it."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (e.g. ``(seed, iteration)``), so each fetched network,
+    augmentation draw or evaluation run is reproducible and independent of the others."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddrun.checkpoint import atomic_save, load_checkpoint
-from ddrun.utils import ConfigError, DdrunError, derive_seed, resolve_device, seed_everything
+from ddrun.utils import ConfigError, DdrunError, build, derive_seed, resolve_device, seed_everything
 
 log = logging.getLogger("ddrun.distill")
 
@@ -69,14 +69,12 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     Returns:
         ``{"acc_mean", "acc_std", "per_net", "protocol", "run_dir", "synthetic"}`` of the final evaluation
-        (accuracies in percent), or without the accuracies when ``evaluator`` is null.
+        (accuracies in percent), or without the accuracies when ``evaluator.num_eval=0``.
 
     Raises:
         ConfigError, DataError: bad configuration or data (one-line messages).
         DdrunError: the loss became NaN/Inf (the last good checkpoint is kept).
     """
-    from hydra.utils import instantiate
-
     from ddrun.tracking import Tracker
 
     validate(cfg)
@@ -87,16 +85,18 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict:
     seed_everything(seed)
     chash = config_hash(cfg)
 
-    real = instantiate(cfg.dataset).to(device)
+    real = build(cfg.dataset).to(device)
     ipc = int(cfg.ipc)
-    syn = instantiate(cfg.init)(real, ipc, torch.Generator().manual_seed(derive_seed(seed, 1)))
+    syn = build(cfg.init)(real, ipc, torch.Generator().manual_seed(derive_seed(seed, 1)))
     syn.meta.update(dataset=real.name, num_classes=real.num_classes, channels=real.channels,
                     im_size=list(real.im_size), mean=list(real.mean), std=list(real.std), zca=real.zca is not None,
                     ipc=ipc, method=str(cfg.preset.name), config_hash=chash)
     syn = syn.to(device)
-    objective = instantiate(cfg.objective)
-    fetcher = instantiate(cfg.fetcher)(real=real, device=device, seed=seed)
-    evaluator = instantiate(cfg.evaluator) if cfg.get("evaluator") is not None else None
+    objective = build(cfg.objective)
+    fetcher = build(cfg.fetcher)(real=real, device=device, seed=seed)
+    evaluator = build(cfg.evaluator)
+    if evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
+        evaluator = None
     ckpt_path = run_dir / "checkpoint.pt"
 
     start, elapsed, wandb_id = 0, 0.0, None
@@ -110,7 +110,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict:
         fetcher.load_state_dict(ckpt.get("fetcher", {}))
         log.info("resuming from %s at iteration %d", ckpt_path, start)
 
-    optimizer = instantiate(cfg.syn_optimizer)(objective.param_groups(syn), lr=objective.lr_img)
+    optimizer = build(cfg.syn_optimizer)(objective.param_groups(syn), lr=objective.lr_img)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
 
@@ -164,7 +164,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            loss_val = float(loss)
+            loss_val = loss.item()
             elapsed += time.perf_counter() - t0
             if not torch.isfinite(syn.images).all():
                 raise DdrunError(f"S became NaN/Inf at iteration {it}; stopped, the last good checkpoint is kept "

@@ -51,3 +51,20 @@ def derive_seed(*parts: int) -> int:
     for p in parts:
         h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
     return h
+
+
+def build(node, *args, **kwargs):
+    """``hydra.utils.instantiate(node, *args, **kwargs)``, re-raising a ddrun error raised inside the target as
+    itself (Hydra wraps it in an InstantiationException with a traceback wall)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, DdrunError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -1,0 +1,52 @@
+"""Shared fixtures: config composition and the real Fashion-MNIST files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+
+
+def make_cfg(overrides: list[str] | None = None, config_name: str = "distill"):
+    """Compose the real ``ddrun.conf`` tree with ``overrides`` (as ``ddrun <cmd> overrides`` would)."""
+    with initialize_config_module("ddrun.conf", version_base="1.3"):
+        return compose(config_name, overrides=list(overrides or []))
+
+
+@pytest.fixture
+def cfg_factory():
+    return make_cfg
+
+
+def _fmnist_source() -> Path | None:
+    env = os.environ.get("DDRUN_DATA")
+    if env and (Path(env) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        return Path(env)
+    if (FMNIST_SYSTEM / "train-images-idx3-ubyte.gz").is_file():
+        return FMNIST_SYSTEM
+    return None
+
+
+@pytest.fixture(scope="session")
+def fmnist_root(tmp_path_factory) -> Path:
+    """A ``paths.data`` root from which the real Fashion-MNIST loads (decompressed once per session)."""
+    src = _fmnist_source()
+    if src is None:
+        pytest.skip("real Fashion-MNIST not installed: `apt-get install dataset-fashion-mnist` "
+                    f"(puts it in {FMNIST_SYSTEM}) or set DDRUN_DATA to a root holding FashionMNIST/raw/")
+    if src != FMNIST_SYSTEM:
+        return src
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(autouse=True)
+def _wandb_offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,0 +1,80 @@
+"""The command line as a user meets it: help, unknown choices and bad values get clear one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from formats import write_mnist_like
+
+
+def ddrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddrun.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands_without_importing_torch():
+    code = "import sys; from ddrun.cli import main; main(['--help']); assert 'torch' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "distill" in out.stdout and "usage: ddrun" in out.stdout
+
+
+def test_unknown_command_lists_commands():
+    r = ddrun("distil")
+    assert r.returncode == 2 and "unknown command 'distil'" in r.stderr and "distill" in r.stderr
+
+
+def test_unknown_group_choice_lists_valid_ones():
+    r = ddrun("distill", "method=nope")
+    assert r.returncode != 0
+    assert "Could not find 'method/nope'" in r.stderr
+    for choice in ("dc", "dm", "dsa", "random"):
+        assert f"\t{choice}" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ipc=0"], "ipc=0: must be >= 1"),
+    (["iterations=-1"], "iterations=-1: must be >= 0"),
+    (["method=dc", "ipc=7"], "fetcher.outer_loop is not set: method=dc has no loop schedule for ipc=7 "
+                             "(the reference defines ipc 1, 10, 20, 30, 40, 50)"),
+])
+def test_bad_values_fail_before_work(tmp_path, args, message):
+    r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_missing_dataset_names_path_without_traceback(tmp_path):
+    r = ddrun("distill", "dataset=mnist", f"paths.data={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run",
+              "logger=none")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"files not found at {tmp_path}/nowhere/MNIST/raw" in r.stderr and "dataset.download=true" in r.stderr
+
+
+def test_corrupt_dataset_file_named(tmp_path):
+    raw = write_mnist_like(tmp_path, "MNIST", n_train=4, n_test=2)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
+    r = ddrun("distill", "dataset=mnist", f"paths.data={tmp_path}", f"hydra.run.dir={tmp_path}/run", "logger=none")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "corrupt or truncated file" in r.stderr and "train-labels-idx1-ubyte" in r.stderr
+
+
+def test_tab_completion_script():
+    r = ddrun("distill", "-sc", "install=bash")
+    assert r.returncode == 0 and "complete" in r.stdout and "hydra_bash_completion" in r.stdout
+
+
+def test_tab_completion_query_completes_groups_and_commands():
+    import os
+
+    env = {**os.environ, "COMP_LINE": "ddrun distill method=d", "COMP_POINT": "22"}
+    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "-sc", "query=bash"], capture_output=True, text=True,
+                       env=env)
+    assert set(r.stdout.split()) == {"method=dc", "method=dm", "method=dsa"}
+    env.update(COMP_LINE="ddrun dis", COMP_POINT="9")
+    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "-sc", "query=bash"], capture_output=True, text=True,
+                       env=env)
+    assert r.stdout.split() == ["distill"]

@@ -1,0 +1,110 @@
+"""Every dataset loads through torchvision from small files written in its real on-disk format, and bad files
+get errors that name them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_cfg
+from formats import write_cifar, write_mnist_like, write_svhn
+from ddrun.utils import DataError, build
+
+
+def load(name: str, root: Path, *extra: str):
+    return build(make_cfg([f"dataset={name}", f"paths.data={root}", *extra]).dataset)
+
+
+@pytest.mark.parametrize("name,folder,mean", [("mnist", "MNIST", 0.1307), ("fashion_mnist", "FashionMNIST", 0.2861)])
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_datasets(tmp_path, name, folder, mean, gz):
+    write_mnist_like(tmp_path, folder, n_train=6, n_test=3, gz=gz)
+    data = load(name, tmp_path, "dataset.system_dirs=[]")
+    assert data.train_images.shape == (60, 1, 28, 28) and data.train_images.dtype == torch.float32
+    assert data.test_images.shape == (30, 1, 28, 28)
+    assert sorted(data.train_labels.unique().tolist()) == list(range(10))
+    assert data.mean == (mean,)
+    # normalized space maps back to the stored pixels
+    raw = data.to_pixels(data.train_images[:1])
+    assert raw.min() >= 0 and raw.max() <= 1
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar(tmp_path, hundred):
+    write_cifar(tmp_path, hundred, n_train=5 if not hundred else 2, n_test=1)
+    name = "cifar100" if hundred else "cifar10"
+    data = load(name, tmp_path, "dataset.verify_checksums=false")
+    k = 100 if hundred else 10
+    assert data.num_classes == k and data.channels == 3 and data.im_size == (32, 32)
+    assert data.train_images.shape[0] == (2 * k if hundred else 5 * 10)
+    assert data.class_names[0] == "class0"
+
+
+def test_cifar_checksum_names_file(tmp_path):
+    write_cifar(tmp_path, n_train=5, n_test=1)
+    with pytest.raises(DataError, match=r"corrupt file .*data_batch_1 \(md5"):
+        load("cifar10", tmp_path)
+
+
+def test_svhn(tmp_path):
+    write_svhn(tmp_path / "svhn", n_train=3, n_test=2)
+    data = load("svhn", tmp_path, "dataset.verify_checksums=false")
+    assert data.train_images.shape == (30, 3, 32, 32) and data.test_images.shape == (20, 3, 32, 32)
+    assert data.train_labels.min() == 0 and data.train_labels.max() == 9  # label 10 means digit 0
+    assert data.dsa_strategy == "color_crop_cutout_scale_rotate"  # no flip for digits
+
+
+def test_balanced_subset(tmp_path):
+    write_mnist_like(tmp_path, "MNIST", n_train=6, n_test=3)
+    data = load("mnist", tmp_path, "dataset.train_subset=2", "dataset.test_subset=1")
+    assert torch.bincount(data.train_labels).tolist() == [2] * 10
+    assert len(data.test_labels) == 10
+
+
+def test_missing_dataset_names_path_and_remedy(tmp_path):
+    with pytest.raises(DataError) as e:
+        load("fashion_mnist", tmp_path, "dataset.system_dirs=[]")
+    msg = str(e.value)
+    assert str(tmp_path / "FashionMNIST" / "raw") in msg and "apt-get install dataset-fashion-mnist" in msg
+    with pytest.raises(DataError, match=r"cifar-10-batches-py.*Missing: data_batch_1.*cs.toronto.edu"):
+        load("cifar10", tmp_path)
+
+
+def test_truncated_idx_named(tmp_path):
+    raw = write_mnist_like(tmp_path, "MNIST", n_train=6, n_test=3)
+    f = raw / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"corrupt or truncated file .*train-images-idx3-ubyte"):
+        load("mnist", tmp_path)
+
+
+def test_truncated_gz_named(tmp_path):
+    raw = write_mnist_like(tmp_path, "MNIST", n_train=6, n_test=3, gz=True)
+    f = raw / "t10k-images-idx3-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"corrupt or truncated file .*t10k-images-idx3-ubyte.gz"):
+        load("mnist", tmp_path)
+
+
+def test_corrupt_cifar_pickle_named(tmp_path):
+    folder = write_cifar(tmp_path, n_train=5, n_test=1)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=r"corrupt or truncated file .*data_batch_3"):
+        load("cifar10", tmp_path, "dataset.verify_checksums=false")
+
+
+def test_corrupt_svhn_named(tmp_path):
+    folder = write_svhn(tmp_path / "svhn")
+    (folder / "test_32x32.mat").write_bytes(b"MATLAB garbage")
+    with pytest.raises(DataError, match=r"corrupt or truncated file .*test_32x32.mat"):
+        load("svhn", tmp_path, "dataset.verify_checksums=false")
+
+
+def test_real_fashion_mnist(fmnist_root):
+    """The real Fashion-MNIST: 60k/10k, the known pixel mean, 6000 per class."""
+    data = load("fashion_mnist", fmnist_root)
+    assert data.train_images.shape == (60000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
+    assert float(data.to_pixels(data.train_images[:20000]).mean()) == pytest.approx(0.2860, abs=2e-3)
+    assert torch.bincount(data.train_labels).tolist() == [6000] * 10

@@ -133,3 +133,17 @@ def test_synthetic_save_load_roundtrip(tmp_path):
     soft = SyntheticSet(torch.randn(2, 1, 8, 8), torch.randn(2, 2), 2, learn_labels=True)
     soft.save(tmp_path / "soft.pt")
     assert SyntheticSet.load(tmp_path / "soft.pt").soft
+
+
+def test_unrolled_sgd_reaches_images_and_lr():
+    from ddrun.nets.functional import flatten, params_of, unflatten, unroll_sgd
+
+    net = ConvNet(1, 3, (28, 28), width=4, depth=1)
+    p0 = params_of(net)
+    assert torch.equal(flatten(unflatten(flatten(p0), net)), flatten(p0))
+    images = torch.randn(6, 1, 28, 28, requires_grad=True)
+    log_lr = torch.tensor(-2.0, requires_grad=True)
+    out = unroll_sgd(net, p0, images, torch.tensor([0, 0, 1, 1, 2, 2]), log_lr.exp(), steps=3, batch_size=4,
+                     augment=DSA(), generator=torch.Generator().manual_seed(0))
+    ((flatten(out) - flatten(p0)) ** 2).sum().backward()
+    assert images.grad.abs().sum() > 0 and log_lr.grad.abs() > 0

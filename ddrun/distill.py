@@ -93,6 +93,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict:
                     ipc=ipc, method=str(cfg.preset.name), config_hash=chash)
     syn = syn.to(device)
     objective = build(cfg.objective)
+    objective.prepare(syn, real)
     fetcher = build(cfg.fetcher)(real=real, device=device, seed=seed)
     evaluator = build(cfg.evaluator)
     if evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
@@ -164,6 +165,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            objective.check(syn, it)
             loss_val = loss.item()
             elapsed += time.perf_counter() - t0
             if not torch.isfinite(syn.images).all():

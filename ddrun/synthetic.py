@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -19,7 +18,10 @@ class SyntheticSet(nn.Module):
             N = ipc x K, ordered class by class.
         labels: int64 ``[N]`` hard labels (a buffer), or float32 ``[N, K]`` soft labels given as *logits*
             (a Parameter when learned, Sucholutsky & Schonlau 2021).
-        log_lr: Parameter (scalar, the log of the learned inner step size, MTT / DD) or None.
+        syn_lr: Parameter (float32 scalar), the learned inner step size of MTT / DD, or None. It is stored and
+            optimized directly, not as a log, so the papers' ``lr_lr`` values keep their meaning (MTT
+            ``distill.py`` optimizes ``syn_lr`` itself with SGD); it can therefore go negative, which the loop
+            reports as an error.
         num_classes: K.
         meta: plain dict of str/int/float (dataset, normalization, zca, ipc, method, iteration, config hash).
     """
@@ -32,7 +34,7 @@ class SyntheticSet(nn.Module):
             self.labels = nn.Parameter(labels.detach().clone().float())
         else:
             self.register_buffer("labels", labels.detach().clone())
-        self.log_lr = None if lr is None else nn.Parameter(torch.tensor(math.log(lr), dtype=torch.float32))
+        self.syn_lr = None if lr is None else nn.Parameter(torch.tensor(float(lr), dtype=torch.float32))
         self.num_classes = int(num_classes)
         self.meta = dict(meta or {})
 
@@ -42,8 +44,21 @@ class SyntheticSet(nn.Module):
 
     @property
     def lr(self) -> torch.Tensor | None:
-        """The learned step size ``exp(log_lr)`` (a differentiable scalar), or None."""
-        return None if self.log_lr is None else self.log_lr.exp()
+        """The learned step size (a differentiable scalar Parameter), or None."""
+        return self.syn_lr
+
+    def learn_lr(self, init: float) -> None:
+        """Make the inner step size a learned parameter, initialized at ``init`` (e.g. MTT's ``lr_teacher``)."""
+        self.syn_lr = nn.Parameter(torch.tensor(float(init), dtype=torch.float32, device=self.images.device))
+
+    def learn_labels(self, scale: float = 1.0) -> None:
+        """Replace hard labels by learnable soft labels: float ``[N, K]`` logits, ``scale`` x one-hot
+        (Sucholutsky & Schonlau 2021; KIP / FRePo learn labels this way)."""
+        hard = self.hard_labels()
+        onehot = torch.nn.functional.one_hot(hard, self.num_classes).float() * scale
+        if "labels" in self._buffers:
+            del self._buffers["labels"]
+        self.labels = nn.Parameter(onehot.to(self.images.device))
 
     @property
     def soft(self) -> bool:
@@ -60,8 +75,8 @@ class SyntheticSet(nn.Module):
     def param_groups(self, lr_img: float, lr_lr: float | None = None, lr_labels: float | None = None) -> list[dict]:
         """Optimizer parameter groups: the images, and the learned step size / labels where they are learned."""
         groups = [{"params": [self.images], "lr": lr_img, "name": "images"}]
-        if self.log_lr is not None and lr_lr:
-            groups.append({"params": [self.log_lr], "lr": lr_lr, "name": "lr"})
+        if self.syn_lr is not None and lr_lr:
+            groups.append({"params": [self.syn_lr], "lr": lr_lr, "name": "lr"})
         if isinstance(self.labels, nn.Parameter) and lr_labels:
             groups.append({"params": [self.labels], "lr": lr_labels, "name": "labels"})
         return groups
@@ -71,7 +86,7 @@ class SyntheticSet(nn.Module):
         return {
             "images": self.images.detach().cpu().clone(),
             "labels": self.labels.detach().cpu().clone(),
-            "lr": None if self.log_lr is None else self.lr.detach().cpu().clone(),
+            "lr": None if self.syn_lr is None else self.syn_lr.detach().cpu().clone(),
             "meta": dict(self.meta),
         }
 
@@ -86,8 +101,8 @@ class SyntheticSet(nn.Module):
         """Copy images, labels and the learned step size of a :meth:`state` dict into this set (in place)."""
         self.images.copy_(state["images"])
         self.labels.copy_(state["labels"])
-        if self.log_lr is not None and state.get("lr") is not None:
-            self.log_lr.copy_(state["lr"].log())
+        if self.syn_lr is not None and state.get("lr") is not None:
+            self.syn_lr.copy_(state["lr"])
 
     @classmethod
     def from_state(cls, state: dict, learn_labels: bool = False) -> "SyntheticSet":

@@ -14,7 +14,7 @@ class Objective:
     """Base of the distillation objectives.
 
     Subclasses implement ``__call__(syn, real, net, it, generator) -> loss`` (a differentiable scalar whose
-    gradient reaches ``syn.images`` and, when learned, ``syn.log_lr`` / ``syn.labels``).
+    gradient reaches ``syn.images`` and, when learned, ``syn.syn_lr`` / ``syn.labels``).
 
     Args:
         lr_img: step size of the images.
@@ -28,6 +28,13 @@ class Objective:
                  batch_real: int = 256, augment: DSA | None = None):
         self.lr_img, self.lr_lr, self.lr_labels = lr_img, lr_lr, lr_labels
         self.batch_real, self.augment = batch_real, augment
+
+    def prepare(self, syn: SyntheticSet, real: RealData) -> None:
+        """Called once after initialization, before the optimizer of S is built: objectives that learn a step
+        size or labels switch them on here (``syn.learn_lr(...)``, ``syn.learn_labels(...)``)."""
+
+    def check(self, syn: SyntheticSet, it: int) -> None:
+        """Called after every update of S; raise a DdrunError when S's learned quantities became invalid."""
 
     def param_groups(self, syn: SyntheticSet) -> list[dict]:
         return syn.param_groups(self.lr_img, self.lr_lr, self.lr_labels)

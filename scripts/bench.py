@@ -1,0 +1,157 @@
+"""Benchmarks: seconds per outer iteration and peak memory of the distillation objectives, as a table.
+
+Each case runs in its own subprocess (so memory peaks do not mix): it composes the real config with the case's
+overrides, builds S, the fetcher and the objective exactly as ``ddrun distill`` does, runs ``--warmup`` outer
+iterations, then times ``--iters`` outer iterations (one fetched network and its ``outer_loop`` updates of S,
+inner training included). Peak memory: CUDA ``max_memory_allocated`` on a GPU; on the CPU the peak resident set
+size above the level reached before the first timed iteration (sampled every 2 ms).
+
+Usage:
+    python scripts/bench.py                         # every group, defaults (the papers' settings) + --set
+    python scripts/bench.py --groups basic --ipc 1,10 --set objective.batch_real=64
+    python scripts/bench.py --device cuda --dataset cifar10
+
+Groups are registered in ``GROUPS``: a name -> function returning a list of ``(label, overrides)``; a case may
+also name a ``setup`` callable (e.g. to build a buffer first) through ``SETUPS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def basic_cases(args) -> list[tuple[str, list[str]]]:
+    """DM, DC and DSA at each ipc (issue 2)."""
+    return [(f"{m} ipc{ipc}", [f"method={m}", f"ipc={ipc}"]) for m in ("dm", "dc", "dsa") for ipc in args.ipc]
+
+
+GROUPS = {"basic": basic_cases}
+SETUPS: dict[str, object] = {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one case, in a subprocess
+# ---------------------------------------------------------------------------------------------------------
+
+class RssPeak:
+    """Samples this process's resident set size (Linux /proc) in a thread; ``peak`` in bytes."""
+
+    def __init__(self):
+        self.peak, self._stop = self.rss(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from ddrun.utils import build, derive_seed, resolve_device
+
+    with initialize_config_module("ddrun.conf", version_base="1.3"):
+        cfg = compose("distill", overrides=overrides)
+    device = resolve_device(cfg.device)
+    real = build(cfg.dataset).to(device)
+    syn = build(cfg.init)(real, int(cfg.ipc), torch.Generator().manual_seed(0)).to(device)
+    objective = build(cfg.objective)
+    objective.prepare(syn, real)
+    fetcher = build(cfg.fetcher)(real=real, device=device, seed=0)
+    opt = build(cfg.syn_optimizer)(objective.param_groups(syn), lr=objective.lr_img)
+
+    def iteration(it):
+        g = torch.Generator().manual_seed(derive_seed(0, 2, it))
+        net = fetcher.fetch(it)
+        for step in range(int(fetcher.outer_loop)):
+            if step:
+                net = fetcher.update(net, syn, real, g)
+            loss = objective(syn, real, net, it, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return float(loss)
+
+    for it in range(warmup):
+        iteration(it)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with RssPeak() as mem:
+        base = RssPeak.rss()
+        t0 = time.perf_counter()
+        for it in range(warmup, warmup + iters):
+            iteration(it)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / iters
+    peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - base
+    return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": int(fetcher.outer_loop),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if cuda else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
+    p.add_argument("--ipc", default="1,10", help="comma-separated ipc values")
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iters", type=int, default=2, help="timed outer iterations per case")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--set", nargs="*", default=[], help="extra overrides for every case (state them in reports)")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        spec = json.loads(args.one)
+        print(json.dumps(run_case(spec["overrides"], spec["warmup"], spec["iters"])))
+        return
+    args.ipc = [int(i) for i in args.ipc.split(",")]
+    common = [f"dataset={args.dataset}", f"device={args.device}", "logger=none", *args.set]
+    print(f"# scripts/bench.py  dataset={args.dataset}  iters={args.iters} (+{args.warmup} warm-up)  "
+          f"extra overrides: {' '.join(args.set) or '(none: the papers settings)'}")
+    print("| case | outer_loop | s / outer iteration | peak memory MB | device |")
+    print("|---|---|---|---|---|")
+    for group in args.groups.split(","):
+        for label, overrides in GROUPS[group](args):
+            if label in SETUPS:
+                SETUPS[label](args)
+            spec = json.dumps({"overrides": [*common, *overrides], "warmup": args.warmup, "iters": args.iters})
+            r = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, cwd=ROOT)
+            if r.returncode != 0:
+                msg = (r.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"| {label} | - | failed: {msg[:80]} | - | - |", flush=True)
+                continue
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            dev = res["gpu"] or f"{res['device']} ({res['threads']} threads)"
+            print(f"| {label} | {res['outer_loop']} | {res['seconds']:.3f} | {res['peak_mb']:.0f} | {dev} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,3 +83,29 @@ def write_svhn(folder: Path, n_train: int = 5, n_test: int = 3) -> Path:
         y = np.where(y == 0, 10, y).reshape(-1, 1).astype(np.uint8)
         sio.savemat(folder / f"{split}_32x32.mat", {"X": np.ascontiguousarray(x.transpose(1, 2, 3, 0)), "y": y})
     return folder
+
+
+def write_image_folder(root: Path, k: int = 3, n_train: int = 2, n_test: int = 1, size: int = 20,
+                       tiny_imagenet_val: bool = False) -> Path:
+    """PNG/JPEG files in the ImageFolder layout (``train/<class>/images/*.JPEG`` like Tiny ImageNet), and the
+    test split either as ``val/<class>/*.png`` or, with ``tiny_imagenet_val``, as ``val/images`` plus
+    ``val/val_annotations.txt``."""
+    from PIL import Image
+
+    for split, n in (("train", n_train), ("val", n_test)):
+        x, y = class_images(n, k, (size, size, 3), seed=n)
+        lines = []
+        for i, (img, c) in enumerate(zip(x, y)):
+            wnid = f"n{c:08d}"
+            if split == "train":
+                path = root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG"
+            elif tiny_imagenet_val:
+                path = root / "val" / "images" / f"val_{i}.JPEG"
+                lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t{size}\t{size}")
+            else:
+                path = root / "val" / wnid / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path, format="JPEG" if path.suffix == ".JPEG" else "PNG")
+        if lines:
+            (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -16,7 +16,7 @@ from ddrun.data.augment import DSA
 from ddrun.utils import build
 
 METHODS = ["dm", "dc", "dsa", "random"]
-DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"]
+DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet", "imagefolder"]
 INITS = ["noise", "real", "kcenter"]
 
 

@@ -108,3 +108,23 @@ def test_real_fashion_mnist(fmnist_root):
     assert data.train_images.shape == (60000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
     assert float(data.to_pixels(data.train_images[:20000]).mean()) == pytest.approx(0.2860, abs=2e-3)
     assert torch.bincount(data.train_labels).tolist() == [6000] * 10
+
+
+@pytest.mark.parametrize("tiny_val", [False, True])
+def test_image_folders(tmp_path, tiny_val):
+    from formats import write_image_folder
+
+    write_image_folder(tmp_path / "tiny-imagenet-200", k=3, n_train=2, n_test=2, tiny_imagenet_val=tiny_val)
+    data = load("tiny_imagenet", tmp_path)
+    assert data.train_images.shape == (6, 3, 64, 64) and data.test_images.shape == (6, 3, 64, 64)
+    assert data.num_classes == 3 and sorted(data.test_labels.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_unreadable_image_named(tmp_path):
+    from formats import write_image_folder
+
+    root = write_image_folder(tmp_path / "imagefolder", k=2, n_train=1, n_test=1)
+    bad = next((root / "train").rglob("*.JPEG"))
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"corrupt or unreadable image {bad}"):
+        load("imagefolder", tmp_path)

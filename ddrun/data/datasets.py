@@ -1,0 +1,391 @@
+"""Real datasets, loaded with torchvision's dataset classes from their real on-disk formats.
+
+Each loader returns a :class:`RealData`: the train and test splits as float32 tensors ``[N, C, H, W]`` in the
+normalized space of the DC reference code (``(x/255 - mean) / std``, Zhao et al. ICLR 2021, ``utils.get_dataset``),
+plus what is needed to sample per class and to map images back to pixels.
+
+The loaders are chosen by each ``conf/dataset/*.yaml`` through ``_target_`` (one per on-disk format family:
+IDX for MNIST-like sets, python pickles for CIFAR, ``.mat`` for SVHN). Files are never fetched unless
+``dataset.download=true``; a missing dataset raises :class:`~ddrun.utils.DataError` naming the expected path
+and how to get the files, and a corrupt file raises it naming that file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision
+
+from ddrun.utils import DataError
+
+
+@dataclass
+class RealData:
+    """A real dataset T, both splits in memory.
+
+    Attributes:
+        name: the dataset's config name (``fashion_mnist`` ...).
+        train_images, test_images: float32 ``[N, C, H, W]``, normalized (and ZCA-whitened when ``zca`` is set).
+        train_labels, test_labels: int64 ``[N]`` class indices in ``[0, num_classes)``.
+        mean, std: per-channel normalization statistics (pixel values in [0, 1]).
+        num_classes: number of classes K.
+        class_names: K names.
+        dsa_strategy: the DSA strategy the reference uses for this dataset (no flip for digits).
+        zca: an optional whitening transform with ``inverse(x)``; images are stored whitened when present.
+    """
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    class_names: list[str]
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    zca: object | None = None
+    _class_index: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def im_size(self) -> tuple[int, int]:
+        return int(self.train_images.shape[2]), int(self.train_images.shape[3])
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_images.device
+
+    def to(self, device: torch.device | str) -> "RealData":
+        """Move both splits to ``device`` (in place); returns ``self``."""
+        for k in ("train_images", "train_labels", "test_images", "test_labels"):
+            setattr(self, k, getattr(self, k).to(device))
+        self._class_index = None
+        return self
+
+    def class_index(self, c: int) -> torch.Tensor:
+        """Indices (int64, on ``self.device``) of the training samples of class ``c``."""
+        if self._class_index is None:
+            self._class_index = [torch.nonzero(self.train_labels == k).flatten() for k in range(self.num_classes)]
+        return self._class_index[c]
+
+    def sample_class(self, c: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` training images of class ``c`` drawn without replacement (all of them, shuffled, when the class
+        has fewer). Returns float32 ``[n, C, H, W]`` on ``self.device``. ``generator`` is a CPU generator."""
+        idx = self.class_index(c)
+        perm = torch.randperm(len(idx), generator=generator)[:n].to(idx.device)
+        return self.train_images[idx[perm]]
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Map normalized (and whitened) images back to pixel space, clamped to ``[0, 1]``."""
+        if self.zca is not None:
+            x = self.zca.inverse(x)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers shared by the format loaders
+# ----------------------------------------------------------------------------------------------------------
+
+def _normalize(uint8_nchw: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(uint8_nchw)).to(torch.float32).div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: int) -> torch.Tensor | None:
+    """Indices of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle; None for all."""
+    if per_class is None:
+        return None
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    keep = [order[labels[order] == c][:per_class] for c in range(num_classes)]
+    return torch.cat(keep).sort().values
+
+
+def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_strategy, train_subset,
+            test_subset, zca=None) -> RealData:
+    train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.int64)
+    test_y = torch.as_tensor(np.asarray(test_y), dtype=torch.int64)
+    k = len(classes)
+    for split, sub, (x, y) in (("train", train_subset, (train_x, train_y)), ("test", test_subset, (test_x, test_y))):
+        idx = _balanced_subset(y, sub, k)
+        if idx is not None:
+            if split == "train":
+                train_x, train_y = x[idx], y[idx]
+            else:
+                test_x, test_y = x[idx], y[idx]
+    data = RealData(name=name, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y,
+                    mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=k,
+                    class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy)
+    if zca is not None:
+        zca.fit(data.train_images)
+        data.train_images = zca(data.train_images)
+        data.test_images = zca(data.test_images)
+        data.zca = zca
+    return data
+
+
+def _not_found(name: str, path: Path, how_to_get: str) -> DataError:
+    return DataError(f"dataset {name}: files not found at {path}. {how_to_get.strip()}")
+
+
+def _load_or_name_corrupt(name: str, load: Callable, files: Sequence[Path], probe: Callable[[Path], None]):
+    """Run ``load()``; on failure probe each file and raise a DataError naming the first unreadable one."""
+    try:
+        return load()
+    except DataError:
+        raise
+    except Exception as exc:  # torchvision raises assorted errors on truncated/corrupt files
+        for f in files:
+            try:
+                probe(f)
+            except Exception as probe_exc:
+                raise DataError(f"dataset {name}: corrupt or truncated file {f} ({type(probe_exc).__name__}: "
+                                f"{probe_exc}); delete it and obtain it again") from None
+        raise DataError(f"dataset {name}: could not read the files in {files[0].parent} "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_files(name: str, folder: Path, entries: Sequence[tuple[str, str]], verify_checksums: bool,
+                 how_to_get: str) -> None:
+    """Raise DataError naming the missing files, or (with ``verify_checksums``) a file whose md5 differs."""
+    missing = [fn for fn, _ in entries if not (folder / fn).is_file()]
+    if missing:
+        raise _not_found(name, folder, f"Missing: {', '.join(missing)}. {how_to_get}")
+    if verify_checksums:
+        for fn, md5 in entries:
+            if md5 and _md5(folder / fn) != md5:
+                raise DataError(f"dataset {name}: corrupt file {folder / fn} (md5 differs from torchvision's "
+                                f"{md5}); delete it and obtain it again, or set dataset.verify_checksums=false "
+                                f"for files you made yourself")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_idx(path: Path) -> None:
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    read_sn3_pascalvincent_tensor(str(path), strict=False)
+
+
+def _ensure_idx_raw(raw: Path, system_dirs: Sequence[str], name: str) -> None:
+    """Make sure the decompressed IDX files torchvision expects are in ``raw``: decompress ``.gz`` files found
+    there or in ``system_dirs`` (e.g. Debian's ``/usr/share/datasets/fashion-mnist``)."""
+    wanted = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    for fn in wanted:
+        if (raw / fn).is_file():
+            continue
+        for d in [raw, *map(Path, system_dirs)]:
+            gz = d / f"{fn}.gz"
+            if gz.is_file():
+                raw.mkdir(parents=True, exist_ok=True)
+                tmp = raw / f".{fn}.tmp"
+                try:
+                    with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                except (OSError, EOFError) as exc:
+                    tmp.unlink(missing_ok=True)
+                    raise DataError(f"dataset {name}: corrupt or truncated file {gz} ({exc})") from None
+                os.replace(tmp, raw / fn)
+                break
+
+
+def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[float], std: Sequence[float],
+               how_to_get: str = "", system_dirs: Sequence[str] = (), download: bool = False,
+               dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
+               test_subset: int | None = None, **_: object) -> RealData:
+    """Load an MNIST-family dataset (IDX files) with ``torchvision.datasets.<torchvision_class>``.
+
+    Files are read from ``<root>/<torchvision_class>/raw/``; ``.gz`` files there or in ``system_dirs`` are
+    decompressed into it first. ``train_subset`` / ``test_subset`` keep that many samples per class (a fixed,
+    class-balanced subset for quick runs); None keeps all.
+
+    Raises:
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+    """
+    cls = getattr(torchvision.datasets, torchvision_class)
+    raw = Path(root) / torchvision_class / "raw"
+    if not download:
+        _ensure_idx_raw(raw, system_dirs, name)
+    files = [raw / f for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    if not download and not all(f.is_file() for f in files):
+        raise _not_found(name, raw, how_to_get)
+
+    def load():
+        tr = cls(root, train=True, download=download)
+        te = cls(root, train=False, download=download)
+        for ds in (tr, te):
+            if len(ds.data) != len(ds.targets):
+                raise ValueError(f"{len(ds.data)} images but {len(ds.targets)} labels")
+        return tr, te
+
+    tr, te = _load_or_name_corrupt(name, load, files, _read_idx)
+    return _finish(name, _normalize(tr.data.unsqueeze(1), mean, std), tr.targets,
+                   _normalize(te.data.unsqueeze(1), mean, std), te.targets, mean, std, tr.classes,
+                   dsa_strategy, train_subset, test_subset)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CIFAR python pickles
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_pickle(path: Path) -> None:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    if "data" in entry and len(entry["data"]) != len(entry.get("labels", entry.get("fine_labels", []))):
+        raise ValueError("images and labels differ in count")
+
+
+def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[float], std: Sequence[float],
+                 how_to_get: str = "", download: bool = False, verify_checksums: bool = True,
+                 dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
+                 test_subset: int | None = None, zca: object | None = None, **_: object) -> RealData:
+    """Load CIFAR-10 / CIFAR-100 (the python pickle batches) with ``torchvision.datasets.<torchvision_class>``.
+
+    Files are read from ``<root>/<base_folder>`` (``cifar-10-batches-py`` / ``cifar-100-python``). With
+    ``verify_checksums`` every file's md5 is checked against torchvision's list first.
+
+    Raises:
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+    """
+    cls = getattr(torchvision.datasets, torchvision_class)
+    folder = Path(root) / cls.base_folder
+    entries = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    if not download:
+        _check_files(name, folder, entries, verify_checksums, how_to_get)
+
+    class _Checked(cls):  # integrity was checked above (or deliberately skipped)
+        meta = {**cls.meta, "md5": None}
+
+        def _check_integrity(self) -> bool:
+            return all((folder / fn).is_file() for fn, _ in entries)
+
+    def load():
+        return (_Checked(root, train=True, download=download), _Checked(root, train=False, download=download))
+
+    tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_pickle)
+    to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
+    return _finish(name, _normalize(to_nchw(tr.data), mean, std), tr.targets,
+                   _normalize(to_nchw(te.data), mean, std), te.targets, mean, std, tr.classes,
+                   dsa_strategy, train_subset, test_subset, zca)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SVHN .mat
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_mat(path: Path) -> None:
+    import scipy.io as sio
+
+    m = sio.loadmat(str(path))
+    if m["X"].shape[-1] != len(m["y"]):
+        raise ValueError("images and labels differ in count")
+
+
+def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float], how_to_get: str = "",
+                download: bool = False, verify_checksums: bool = True,
+                dsa_strategy: str = "color_crop_cutout_scale_rotate", train_subset: int | None = None,
+                test_subset: int | None = None, zca: object | None = None, **_: object) -> RealData:
+    """Load SVHN (``train_32x32.mat``, ``test_32x32.mat`` in ``root``) with ``torchvision.datasets.SVHN``.
+
+    Raises:
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+    """
+    cls = torchvision.datasets.SVHN
+    folder = Path(root)
+    entries = [(cls.split_list[s][1], cls.split_list[s][2]) for s in ("train", "test")]
+    if not download:
+        _check_files(name, folder, entries, verify_checksums, how_to_get)
+
+    class _Checked(cls):
+        def _check_integrity(self) -> bool:
+            return all((folder / fn).is_file() for fn, _ in entries)
+
+    def load():
+        return (_Checked(root, split="train", download=download), _Checked(root, split="test", download=download))
+
+    tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_mat)
+    return _finish(name, _normalize(tr.data, mean, std), tr.labels, _normalize(te.data, mean, std), te.labels,
+                   mean, std, [str(i) for i in range(10)], dsa_strategy, train_subset, test_subset, zca)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image folders (ImageFolder layout; Tiny ImageNet's val/val_annotations.txt)
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_images(name: str, samples: Sequence[tuple[str, int]], im_size: Sequence[int]) -> tuple[torch.Tensor, list]:
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(list(im_size), antialias=True), v2.CenterCrop(list(im_size))])
+    images, labels = [], []
+    for path, y in samples:
+        try:
+            with Image.open(path) as im:
+                images.append(tf(im.convert("RGB")))
+        except Exception as exc:
+            raise DataError(f"dataset {name}: corrupt or unreadable image {path} ({type(exc).__name__}: {exc})") from None
+        labels.append(y)
+    return torch.stack(images), labels
+
+
+def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequence[float], im_size: Sequence[int],
+                       train_dir: str = "train", test_dir: str = "val", how_to_get: str = "",
+                       dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
+                       test_subset: int | None = None, zca: object | None = None, **_: object) -> RealData:
+    """Load an image-folder dataset: ``<root>/<train_dir>/<class>/**/*.{jpg,png,...}`` through
+    ``torchvision.datasets.ImageFolder``, and the test split from ``<root>/<test_dir>/<class>/...`` or, in the
+    Tiny ImageNet layout, from ``<root>/<test_dir>/images/*`` labelled by ``<test_dir>/val_annotations.txt``.
+    Images are resized (and center-cropped) to ``im_size``.
+
+    Raises:
+        DataError: a folder is missing (names the path and ``how_to_get``) or an image is unreadable (names it).
+    """
+    base = Path(root)
+    train_root, test_root = base / train_dir, base / test_dir
+    for folder in (train_root, test_root):
+        if not folder.is_dir():
+            raise _not_found(name, folder, how_to_get)
+    train = torchvision.datasets.ImageFolder(str(train_root))
+    annotations = test_root / "val_annotations.txt"
+    if annotations.is_file():
+        test_samples = []
+        for line in annotations.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 2 and parts[1] in train.class_to_idx:
+                test_samples.append((str(test_root / "images" / parts[0]), train.class_to_idx[parts[1]]))
+    else:
+        test = torchvision.datasets.ImageFolder(str(test_root))
+        if test.classes != train.classes:
+            raise DataError(f"dataset {name}: class folders of {test_root} differ from those of {train_root}")
+        test_samples = test.samples
+    tr_x, tr_y = _read_images(name, train.samples, im_size)
+    te_x, te_y = _read_images(name, test_samples, im_size)
+    return _finish(name, _normalize(tr_x, mean, std), tr_y, _normalize(te_x, mean, std), te_y, mean, std,
+                   train.classes, dsa_strategy, train_subset, test_subset, zca)

@@ -78,3 +78,14 @@ def test_tab_completion_query_completes_groups_and_commands():
     r = subprocess.run([sys.executable, "-m", "ddrun.cli", "-sc", "query=bash"], capture_output=True, text=True,
                        env=env)
     assert r.stdout.split() == ["distill"]
+
+
+def test_multirun_sweep_runs_every_point(tmp_path):
+    write_mnist_like(tmp_path, "MNIST", n_train=4, n_test=2)
+    r = ddrun("distill", "-m", "method=dm,dsa", "ipc=1,2", "fetcher.outer_loop=1", "fetcher.inner_loop=1",
+              "dataset=mnist", f"paths.data={tmp_path}", "dataset.system_dirs=[]", "debug=smoke", "net.width=8",
+              "logger=none", "iterations=1", "eval_every=1", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "synthetic.pt").is_file())
+    assert runs == ["0_dm_mnist_ipc1_seed0", "1_dm_mnist_ipc2_seed0", "2_dsa_mnist_ipc1_seed0",
+                    "3_dsa_mnist_ipc2_seed0"]

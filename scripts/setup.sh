@@ -13,9 +13,13 @@ stamp=.venv/.ddrun-installed
 want=$(sha1sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import ddrun.conf" 2>/dev/null; then
   echo "[setup] installing ddrun and its dependencies into .venv (first time: torch + torchvision, a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import ddrun.conf, torch, torchvision, hydra, wandb" || { echo "[setup] install failed" >&2; exit 1; }
+  log=.venv/pip-install.log
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test]"; } >"$log" 2>&1 \
+     || ! .venv/bin/python -c "import ddrun.conf, torch, torchvision, hydra, wandb" 2>>"$log"; then
+    grep -v "^WARNING: Location" "$log" | tail -30 >&2
+    echo "[setup] install failed (full log: $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 FMNIST=/usr/share/datasets/fashion-mnist

@@ -12,6 +12,9 @@ import sys
 
 COMMANDS = {
     "distill": ("ddrun.distill", "Distill a synthetic set S from a real dataset (DM, DC, DSA, ...)."),
+    "buffer": ("ddrun.buffers", "Train expert networks and store their trajectories (for method=mtt)."),
+    "evaluate": ("ddrun.evaluate", "Evaluate a saved S (or the whole training set) on one or many architectures."),
+    "report": ("ddrun.report", "Tables (Markdown, CSV) and plots from run directories and sweeps."),
 }
 
 USAGE = """usage: ddrun <command> [hydra options] [key=value overrides]
@@ -24,6 +27,9 @@ Examples:
   ddrun distill -m method=dm,dc,dsa ipc=1,10          # Hydra multirun sweep
   ddrun distill method=dc ipc=10 --cfg job --resolve  # print the values the run will use
   ddrun distill --help                                # the command's config groups and options
+  ddrun distill -m hydra/launcher=slurm method=dm,dc ipc=1,10,50 seed=0,1,2   # one SLURM job per point
+  ddrun evaluate synthetic=outputs/.../synthetic.pt evaluator=cross_arch     # S on the architecture pool
+  ddrun report outputs/multirun/<date> --compare      # mean +- std over seeds, published figures beside
 
 Each command is a Hydra app: `-m/--multirun`, `--cfg job --resolve`, `--info`, `-sc install=bash`
 (tab completion) all work after the command name.
@@ -75,8 +81,72 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.argv = [f"ddrun {cmd}", *rest]
     module = importlib.import_module(COMMANDS[cmd][0])
-    module.main()
+    try:
+        module.main()
+    except SystemExit as exc:
+        if exc.code == 1:  # Hydra rejected the overrides, or the command failed: name mistyped keys
+            hint = typo_hint(cmd, rest)
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
     return 0
+
+
+def typo_hint(cmd: str, args: list[str]) -> str | None:
+    """For a Hydra command: one line per ``key=value`` argument whose key is neither a config key nor a config
+    group of the composed config, with the nearest valid one (difflib), e.g. ``unknown key 'ipcc'; did you mean
+    'ipc'?``. Hydra's struct mode rejects such keys; this names what was probably meant. None when all are known."""
+    import difflib
+    from importlib import resources
+
+    root = resources.files("ddrun.conf")
+    if not root.joinpath(f"{cmd}.yaml").is_file():
+        return None
+    keys = [a.split("=", 1)[0] for a in args if "=" in a and not a.startswith(("-", "+", "~"))]
+    keys = [k for k in keys if not k.startswith("hydra") and "@" not in k]
+    if not keys:
+        return None
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    def group_names(node, prefix=""):
+        for child in node.iterdir():
+            if child.is_dir() and not child.name.startswith(("_", ".")):
+                if any(c.name.endswith(".yaml") for c in child.iterdir()):
+                    yield prefix + child.name
+                yield from group_names(child, f"{prefix}{child.name}/")
+
+    groups = set(group_names(root))
+    choices = [a for a in args if "=" in a and a.split("=", 1)[0] in groups]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("ddrun.conf", version_base="1.3"):
+            try:
+                cfg = compose(cmd, overrides=choices)
+            except Exception:  # noqa: BLE001 - a bad group choice: Hydra has named it; use the defaults
+                cfg = compose(cmd)
+    except Exception:  # noqa: BLE001 - no hint is better than a second error
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    known: set[str] = set()
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            known.add(prefix + str(k))
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False))
+    lines = []
+    for k in keys:
+        if k in known or k in groups:
+            continue
+        near = difflib.get_close_matches(k, sorted(known | groups), n=1, cutoff=0.6)
+        lines.append(f"ddrun {cmd}: unknown key {k!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                           " (list the keys with --cfg job)"))
+    return "\n".join(lines) or None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ class SyntheticSet(nn.Module):
         syn_lr: Parameter (float32 scalar), the learned inner step size of MTT / DD, or None. It is stored and
             optimized directly, not as a log, so the papers' ``lr_lr`` values keep their meaning (MTT
             ``distill.py`` optimizes ``syn_lr`` itself with SGD); it can therefore go negative, which the loop
-            reports as an error.
+            reports as an error. DD (Wang et al. 2018) learns one step size per unrolled step: then ``syn_lr``
+            is a float32 vector ``[T]`` (see :meth:`learn_lr`) and :attr:`lr` is its mean.
         num_classes: K.
         meta: plain dict of str/int/float (dataset, normalization, zca, ipc, method, iteration, config hash).
     """
@@ -34,7 +35,7 @@ class SyntheticSet(nn.Module):
             self.labels = nn.Parameter(labels.detach().clone().float())
         else:
             self.register_buffer("labels", labels.detach().clone())
-        self.syn_lr = None if lr is None else nn.Parameter(torch.tensor(float(lr), dtype=torch.float32))
+        self.syn_lr = None if lr is None else nn.Parameter(torch.as_tensor(lr, dtype=torch.float32).clone())
         self.num_classes = int(num_classes)
         self.meta = dict(meta or {})
 
@@ -44,12 +45,17 @@ class SyntheticSet(nn.Module):
 
     @property
     def lr(self) -> torch.Tensor | None:
-        """The learned step size (a differentiable scalar Parameter), or None."""
-        return self.syn_lr
+        """The learned step size as a differentiable scalar (the Parameter itself, or the mean of a per-step
+        vector: what the evaluator trains with), or None."""
+        if self.syn_lr is None or self.syn_lr.dim() == 0:
+            return self.syn_lr
+        return self.syn_lr.mean()
 
-    def learn_lr(self, init: float) -> None:
-        """Make the inner step size a learned parameter, initialized at ``init`` (e.g. MTT's ``lr_teacher``)."""
-        self.syn_lr = nn.Parameter(torch.tensor(float(init), dtype=torch.float32, device=self.images.device))
+    def learn_lr(self, init: float, steps: int | None = None) -> None:
+        """Make the inner step size a learned parameter, initialized at ``init`` (e.g. MTT's ``lr_teacher``);
+        with ``steps``, one step size per unrolled step (a vector ``[steps]``, DD's per-step learning rates)."""
+        shape = () if steps is None else (int(steps),)
+        self.syn_lr = nn.Parameter(torch.full(shape, float(init), dtype=torch.float32, device=self.images.device))
 
     def learn_labels(self, scale: float = 1.0) -> None:
         """Replace hard labels by learnable soft labels: float ``[N, K]`` logits, ``scale`` x one-hot
@@ -106,11 +112,11 @@ class SyntheticSet(nn.Module):
 
     @classmethod
     def from_state(cls, state: dict, learn_labels: bool = False) -> "SyntheticSet":
-        lr = state.get("lr")
+        lr = state.get("lr")  # a scalar, or DD's per-step vector
         labels = state["labels"]
         meta = dict(state.get("meta") or {})
         k = int(meta.get("num_classes", labels.shape[1] if labels.dtype.is_floating_point else int(labels.max()) + 1))
-        return cls(state["images"], labels, k, None if lr is None else float(lr), learn_labels, meta)
+        return cls(state["images"], labels, k, lr, learn_labels, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":

@@ -34,6 +34,27 @@ def wandb_mode(mode: str) -> str:
     return "offline"
 
 
+def unreachable(timeout_s: float) -> str | None:
+    """Why the W&B server (``WANDB_BASE_URL``, default https://api.wandb.ai) cannot be reached, or None.
+
+    A TCP connection attempt with ``timeout_s``, so an unreachable server is found in seconds instead of after W&B's
+    own retries; skipped (None) when a proxy is configured, which W&B then uses."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    if not url.hostname:
+        return f"WANDB_BASE_URL={os.environ.get('WANDB_BASE_URL')!r} is not a URL"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=min(float(timeout_s), 10.0)).close()
+    except OSError as exc:
+        return f"{url.scheme}://{url.hostname}:{port} unreachable: {exc}"
+    return None
+
+
 def image_grid(pixels: torch.Tensor, ipc: int, max_per_class: int = 10) -> torch.Tensor:
     """A grid with one row per class: ``pixels`` float ``[K*ipc, C, H, W]`` in [0, 1], ordered class by class,
     at most ``max_per_class`` images per row. Returns float ``[3, H', W']``."""
@@ -56,24 +77,42 @@ class Tracker:
 
     def __init__(self, run_dir: str | Path, config: dict | None = None, enabled: bool = True, mode: str = "auto",
                  project: str = "ddrun", entity: str | None = None, group: str | None = None,
-                 name: str | None = None, tags: list[str] | None = None, resume_id: str | None = None):
+                 name: str | None = None, tags: list[str] | None = None, resume_id: str | None = None,
+                 timeout_s: float = 30.0):
         self.run_dir = Path(run_dir)
         (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
         self.run = None
         self.mode = wandb_mode(mode) if enabled else "disabled"
         if self.mode == "disabled":
             return
+        if self.mode == "online":
+            problem = unreachable(timeout_s)
+            if problem:
+                self._local_only(problem)
+                return
         try:
             import wandb
 
             self.run = wandb.init(project=project, entity=entity, group=group, name=name, tags=list(tags or []),
                                   config=config, dir=str(self.run_dir), mode=self.mode, id=resume_id,
-                                  resume="allow" if resume_id else None, reinit="finish_previous")
+                                  resume="allow" if resume_id else None, reinit="finish_previous",
+                                  settings=wandb.Settings(init_timeout=float(timeout_s)))
         except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop the run
-            log.warning("W&B could not start (%s: %s); continuing with local logging only (%s)",
-                        type(exc).__name__, exc, self.metrics_path)
-            self.run = None
+            self._local_only(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    def _local_only(self, why: str) -> None:
+        log.warning("W&B could not start (%s); continuing with local logging only (%s)", why, self.metrics_path)
+        self.run = None
+
+    def restore(self, rows: list[dict]) -> None:
+        """Resume: make ``metrics.jsonl`` hold exactly ``rows`` (the rows of a checkpoint), dropping rows written
+        after that checkpoint by a run that was killed (they will be written again)."""
+        self.rows = [dict(r) for r in rows]
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.metrics_path)
 
     @property
     def run_id(self) -> str | None:
@@ -82,6 +121,7 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         """Append ``metrics`` (with ``iteration = step``) to ``metrics.jsonl`` and log the scalars to W&B."""
         row = {"iteration": int(step), **{k: v for k, v in metrics.items() if v is not None}}
+        self.rows.append(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.run is not None:
@@ -109,5 +149,7 @@ class Tracker:
         if self.run is not None:
             try:
                 self.run.finish()
+            except Exception as exc:  # noqa: BLE001 - the local files are complete either way
+                log.warning("W&B could not finish the run (%s); the local files are complete", exc)
             finally:
                 self.run = None

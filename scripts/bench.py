@@ -34,7 +34,47 @@ def basic_cases(args) -> list[tuple[str, list[str]]]:
     return [(f"{m} ipc{ipc}", [f"method={m}", f"ipc={ipc}"]) for m in ("dm", "dc", "dsa") for ipc in args.ipc]
 
 
-GROUPS = {"basic": basic_cases}
+def perf_matching_cases(args) -> list[tuple[str, list[str]]]:
+    """Performance matching (issue 4): DD, KIP, RFAD, FRePo at each ipc."""
+    return [(f"{m} ipc{ipc}", [f"method={m}", f"ipc={ipc}"]) for m in ("dd", "kip", "rfad", "frepo") for ipc in args.ipc]
+
+
+MTT_BUFFERS = ROOT / "outputs" / "bench_buffers"
+MTT_DATA = ["dataset.train_subset=50", f"paths.buffers={MTT_BUFFERS}"]
+
+
+def mtt_cases(args) -> list[tuple[str, list[str]]]:
+    """Trajectory matching (issue 3): syn_steps 10 -> 20 -> 40, plain unrolled gradient vs TESLA's memory-efficient
+    one (``objective.memory_efficient``), at each ipc. Plain memory grows linearly with syn_steps, memory-efficient
+    stays flat (it keeps one step's graph plus the parameter vectors). The experts come from a one-expert buffer
+    that :func:`mtt_setup` makes (timing does not depend on the experts' values); start epoch 0, segment 2."""
+    cases = []
+    for ipc in args.ipc:
+        for steps in (10, 20, 40):
+            for me in (False, True):
+                label = f"mtt ipc{ipc} syn_steps {steps} {'memory-efficient' if me else 'plain'}"
+                SETUPS[label] = mtt_setup
+                cases.append((label, ["method=mtt", f"ipc={ipc}", f"objective.syn_steps={steps}",
+                                      f"objective.memory_efficient={str(me).lower()}", "objective.batch_syn=null",
+                                      "fetcher.max_start_epoch=1", "fetcher.expert_epochs=2", *MTT_DATA]))
+    return cases
+
+
+def mtt_setup(args) -> None:
+    """``ddrun buffer`` with one expert x 2 epochs for the benchmark's dataset (once per bench run; the command
+    itself skips an expert that is already there)."""
+    if getattr(mtt_setup, "done", False):
+        return
+    mtt_setup.done = True
+    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "buffer", f"dataset={args.dataset}", f"device={args.device}",
+                        "num_experts=1", "train_epochs=2", *MTT_DATA, *[s for s in args.set if s.startswith("net.")],
+                        f"hydra.run.dir={ROOT / 'outputs' / 'bench_buffers' / 'log'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"mtt_setup: ddrun buffer failed: {r.stderr.strip()[-500:]}")
+
+
+GROUPS = {"basic": basic_cases, "perf": perf_matching_cases, "mtt": mtt_cases}
 SETUPS: dict[str, object] = {}
 
 
@@ -94,6 +134,7 @@ def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        fetcher.release(net, syn, real, g)  # as the loop: FRePo's pool trains its member here
         return float(loss)
 
     for it in range(warmup):

@@ -22,6 +22,6 @@ for ipc in 1 10; do
 done
 run dc_ipc1 method=dc ipc=1 iterations=100 eval_every=100 objective.batch_real=64
 run dsa_ipc1 method=dsa ipc=1 iterations=100 eval_every=100 objective.batch_real=64
-run dc_ipc10 method=dc ipc=10 iterations=5 eval_every=5 objective.batch_real=64 fetcher.inner_loop=10
-run dsa_ipc10 method=dsa ipc=10 iterations=5 eval_every=5 objective.batch_real=64 fetcher.inner_loop=10
+run dc_ipc10 method=dc ipc=10 iterations=4 eval_every=4 objective.batch_real=64 fetcher.inner_loop=5
+run dsa_ipc10 method=dsa ipc=10 iterations=4 eval_every=4 objective.batch_real=64 fetcher.inner_loop=5
 .venv/bin/python scripts/results_table.py "$OUT"

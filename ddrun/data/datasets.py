@@ -41,6 +41,7 @@ class RealData:
         class_names: K names.
         dsa_strategy: the DSA strategy the reference uses for this dataset (no flip for digits).
         zca: an optional whitening transform with ``inverse(x)``; images are stored whitened when present.
+        train_subset: the per-class training subset size the data was loaded with (None: the full split).
     """
 
     name: str
@@ -54,6 +55,7 @@ class RealData:
     class_names: list[str]
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     zca: object | None = None
+    train_subset: int | None = None
     _class_index: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -117,11 +119,28 @@ def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: i
     return torch.cat(keep).sort().values
 
 
+def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float]):
+    """``(zca object or None, mean, std)``. ``zca`` true builds :class:`~ddrun.data.zca.ZCA`; with ZCA the images
+    are only scaled to [0, 1] (mean 0, std 1), as the MTT reference (``ToTensor`` without ``Normalize`` when
+    ``--zca``), because ZCA's regularization is absolute and so depends on the input scale."""
+    if zca is None or zca is False:
+        return None, mean, std
+    if zca is True:
+        from ddrun.data.zca import ZCA
+
+        zca = ZCA(regularization)
+    return zca, [0.0] * len(mean), [1.0] * len(std)
+
+
 def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_strategy, train_subset,
             test_subset, zca=None) -> RealData:
+    """Assemble a RealData: fit ZCA (when set) on the *full* training split, then keep the class-balanced
+    subsets, then whiten."""
     train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.int64)
     test_y = torch.as_tensor(np.asarray(test_y), dtype=torch.int64)
     k = len(classes)
+    if zca is not None:
+        zca.fit(train_x)
     for split, sub, (x, y) in (("train", train_subset, (train_x, train_y)), ("test", test_subset, (test_x, test_y))):
         idx = _balanced_subset(y, sub, k)
         if idx is not None:
@@ -131,9 +150,8 @@ def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_stra
                 test_x, test_y = x[idx], y[idx]
     data = RealData(name=name, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y,
                     mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=k,
-                    class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy)
+                    class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy, train_subset=train_subset)
     if zca is not None:
-        zca.fit(data.train_images)
         data.train_images = zca(data.train_images)
         data.test_images = zca(data.test_images)
         data.zca = zca
@@ -218,12 +236,15 @@ def _ensure_idx_raw(raw: Path, system_dirs: Sequence[str], name: str) -> None:
 def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[float], std: Sequence[float],
                how_to_get: str = "", system_dirs: Sequence[str] = (), download: bool = False,
                dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
-               test_subset: int | None = None, **_: object) -> RealData:
+               test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
+               **_: object) -> RealData:
     """Load an MNIST-family dataset (IDX files) with ``torchvision.datasets.<torchvision_class>``.
 
     Files are read from ``<root>/<torchvision_class>/raw/``; ``.gz`` files there or in ``system_dirs`` are
     decompressed into it first. ``train_subset`` / ``test_subset`` keep that many samples per class (a fixed,
-    class-balanced subset for quick runs); None keeps all.
+    class-balanced subset for quick runs); None keeps all. ``zca`` (true, or an object with ``fit`` /
+    ``__call__`` / ``inverse``) whitens both splits with a transform fitted on the full training split
+    (:mod:`ddrun.data.zca`, regularization ``zca_regularization``); the images are then not mean/std normalized.
 
     Raises:
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
@@ -246,9 +267,10 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
         return tr, te
 
     tr, te = _load_or_name_corrupt(name, load, files, _read_idx)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
     return _finish(name, _normalize(tr.data.unsqueeze(1), mean, std), tr.targets,
                    _normalize(te.data.unsqueeze(1), mean, std), te.targets, mean, std, tr.classes,
-                   dsa_strategy, train_subset, test_subset)
+                   dsa_strategy, train_subset, test_subset, zca)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,11 +287,13 @@ def _read_pickle(path: Path) -> None:
 def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[float], std: Sequence[float],
                  how_to_get: str = "", download: bool = False, verify_checksums: bool = True,
                  dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
-                 test_subset: int | None = None, zca: object | None = None, **_: object) -> RealData:
+                 test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
+                 **_: object) -> RealData:
     """Load CIFAR-10 / CIFAR-100 (the python pickle batches) with ``torchvision.datasets.<torchvision_class>``.
 
     Files are read from ``<root>/<base_folder>`` (``cifar-10-batches-py`` / ``cifar-100-python``). With
-    ``verify_checksums`` every file's md5 is checked against torchvision's list first.
+    ``verify_checksums`` every file's md5 is checked against torchvision's list first. ``zca`` as in
+    :func:`idx_format`.
 
     Raises:
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
@@ -291,6 +315,7 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_pickle)
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
     return _finish(name, _normalize(to_nchw(tr.data), mean, std), tr.targets,
                    _normalize(to_nchw(te.data), mean, std), te.targets, mean, std, tr.classes,
                    dsa_strategy, train_subset, test_subset, zca)
@@ -311,8 +336,10 @@ def _read_mat(path: Path) -> None:
 def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float], how_to_get: str = "",
                 download: bool = False, verify_checksums: bool = True,
                 dsa_strategy: str = "color_crop_cutout_scale_rotate", train_subset: int | None = None,
-                test_subset: int | None = None, zca: object | None = None, **_: object) -> RealData:
+                test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
+                **_: object) -> RealData:
     """Load SVHN (``train_32x32.mat``, ``test_32x32.mat`` in ``root``) with ``torchvision.datasets.SVHN``.
+    ``zca`` as in :func:`idx_format`.
 
     Raises:
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
@@ -331,6 +358,7 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
         return (_Checked(root, split="train", download=download), _Checked(root, split="test", download=download))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_mat)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
     return _finish(name, _normalize(tr.data, mean, std), tr.labels, _normalize(te.data, mean, std), te.labels,
                    mean, std, [str(i) for i in range(10)], dsa_strategy, train_subset, test_subset, zca)
 
@@ -358,11 +386,12 @@ def _read_images(name: str, samples: Sequence[tuple[str, int]], im_size: Sequenc
 def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequence[float], im_size: Sequence[int],
                        train_dir: str = "train", test_dir: str = "val", how_to_get: str = "",
                        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
-                       test_subset: int | None = None, zca: object | None = None, **_: object) -> RealData:
+                       test_subset: int | None = None, zca: bool | object | None = False,
+                       zca_regularization: float = 0.1, **_: object) -> RealData:
     """Load an image-folder dataset: ``<root>/<train_dir>/<class>/**/*.{jpg,png,...}`` through
     ``torchvision.datasets.ImageFolder``, and the test split from ``<root>/<test_dir>/<class>/...`` or, in the
     Tiny ImageNet layout, from ``<root>/<test_dir>/images/*`` labelled by ``<test_dir>/val_annotations.txt``.
-    Images are resized (and center-cropped) to ``im_size``.
+    Images are resized (and center-cropped) to ``im_size``. ``zca`` as in :func:`idx_format`.
 
     Raises:
         DataError: a folder is missing (names the path and ``how_to_get``) or an image is unreadable (names it).
@@ -387,5 +416,6 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
         test_samples = test.samples
     tr_x, tr_y = _read_images(name, train.samples, im_size)
     te_x, te_y = _read_images(name, test_samples, im_size)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
     return _finish(name, _normalize(tr_x, mean, std), tr_y, _normalize(te_x, mean, std), te_y, mean, std,
                    train.classes, dsa_strategy, train_subset, test_subset, zca)

@@ -64,6 +64,10 @@ class RandomFetcher:
             train_epoch(net, images, labels, opt, self.batch_train, self.augment, generator)
         return net
 
+    def release(self, net: nn.Module, syn: SyntheticSet, real: RealData, generator: torch.Generator) -> None:
+        """Called once after the last update of S made with ``net`` (a no-op here; the model pool of FRePo
+        trains the network one online step on S here, see ``ddrun.fetchers.pool``)."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -1,5 +1,5 @@
 """Initializers of S: ``(real, ipc, generator) -> SyntheticSet``."""
 
-from ddrun.init.initializers import kcenter, kcenter_greedy, noise, real
+from ddrun.init.initializers import herding, herding_select, kcenter, kcenter_greedy, noise, real
 
-__all__ = ["noise", "real", "kcenter", "kcenter_greedy"]
+__all__ = ["noise", "real", "kcenter", "kcenter_greedy", "herding", "herding_select"]

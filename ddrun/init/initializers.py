@@ -55,16 +55,38 @@ def kcenter_greedy(features: torch.Tensor, k: int, first: int) -> list[int]:
     return chosen
 
 
-def kcenter(real: RealData, ipc: int, generator: torch.Generator, net: Callable[..., torch.nn.Module],
-            train_epochs: int = 1, lr: float = 0.01, batch_size: int = 256,
-            max_candidates: int = 5000) -> SyntheticSet:
-    """Per class, greedy K-Center (:func:`kcenter_greedy`) on the embeddings of a network.
+def herding_select(features: torch.Tensor, k: int) -> list[int]:
+    """Herding (Welling, "Herding Dynamical Weights to Learn", ICML 2009), in its greedy mean-matching form on
+    embeddings (kernel herding with a linear kernel, Chen et al. UAI 2010; iCaRL's exemplar selection, Rebuffi et
+    al. CVPR 2017, Algorithm 4), without replacement: the t-th pick is the sample that brings the mean of the t picks
+    closest to the mean ``mu`` of all of them, i.e. ``argmin_x || t*mu - sum_{j<t} phi(p_j) - phi(x) ||``.
 
-    The embedding network is built from ``net`` (the ``net`` config) and first trained ``train_epochs`` epochs on
-    the real training set (SGD lr ``lr``, momentum 0.9); 0 uses the randomly initialized network. The first
-    center of each class is the sample nearest to the class mean embedding; at most ``max_candidates`` random
-    samples per class are considered.
+    Args:
+        features: float ``[N, D]`` embeddings phi(x).
+        k: number of picks (``k <= N``).
+
+    Returns:
+        ``k`` distinct indices into ``features``, in the order picked.
     """
+    mu = features.mean(0)
+    total = torch.zeros_like(mu)
+    free = torch.ones(len(features), dtype=torch.bool, device=features.device)
+    chosen = []
+    for t in range(1, k + 1):
+        dist = (features - (t * mu - total)).norm(dim=1).masked_fill(~free, float("inf"))
+        i = int(dist.argmin())
+        chosen.append(i)
+        free[i] = False
+        total = total + features[i]
+    return chosen
+
+
+def _per_class_selection(real: RealData, ipc: int, generator: torch.Generator, net: Callable[..., torch.nn.Module],
+                         train_epochs: int, lr: float, batch_size: int, max_candidates: int,
+                         select: Callable[[torch.Tensor, int], list[int]]) -> SyntheticSet:
+    """The coreset baselines' shared part: embed at most ``max_candidates`` random training images of each class
+    with a network built from ``net`` and trained ``train_epochs`` epochs on the real training set (SGD ``lr``,
+    momentum 0.9, weight decay 5e-4; 0 epochs: randomly initialized), and keep ``select(features, ipc)`` of them."""
     device = real.device
     model = net(channels=real.channels, num_classes=real.num_classes, im_size=real.im_size).to(device)
     if train_epochs > 0:
@@ -75,7 +97,33 @@ def kcenter(real: RealData, ipc: int, generator: torch.Generator, net: Callable[
     for c in range(real.num_classes):
         cand = real.sample_class(c, max_candidates, generator)
         feats = embed(model, cand).float()
-        first = int(torch.cdist(feats, feats.mean(0, keepdim=True)).argmin())
-        idx = kcenter_greedy(feats, min(ipc, len(cand)), first)
+        idx = select(feats, min(ipc, len(cand)))
         picks.append(cand[idx].cpu())
     return SyntheticSet(torch.cat(picks), _labels(real, ipc), real.num_classes)
+
+
+def kcenter(real: RealData, ipc: int, generator: torch.Generator, net: Callable[..., torch.nn.Module],
+            train_epochs: int = 1, lr: float = 0.01, batch_size: int = 256,
+            max_candidates: int = 5000) -> SyntheticSet:
+    """Per class, greedy K-Center (:func:`kcenter_greedy`) on the embeddings of a network.
+
+    The embedding network is built from ``net`` (the ``net`` config) and first trained ``train_epochs`` epochs on
+    the real training set (SGD lr ``lr``, momentum 0.9); 0 uses the randomly initialized network. The first
+    center of each class is the sample nearest to the class mean embedding; at most ``max_candidates`` random
+    samples per class are considered.
+    """
+    def select(feats: torch.Tensor, k: int) -> list[int]:
+        first = int(torch.cdist(feats, feats.mean(0, keepdim=True)).argmin())
+        return kcenter_greedy(feats, k, first)
+
+    return _per_class_selection(real, ipc, generator, net, train_epochs, lr, batch_size, max_candidates, select)
+
+
+def herding(real: RealData, ipc: int, generator: torch.Generator, net: Callable[..., torch.nn.Module],
+            train_epochs: int = 1, lr: float = 0.01, batch_size: int = 256,
+            max_candidates: int = 5000) -> SyntheticSet:
+    """Per class, herding (:func:`herding_select`) on the embeddings of a network trained as for :func:`kcenter`
+    (the Herding baseline of the dataset-condensation papers, e.g. Zhao et al. ICLR 2021, Table 1). Returns ``ipc``
+    real images per class, class by class, hard labels."""
+    return _per_class_selection(real, ipc, generator, net, train_epochs, lr, batch_size, max_candidates,
+                                herding_select)

@@ -36,6 +36,25 @@ class Objective:
     def check(self, syn: SyntheticSet, it: int) -> None:
         """Called after every update of S; raise a DdrunError when S's learned quantities became invalid."""
 
+    def state_dict(self) -> dict:
+        """The objective's own learned state (e.g. RFAD's Platt scale), saved in ``checkpoint.pt``."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` on resume (called after :meth:`prepare`)."""
+
+    def report(self, syn: SyntheticSet, real: RealData, fetcher, seed: int) -> dict[str, float]:
+        """Extra accuracies (percent) logged at each evaluation beside the evaluator's, where the paper reports
+        its own protocol (KIP/RFAD: kernel-regression accuracy; DD: the learned steps replayed from theta_0)."""
+        return {}
+
+    def real_batch(self, real: RealData, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A class-balanced real batch: ``batch_real`` images of every class, float ``[K * batch_real, C, H, W]``,
+        and their int64 labels ``[K * batch_real]`` (KIP's ``class_balanced_sample``)."""
+        xs = [real.sample_class(c, self.batch_real, generator) for c in range(real.num_classes)]
+        ys = [torch.full((len(x),), c, dtype=torch.long, device=x.device) for c, x in enumerate(xs)]
+        return torch.cat(xs), torch.cat(ys)
+
     def param_groups(self, syn: SyntheticSet) -> list[dict]:
         return syn.param_groups(self.lr_img, self.lr_lr, self.lr_labels)
 

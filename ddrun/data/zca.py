@@ -1,0 +1,117 @@
+"""ZCA whitening of image datasets, as used by KIP and MTT.
+
+KIP (Nguyen et al., "Dataset Distillation with Infinitely Wide Convolutional Networks", NeurIPS 2021, Sec. 3)
+and MTT (Cazenavette et al., CVPR 2022, ``--zca``; ``utils.get_dataset`` fits kornia's
+``ZCAWhitening(eps=0.1)`` on the full training set) whiten the images before distilling. For flattened images
+``X`` ``[N, D]`` (``D = C*H*W``) with mean ``mu`` and unbiased covariance ``Sigma = U diag(s) U^T``:
+
+    whiten(x)  = (x - mu) @ U diag(1 / sqrt(s + eps)) U^T
+    inverse(z) = z @ U diag(sqrt(s + eps)) U^T + mu
+
+``eps`` (``regularization``, 0.1 in the reference) is added to every eigenvalue; it is absolute, so it depends on
+the scale of the input, which is why the MTT reference whitens ``ToTensor`` pixels in [0, 1] without mean/std
+normalization (ddrun's loaders do the same when ``dataset.zca=true``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddrun.utils import DataError
+
+
+class ZCA:
+    """ZCA whitening fitted on a training set (module doc).
+
+    Args:
+        regularization: ``eps`` added to the covariance eigenvalues (MTT / kornia: 0.1).
+        device: where the covariance and the transforms are computed (``auto``: CUDA when available); the
+            results come back on the input's device.
+        chunk: rows per matrix product (bounds the extra memory to ``chunk x D`` floats).
+
+    Attributes (after :meth:`fit`): ``mean`` float32 ``[D]``, ``transform`` and ``inverse_transform`` float32
+    ``[D, D]``, ``shape`` the ``(C, H, W)`` it was fitted on.
+    """
+
+    def __init__(self, regularization: float = 0.1, device: str = "auto", chunk: int = 4096):
+        if regularization < 0:
+            raise DataError(f"dataset.zca_regularization={regularization}: must be >= 0")
+        self.regularization, self.device, self.chunk = float(regularization), device, int(chunk)
+        self.mean = self.transform = self.inverse_transform = None
+        self.shape: tuple[int, ...] | None = None
+
+    def _dev(self) -> torch.device:
+        from ddrun.utils import resolve_device
+
+        return resolve_device(self.device)
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> ZCA:
+        """Fit on float images ``[N, C, H, W]`` (N >= 2). Covariance accumulated in float64. Returns ``self``."""
+        dev = self._dev()
+        n = len(images)
+        if n < 2:
+            raise DataError(f"ZCA needs at least 2 training images to fit, got {n}")
+        self.shape = tuple(images.shape[1:])
+        flat = images.reshape(n, -1)
+        d = flat.shape[1]
+        mean = torch.zeros(d, dtype=torch.float64, device=dev)
+        for s in range(0, n, self.chunk):
+            mean += flat[s:s + self.chunk].to(dev, torch.float64).sum(0)
+        mean /= n
+        eps = self.regularization
+        if n - 1 < d:
+            # fewer images than pixels: the covariance has rank <= n - 1; its eigenvectors with non-zero
+            # eigenvalue come from the thin SVD of the centred data, the rest of the space has eigenvalue 0
+            if eps <= 0:
+                raise DataError(f"ZCA: {n} images of {d} values give a singular covariance; "
+                                f"dataset.zca_regularization must be > 0")
+            _, sv, vh = torch.linalg.svd(flat.to(dev, torch.float64) - mean, full_matrices=False)
+            lam, v = sv**2 / (n - 1), vh.T
+            eye = torch.eye(d, dtype=torch.float64, device=dev)
+            transform = eye / eps**0.5 + (v * ((lam + eps).rsqrt() - eps**-0.5)) @ v.T
+            inverse = eye * eps**0.5 + (v * ((lam + eps).sqrt() - eps**0.5)) @ v.T
+        else:
+            cov = torch.zeros(d, d, dtype=torch.float64, device=dev)
+            for s in range(0, n, self.chunk):
+                xc = flat[s:s + self.chunk].to(dev, torch.float64) - mean
+                cov += xc.T @ xc
+            cov /= n - 1
+            evals, evecs = torch.linalg.eigh(cov)
+            evals = evals.clamp_min(0) + eps
+            if evals.min() <= 0:
+                raise DataError("ZCA: the covariance is singular and dataset.zca_regularization is 0")
+            transform = (evecs * evals.rsqrt()) @ evecs.T
+            inverse = (evecs * evals.sqrt()) @ evecs.T
+        self.mean = mean.float()
+        self.transform, self.inverse_transform = transform.float(), inverse.float()
+        return self
+
+    def _apply(self, x: torch.Tensor, matrix: torch.Tensor, before: torch.Tensor | None,
+               after: torch.Tensor | None) -> torch.Tensor:
+        if self.transform is None:
+            raise RuntimeError("ZCA.fit must be called first")
+        if tuple(x.shape[1:]) != self.shape:
+            raise DataError(f"ZCA was fitted on images of shape {self.shape}, got {tuple(x.shape[1:])}")
+        dev = x.device if x.requires_grad else self._dev()
+        m = matrix.to(dev, x.dtype)
+        flat = x.reshape(len(x), -1)
+        outs = []
+        for s in range(0, len(x), self.chunk):
+            part = flat[s:s + self.chunk].to(dev)
+            if before is not None:
+                part = part - before.to(dev, x.dtype)
+            part = part @ m
+            if after is not None:
+                part = part + after.to(dev, x.dtype)
+            outs.append(part.to(x.device))
+        out = torch.cat(outs) if outs else flat.clone()
+        return out.reshape(x.shape)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Whiten float images ``[N, C, H, W]`` (the shape fitted on); same shape, dtype and device."""
+        return self._apply(images, self.transform, self.mean, None)
+
+    def inverse(self, images: torch.Tensor) -> torch.Tensor:
+        """Map whitened images back to the input space of :meth:`fit` (for pictures); same shape."""
+        return self._apply(images, self.inverse_transform, None, self.mean)

@@ -1,0 +1,275 @@
+"""Performance matching by kernel ridge regression: KIP, RFAD and FRePo.
+
+All three fit kernel ridge regression (KRR) on the synthetic set S and score its predictions on a real batch T
+(Nguyen, Chen & Lee, "Dataset Meta-Learning from Kernel Ridge-Regression", ICLR 2021, Eq. 1-2):
+
+    pred_T = K_TS (K_SS + lambda I)^-1 Y_S,     lambda = reg * tr(K_SS) / |S|,
+
+then back-propagate the loss through the closed form to the images of S and, when learned, its labels Y_S.
+``reg * tr(K)/n`` is the papers' regularization (KIP notebook ``loss_acc_fn``, RFAD ``jit``, FRePo ``nfr``); the
+system is solved by a float64 Cholesky factorization (RFAD solves in double, KIP enables x64). A system that is
+still singular, or a kernel with NaN/Inf entries, raises a one-line DdrunError naming ``objective.reg``.
+
+- :class:`KIP` (Nguyen et al. ICLR 2021; "... with Infinitely Wide Convolutional Networks", NeurIPS 2021):
+  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets; the kernel is the ConvNet's NNGP estimated
+  with random finite networks (``objective/kernel=nngp``) or the empirical NTK of a small network
+  (``objective/kernel=ntk``), see ``ddrun.nets.kernels``.
+- :class:`RFAD` (Loo et al. NeurIPS 2022, Sec. 4): the random-feature NNGP with the Platt-scaled cross-entropy
+  ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0).
+- :class:`FRePo` (Zhou, Nezhadarya & Ba, NeurIPS 2022, Eq. 4-5): the kernel is the linear kernel of the
+  penultimate features of a network from the model pool (``fetcher=pool``, trained online on S), loss
+  ``sum_k (pred - Y)^2`` averaged over T plus the label margin term; flipped copies of S join the support set on
+  datasets with flips.
+
+Labels. The KRR targets of S are ``Y_S = labels / label_scale`` where ``labels`` are S's soft labels, float
+``[N, K]`` *logits* (the project's convention: the evaluator trains with ``softmax(labels)``). They start at
+``label_scale * target_scale * (onehot - 1/K)`` (KIP / RFAD / FRePo's centered one-hot; FRePo's
+``target_scale = 1/sqrt(K/10)``), so the evaluator sees nearly hard labels at initialization and ``label_scale``
+sets how hard the learned labels are. ``lr_labels`` is in the papers' units (Y); the optimizer step on the stored
+logits is ``lr_labels * label_scale``, the same step for Adam-type optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddrun.data.datasets import RealData
+from ddrun.nets.kernels import FeatureKernel, NetworkFeatures
+from ddrun.objectives.base import Objective
+from ddrun.synthetic import SyntheticSet
+from ddrun.utils import ConfigError, DdrunError, derive_seed
+
+
+def krr_predict(k_ss: torch.Tensor, k_ts: torch.Tensor, y_s: torch.Tensor, reg: float = 1e-6) -> torch.Tensor:
+    """Kernel ridge regression ``K_TS (K_SS + reg * tr(K_SS)/n * I)^-1 Y_S``.
+
+    Args:
+        k_ss: float ``[n, n]`` symmetric PSD kernel of the support set.
+        k_ts: float ``[m, n]`` kernel between targets and support.
+        y_s: float ``[n, K]`` support targets.
+        reg: ridge relative to the mean eigenvalue ``tr(K_SS)/n`` (0: plain interpolation).
+
+    Returns float ``[m, K]`` predictions in ``k_ts``'s dtype, differentiable w.r.t. all inputs (the solve runs in
+    float64 by Cholesky).
+
+    Raises:
+        DdrunError: NaN/Inf in a kernel, a zero kernel, or a system that is not positive definite even after the
+            regularization.
+    """
+    if not (torch.isfinite(k_ss).all() and torch.isfinite(k_ts).all()):
+        raise DdrunError("the kernel matrix of S has NaN/Inf entries (S or the kernel's networks diverged); "
+                         "lower objective.lr_img or check the data")
+    n = k_ss.shape[0]
+    k = k_ss.double()
+    trace = torch.diagonal(k).sum()
+    if not trace > 0:
+        raise DdrunError(f"the kernel matrix of S ({n}x{n}) is zero (trace {float(trace):.3g}): every support "
+                         f"image has zero features")
+    a = k + (abs(reg) * trace / n) * torch.eye(n, dtype=k.dtype, device=k.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise DdrunError(f"the kernel system of S ({n}x{n}) is singular or ill-conditioned even with the papers' "
+                         f"regularization reg*tr(K)/n (objective.reg={reg}; Cholesky failed at column {int(info)}); "
+                         f"raise objective.reg or remove duplicate images from S")
+    alpha = torch.cholesky_solve(y_s.double(), chol)
+    return (k_ts.double() @ alpha).to(k_ts.dtype)
+
+
+def centered_onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``onehot(labels) - 1/K``, float ``[N, K]`` (the KRR regression targets of KIP / RFAD / FRePo)."""
+    return F.one_hot(labels, num_classes).float() - 1.0 / num_classes
+
+
+class KernelRidge(Objective):
+    """What KIP, RFAD and FRePo share (module doc): the labels of S as KRR targets, the closed form, the loss on a
+    class-balanced real batch (``batch_real`` per class).
+
+    Args:
+        reg: ridge relative to ``tr(K_SS)/n``.
+        learn_labels: make S's labels learnable soft labels (``lr_labels`` their step size, in target units).
+        label_scale: logits stored per unit of KRR target (module doc).
+        Others: :class:`~ddrun.objectives.base.Objective`.
+
+    Raises:
+        ConfigError: ``label_scale <= 0`` or ``reg < 0``.
+    """
+
+    def __init__(self, reg: float = 1e-6, learn_labels: bool = True, label_scale: float = 10.0, **kwargs):
+        super().__init__(**kwargs)
+        if not label_scale > 0:
+            raise ConfigError(f"objective.label_scale={label_scale}: must be > 0")
+        if reg < 0:
+            raise ConfigError(f"objective.reg={reg}: must be >= 0 (the ridge is reg * tr(K)/n)")
+        self.reg, self.learn_labels, self.label_scale = float(reg), bool(learn_labels), float(label_scale)
+        self.num_classes = 0
+
+    # --- labels -------------------------------------------------------------------------------------------
+    def target_scale(self, num_classes: int) -> float:
+        """Scale of S's initial targets relative to the real ones (1; FRePo: ``1/sqrt(K/10)``)."""
+        return 1.0
+
+    def prepare(self, syn: SyntheticSet, real: RealData) -> None:
+        self.num_classes = real.num_classes
+        if self.learn_labels and not isinstance(syn.labels, nn.Parameter):
+            y0 = centered_onehot(syn.hard_labels(), real.num_classes) * self.target_scale(real.num_classes)
+            syn.learn_labels()
+            with torch.no_grad():
+                syn.labels.copy_(self.label_scale * y0)
+
+    def targets(self, syn: SyntheticSet) -> torch.Tensor:
+        """The KRR targets Y_S, float ``[N, K]`` (differentiable w.r.t. learned labels)."""
+        if syn.soft:
+            return syn.labels / self.label_scale
+        return centered_onehot(syn.labels, self.num_classes) * self.target_scale(self.num_classes)
+
+    def param_groups(self, syn: SyntheticSet) -> list[dict]:
+        groups = syn.param_groups(self.lr_img, self.lr_lr, None)
+        if isinstance(syn.labels, nn.Parameter) and self.lr_labels:
+            groups.append({"params": [syn.labels], "lr": self.lr_labels * self.label_scale, "name": "labels"})
+        return groups
+
+    # --- the closed form ----------------------------------------------------------------------------------
+    def support(self, syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support set ``(images, targets)`` the regression is fitted on (FRePo adds flipped copies)."""
+        return syn.images, self.targets(syn)
+
+    def predict(self, kernel: FeatureKernel, syn: SyntheticSet, x_target: torch.Tensor) -> torch.Tensor:
+        """KRR predictions ``[len(x_target), K]`` of the kernel fitted on S."""
+        x_s, y_s = self.support(syn)
+        f_s = kernel.features(x_s)
+        return krr_predict(kernel.gram(f_s, f_s), kernel.cross(x_target, f_s), y_s, self.reg)
+
+    def kernel_for(self, net: nn.Module, generator: torch.Generator) -> FeatureKernel:
+        raise NotImplementedError
+
+    def loss(self, pred: torch.Tensor, y_target: torch.Tensor, syn: SyntheticSet) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, syn: SyntheticSet, real: RealData, net: nn.Module, it: int,
+                 generator: torch.Generator) -> torch.Tensor:
+        kernel = self.kernel_for(net, generator)
+        x_t, y_t = self.real_batch(real, generator)
+        return self.loss(self.predict(kernel, syn, x_t), y_t, syn)
+
+    @torch.no_grad()
+    def krr_accuracy(self, kernel: FeatureKernel, syn: SyntheticSet, real: RealData) -> float:
+        """Test accuracy (percent) of kernel ridge regression fitted on S, on the whole real test split."""
+        pred = self.predict(kernel, syn, real.test_images)
+        return 100.0 * float((pred.argmax(1) == real.test_labels).float().mean())
+
+
+class KIP(KernelRidge):
+    """Kernel Inducing Points (module doc): ``0.5 * mean((pred_T - Y_T)^2)``. The random kernel is redrawn every
+    iteration; ``report`` uses one fixed draw (RFAD validates with fixed seeds).
+
+    Args:
+        kernel: kernel factory ``(channels, num_classes, im_size, device) -> FeatureKernel`` (the
+            ``objective/kernel`` config group: ``nngp`` random features or ``ntk``).
+        report_krr: log the kernel-regression test accuracy (percent, ``krr_acc``) at each evaluation.
+
+    Raises:
+        ConfigError: no kernel configured.
+    """
+
+    def __init__(self, kernel: Callable[..., FeatureKernel] | None = None, report_krr: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if kernel is None:
+            raise ConfigError("objective.kernel is not set: choose objective/kernel=nngp or objective/kernel=ntk")
+        self.kernel_factory, self.report_krr = kernel, bool(report_krr)
+
+    def prepare(self, syn: SyntheticSet, real: RealData) -> None:
+        super().prepare(syn, real)
+        self.kernel = self.kernel_factory(channels=real.channels, num_classes=real.num_classes,
+                                          im_size=real.im_size, device=syn.images.device)
+
+    def kernel_for(self, net: nn.Module, generator: torch.Generator) -> FeatureKernel:
+        self.kernel.resample(generator)
+        return self.kernel
+
+    def report(self, syn: SyntheticSet, real: RealData, fetcher, seed: int) -> dict[str, float]:
+        if not self.report_krr:
+            return {}
+        self.kernel.resample(torch.Generator().manual_seed(derive_seed(seed, 271828)))
+        return {"krr_acc": self.krr_accuracy(self.kernel, syn, real)}
+
+    def loss(self, pred, y_target, syn):
+        return 0.5 * ((pred - centered_onehot(y_target, self.num_classes)) ** 2).mean()
+
+
+class RFAD(KIP):
+    """RFAD (module doc): with ``platt`` the loss is ``CE(exp(k) * pred_T, y_T)`` with k learned at step size
+    ``lr_platt`` (Loo et al. 2022, Sec. 4 "Platt scaling"; yolky/RFAD ``distillation.py``); without it, KIP's MSE.
+    """
+
+    def __init__(self, platt: bool = True, lr_platt: float = 0.01, **kwargs):
+        super().__init__(**kwargs)
+        self.platt, self.lr_platt = bool(platt), float(lr_platt)
+        self.log_scale: nn.Parameter | None = None
+
+    def prepare(self, syn: SyntheticSet, real: RealData) -> None:
+        super().prepare(syn, real)
+        if self.platt:
+            self.log_scale = nn.Parameter(torch.zeros((), device=syn.images.device))
+
+    def param_groups(self, syn: SyntheticSet) -> list[dict]:
+        groups = super().param_groups(syn)
+        if self.log_scale is not None:
+            groups.append({"params": [self.log_scale], "lr": self.lr_platt, "name": "platt"})
+        return groups
+
+    def loss(self, pred, y_target, syn):
+        if self.log_scale is None:
+            return super().loss(pred, y_target, syn)
+        return F.cross_entropy(self.log_scale.exp() * pred, y_target)
+
+    def state_dict(self) -> dict:
+        return {} if self.log_scale is None else {"platt_log_scale": self.log_scale.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.log_scale is not None and "platt_log_scale" in state:
+            with torch.no_grad():
+                self.log_scale.copy_(state["platt_log_scale"])
+
+
+def label_margin(y: torch.Tensor) -> torch.Tensor:
+    """FRePo's label regularizer ``-min(top1 - top2, 1/K)`` per row of ``y`` ``[N, K]``, averaged (``lb_margin_th``
+    in yongchaoz/FRePo ``frepo.py``): it keeps learned labels from collapsing below a margin of 1/K."""
+    top = y.topk(2, dim=1).values
+    return -torch.clamp(top[:, 0] - top[:, 1], max=1.0 / y.shape[1]).mean()
+
+
+class FRePo(KernelRidge):
+    """FRePo (module doc). The network comes from ``fetcher=pool`` (``ddrun.fetchers.pool``).
+
+    Args:
+        flip: add horizontally flipped copies of S to the support set (the reference's ``use_flip``: CIFAR-10,
+            CIFAR-100 at ipc 1; not MNIST / Fashion-MNIST).
+        margin: add :func:`label_margin` of the learned targets to the loss.
+    """
+
+    def __init__(self, flip: bool = False, margin: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.flip, self.margin = bool(flip), bool(margin)
+
+    def target_scale(self, num_classes: int) -> float:
+        return 1.0 / math.sqrt(num_classes / 10.0)
+
+    def support(self, syn):
+        x, y = super().support(syn)
+        if self.flip:
+            x, y = torch.cat([x, torch.flip(x, dims=[-1])]), torch.cat([y, y])
+        return x, y
+
+    def kernel_for(self, net: nn.Module, generator: torch.Generator) -> FeatureKernel:
+        return NetworkFeatures(net)
+
+    def loss(self, pred, y_target, syn):
+        loss = ((pred - centered_onehot(y_target, self.num_classes)) ** 2).sum(1).mean()
+        if self.margin and syn.soft:
+            loss = loss + label_margin(self.targets(syn))
+        return loss

@@ -277,6 +277,10 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump({**self.info, "hydra_files": self._hydra_files()}, f)
+            # we hold the directory now: temporary files left by a writer that was killed mid-write are debris
+            for tmp in self.path.parent.glob(".*.tmp[0-9]*"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             _HELD.add(str(self.path))
             self._thread = threading.Thread(target=self._beat, name="ddrun-lock-heartbeat", daemon=True)
             self._thread.start()

@@ -9,13 +9,12 @@ model (11x11 stride-4 stem, 4096-wide dropout head), which does not fit 28/32 px
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ddrun.nets.convnet import _norm
+from ddrun.nets.convnet import FeatureClassifier, _norm
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeatureClassifier):
     """Args:
         channels, num_classes, im_size: input channels C, classes K, input (H, W).
         norm: ``none`` (AlexNet) or ``batchnorm`` (AlexNetBN); also ``instancenorm`` / ``groupnorm``.
@@ -43,12 +42,4 @@ class AlexNet(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2))
                 h, w = h // 2, w // 2
             c = out
-        self.features = nn.Sequential(*layers)
-        self.feature_dim = c * h * w
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        self._set_head(layers, c * h * w, num_classes)

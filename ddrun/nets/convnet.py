@@ -33,7 +33,26 @@ def _norm(kind: str, c: int, hw: tuple[int, int]) -> nn.Module | None:
     raise ConfigError(f"net.norm={kind!r}: valid values are instancenorm, batchnorm, layernorm, groupnorm, none")
 
 
-class ConvNet(nn.Module):
+class FeatureClassifier(nn.Module):
+    """A feature extractor followed by one linear classifier (ConvNet, AlexNet, VGG11 share this head).
+
+    ``embed(x)`` returns the flattened features ``[B, feature_dim]`` (what DM and the kernels use), ``forward(x)``
+    the logits ``[B, K]``.
+    """
+
+    def _set_head(self, layers: list[nn.Module], feature_dim: int, num_classes: int) -> None:
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = feature_dim
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ConvNet(FeatureClassifier):
     """ConvNet-``depth`` with ``width`` channels.
 
     Args:
@@ -71,12 +90,4 @@ class ConvNet(nn.Module):
             if _POOLS[pooling] is not None:
                 layers.append(_POOLS[pooling]())
                 h, w = h // 2, w // 2
-        self.features = nn.Sequential(*layers)
-        self.feature_dim = c * h * w
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        self._set_head(layers, c * h * w, num_classes)

@@ -10,15 +10,14 @@ torchvision's ``vgg11`` fixes 3 input channels, offers only BatchNorm or no norm
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ddrun.nets.convnet import _norm
+from ddrun.nets.convnet import FeatureClassifier, _norm
 
 VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG11(nn.Module):
+class VGG11(FeatureClassifier):
     """Args:
         channels, num_classes, im_size: input channels C, classes K, input (H, W) (at least 32 px after padding).
         norm: ``instancenorm`` (VGG11 of the reference), ``batchnorm`` (VGG11-BN), ``groupnorm`` or ``none``.
@@ -46,12 +45,4 @@ class VGG11(nn.Module):
                 layers.append(n)
             layers.append(nn.ReLU(inplace=True))
             c = v
-        self.features = nn.Sequential(*layers)
-        self.feature_dim = c * h * w
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        self._set_head(layers, c * h * w, num_classes)

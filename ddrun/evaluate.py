@@ -61,7 +61,7 @@ class Evaluator:
             torch.manual_seed(seed)
             net = self.net_factory(channels=real.channels, num_classes=real.num_classes, im_size=real.im_size)
         net = net.to(device)
-        lr = float(syn.lr) if (self.use_learned_lr and syn.lr is not None) else self.lr
+        lr = float(syn.lr.detach()) if (self.use_learned_lr and syn.lr is not None) else self.lr
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(self.epochs // 2, 1)], gamma=0.1)
         images, labels = syn.images.detach().to(device), syn.labels.detach().to(device)

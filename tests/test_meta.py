@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
+from formats import write_mnist_like
 from ddrun.data.datasets import RealData
 from ddrun.distill import distill
 from ddrun.evaluate import Evaluator
@@ -47,6 +48,7 @@ def tiny_setup(ipc=2, dtype=torch.float64, **kw):
     obj = DatasetDistillation(**{"syn_steps": 2, "syn_epochs": 2, "lr_init": 0.3, "lr_img": 0.01, "lr_lr": 1e-3,
                                  "batch_real": 4, **kw})
     obj.prepare(syn, real)
+    obj.raw_lr = nn.Parameter(obj.raw_lr.detach().to(dtype))
     torch.manual_seed(3)
     net = TinyNet().to(dtype)
     return real, syn.to(dtype), obj, net
@@ -58,13 +60,13 @@ def loss_of(obj, syn, real, net):
 
 def test_dd_hypergradient_matches_finite_differences():
     real, syn, obj, net = tiny_setup()
-    with torch.no_grad():
-        syn.syn_lr.copy_(torch.tensor([0.3, 0.2, 0.4, 0.1]))
+    with torch.no_grad():  # step sizes 0.3, 0.2, 0.4, 0.1 through their softplus parameterization
+        obj.raw_lr.copy_(torch.tensor([0.3, 0.2, 0.4, 0.1], dtype=torch.float64).expm1().log())
     loss = loss_of(obj, syn, real, net)
-    g_img, g_lr = torch.autograd.grad(loss, [syn.images, syn.syn_lr])
+    g_img, g_lr = torch.autograd.grad(loss, [syn.images, obj.raw_lr])
     eps = 1e-6
-    checks = [(syn.images, (0, 0, 1, 2), g_img), (syn.images, (5, 0, 3, 0), g_img), (syn.syn_lr, (0,), g_lr),
-              (syn.syn_lr, (3,), g_lr)]
+    checks = [(syn.images, (0, 0, 1, 2), g_img), (syn.images, (5, 0, 3, 0), g_img), (obj.raw_lr, (0,), g_lr),
+              (obj.raw_lr, (3,), g_lr)]
     for tensor, index, grad in checks:
         with torch.no_grad():
             tensor[index] += eps
@@ -81,12 +83,12 @@ def test_dd_hypergradient_matches_finite_differences():
 
 def test_truncation_back_propagates_through_the_last_steps_only():
     real, syn, obj, net = tiny_setup()
-    full = torch.autograd.grad(loss_of(obj, syn, real, net), [syn.images, syn.syn_lr])
+    full = torch.autograd.grad(loss_of(obj, syn, real, net), [syn.images, obj.raw_lr])
     obj.truncate = 4  # = all 4 steps: the same gradient
-    same = torch.autograd.grad(loss_of(obj, syn, real, net), [syn.images, syn.syn_lr])
+    same = torch.autograd.grad(loss_of(obj, syn, real, net), [syn.images, obj.raw_lr])
     assert all(torch.allclose(a, b) for a, b in zip(full, same))
     obj.truncate = 1
-    g_img, g_lr = torch.autograd.grad(loss_of(obj, syn, real, net), [syn.images, syn.syn_lr])
+    g_img, g_lr = torch.autograd.grad(loss_of(obj, syn, real, net), [syn.images, obj.raw_lr])
     assert torch.count_nonzero(g_lr[:3]) == 0 and g_lr[3] != 0
     batch0 = [0, 2, 4]  # images of step 0 (and 2): one of each class, outside the last step
     assert torch.count_nonzero(g_img[batch0]) == 0 and torch.count_nonzero(g_img[[1, 3, 5]]) > 0
@@ -111,7 +113,7 @@ def test_dd_lowers_its_loss_for_a_fixed_initialization():
     real = tiny_real()
     syn = SyntheticSet(torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(1)),
                        torch.arange(3).repeat_interleave(2), 3)
-    obj = DatasetDistillation(syn_steps=2, syn_epochs=3, lr_init=0.1, lr_img=0.05, lr_lr=0.01, batch_real=5)
+    obj = DatasetDistillation(syn_steps=2, syn_epochs=3, lr_init=0.1, lr_img=0.05, lr_lr=0.05, batch_real=5)
     obj.prepare(syn, real)
     fetcher = FixedFetcher(TinyNet, real, torch.device("cpu"), seed=0)
     opt = torch.optim.Adam(obj.param_groups(syn), lr=obj.lr_img)
@@ -125,7 +127,8 @@ def test_dd_lowers_its_loss_for_a_fixed_initialization():
         obj.check(syn, it)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
-    assert (syn.syn_lr >= 0).all() and not torch.allclose(syn.syn_lr, torch.full((6,), 0.1))
+    assert (syn.syn_lr > 0).all() and not torch.allclose(syn.syn_lr, torch.full((6,), 0.1))
+    assert torch.allclose(syn.syn_lr, torch.nn.functional.softplus(obj.raw_lr))  # what synthetic.pt stores
     replay = obj.replay_accuracy(syn, real, fetcher.fetch(0))
     assert replay >= 80 and replay > replay0 + 30, (replay0, replay)  # the paper's protocol: theta_0 + learned steps
 
@@ -155,6 +158,22 @@ def test_preset_values():
     assert one.objective.syn_steps == 1 and one.objective.lr_init == 0.02 and one.iterations == 23600
     assert one.fetcher._target_.endswith("FixedFetcher")
     assert make_cfg(["method=dd", "ipc=7"]).objective.syn_steps is None  # -> the ConfigError above
+
+
+def test_resume_restores_the_step_sizes_and_ends_with_the_same_synthetic_set(tmp_path):
+    write_mnist_like(tmp_path, "MNIST", n_train=12, n_test=4)
+
+    def cfg(iterations):
+        return make_cfg(["method=dd", "dataset=mnist", f"paths.data={tmp_path}", "dataset.system_dirs=[]", "ipc=2",
+                         "objective.syn_steps=2", "objective.syn_epochs=2", "net.width=8", "debug=smoke",
+                         "logger=none", "evaluator.num_eval=0", "objective.batch_real=4", f"iterations={iterations}"])
+
+    straight = distill(cfg(6), tmp_path / "straight")
+    distill(cfg(3), tmp_path / "resumed")
+    resumed = distill(cfg(6), tmp_path / "resumed")
+    a, b = (torch.load(o["synthetic"], weights_only=True) for o in (straight, resumed))
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["lr"], b["lr"])
+    assert a["lr"].shape == (4,) and not torch.allclose(a["lr"], torch.full((4,), 0.02))
 
 
 @pytest.mark.realdata

@@ -79,7 +79,7 @@ def test_gradient_matches_finite_differences(memory_efficient):
                 s.images.copy_(images)
             if lr is not None:
                 s.syn_lr.fill_(lr)
-        return float(obj(s, None, n, 0, torch.Generator().manual_seed(3)))
+        return float(obj(s, None, n, 0, torch.Generator().manual_seed(3)).detach())
 
     h = 1e-6
     base = syn.images.detach().clone()

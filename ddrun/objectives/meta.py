@@ -12,11 +12,12 @@ back-propagated through the unroll to the images and to eta. theta_0 comes from 
 (one known initialization, the paper's fixed-init setting) or ``fetcher=random`` (theta_0 ~ p(theta_0) afresh
 every iteration, the paper's Algorithm 1). ``truncate=N`` back-propagates through the last N steps only.
 
-The step sizes are ``syn.syn_lr``, a float32 vector ``[syn_steps * syn_epochs]`` stored directly (the reference
-ssnl/dataset-distillation ``train_distilled_image.py`` stores ``softplus^-1(eta)`` and optimizes that with
-Adam(lr 0.01); we optimize eta itself with step size ``lr_lr`` and project it onto eta >= 0 after each update, which
-keeps the reference's positivity). The evaluator trains with their mean (``syn.lr``). The paper's own protocol
-(these exact steps replayed from theta_0) is logged as ``dd_replay_acc``.
+The step sizes are stored in ``syn.syn_lr``, a float32 vector ``[syn_steps * syn_epochs]`` (what ``synthetic.pt``
+holds; the evaluator trains with their mean, ``syn.lr``). As in the reference (ssnl/dataset-distillation
+``train_distilled_image.py``: ``lr = softplus(raw)``, raw optimized by the same Adam as the images), the objective
+optimizes ``raw = softplus^-1(eta)`` (its own state, saved in ``checkpoint.pt``) with step size ``lr_lr``, so eta stays
+positive and moves multiplicatively; ``syn.syn_lr`` is set to ``softplus(raw)`` after every update. The paper's own
+protocol (these exact steps replayed from theta_0) is logged as ``dd_replay_acc``.
 
 Reference hyperparameters (``conf/method/dd.yaml``): Adam(lr 0.01, betas (0.5, 0.999)) on the images,
 distill_lr (eta init) 0.02 (CIFAR-10 0.001), distill_steps 10, distill_epochs 3, 1 image per class per step, real
@@ -40,8 +41,8 @@ KNOBS = ("objective.syn_steps / objective.syn_epochs (fewer unrolled steps), or 
 
 
 class DatasetDistillation(Objective):
-    """DD loss (module doc). Returns a float32 scalar; gradients reach ``syn.images``, ``syn.syn_lr`` and learned
-    labels.
+    """DD loss (module doc). Returns a float32 scalar; gradients reach ``syn.images``, the step sizes (through
+    ``raw_lr``) and learned labels.
 
     Args:
         syn_steps: distinct gradient steps (batches of S) per epoch; must divide ipc.
@@ -51,7 +52,8 @@ class DatasetDistillation(Objective):
         memory_limit: GiB an unroll may keep for back-propagation (None: what the device has free); a larger
             unroll stops with an error naming the knobs that shrink it.
         report_nets: networks the learned steps are replayed on for ``dd_replay_acc`` (0: not reported).
-        Others: :class:`~ddrun.objectives.base.Objective` (``batch_real`` per class, ``lr_lr`` of the steps).
+        Others: :class:`~ddrun.objectives.base.Objective` (``batch_real`` per class; ``lr_lr``: step size of
+            ``softplus^-1`` of the step sizes, the reference's Adam lr 0.01; 0 or null keeps them fixed).
 
     Raises:
         ConfigError: a non-positive count or step size; ``syn_steps`` not dividing ipc (at ``prepare``).
@@ -79,28 +81,47 @@ class DatasetDistillation(Objective):
         if syn.ipc % self.syn_steps:
             raise ConfigError(f"objective.syn_steps={self.syn_steps} must divide ipc={syn.ipc}: DD gives every "
                               f"step its own ipc/syn_steps images of each class")
-        syn.learn_lr(self.lr_init, steps=self.syn_steps * self.syn_epochs)
+        t = self.syn_steps * self.syn_epochs
+        syn.learn_lr(self.lr_init, steps=t)
+        syn.syn_lr.requires_grad_(False)  # optimized through raw_lr
+        raw = torch.full((t,), self.lr_init, device=syn.images.device).expm1().log()  # softplus^-1
+        self.raw_lr = nn.Parameter(raw)
+
+    def param_groups(self, syn: SyntheticSet) -> list[dict]:
+        groups = syn.param_groups(self.lr_img, None, self.lr_labels)
+        if self.lr_lr:
+            groups.append({"params": [self.raw_lr], "lr": self.lr_lr, "name": "lr"})
+        return groups
 
     def check(self, syn: SyntheticSet, it: int) -> None:
-        if not torch.isfinite(syn.syn_lr).all():
+        if not torch.isfinite(self.raw_lr).all():
             raise DdrunError(f"a learned step size became NaN/Inf at iteration {it}; lower objective.lr_lr")
         with torch.no_grad():
-            syn.syn_lr.clamp_(min=0.0)
+            syn.syn_lr.copy_(F.softplus(self.raw_lr))
 
-    def steps(self, syn: SyntheticSet) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def state_dict(self) -> dict:
+        return {"raw_lr": self.raw_lr.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``raw_lr`` (``syn.syn_lr``, its softplus, comes back with S)."""
+        if "raw_lr" in state:
+            with torch.no_grad():
+                self.raw_lr.copy_(state["raw_lr"])
+
+    def steps(self, syn: SyntheticSet, lrs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The unrolled steps ``(x_i, y_i, eta_i)``, i = 0 .. syn_steps * syn_epochs - 1: batch ``i mod
-        syn_steps`` holds images ``[s*m, (s+1)*m)`` of every class, m = ipc / syn_steps."""
+        syn_steps`` holds images ``[s*m, (s+1)*m)`` of every class, m = ipc / syn_steps; ``lrs`` ``[T]``."""
         m = syn.ipc // self.syn_steps
         per_class = [syn.class_slice(c) for c in range(syn.num_classes)]
         batches = [torch.cat([idx[s * m:(s + 1) * m] for idx in per_class]) for s in range(self.syn_steps)]
-        lrs = syn.syn_lr if syn.syn_lr.dim() else syn.syn_lr.expand(self.syn_steps * self.syn_epochs)
         return [(syn.images[batches[i % self.syn_steps]], syn.labels[batches[i % self.syn_steps]], lrs[i])
                 for i in range(self.syn_steps * self.syn_epochs)]
 
     def unroll(self, syn: SyntheticSet, net: nn.Module, graph: bool = True) -> dict[str, torch.Tensor]:
-        """theta_T: the fetched network's parameters after the unrolled steps (module doc)."""
+        """theta_T: the fetched network's parameters after the unrolled steps (module doc); with ``graph`` the
+        step sizes are ``softplus(raw_lr)`` (differentiable), without it the stored ``syn.syn_lr``."""
         net.train()
-        steps = self.steps(syn)
+        steps = self.steps(syn, F.softplus(self.raw_lr) if graph else syn.syn_lr.detach())
         if not graph:
             return unroll_steps(net, params_of(net), steps, truncate=0)
         budget = (int(self.memory_limit * 2**30) if self.memory_limit is not None

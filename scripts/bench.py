@@ -10,6 +10,8 @@ Usage:
     python scripts/bench.py                         # every group, defaults (the papers' settings) + --set
     python scripts/bench.py --groups basic --ipc 1,10 --set objective.batch_real=64
     python scripts/bench.py --device cuda --dataset cifar10
+    python scripts/bench.py --groups perf --only 'kip|rfad' --set objective.kernel.n_models=1   # some cases
+    python scripts/bench.py --groups resume --ipc 1,10      # resume overhead after a kill (scripts/bench_resume.py)
 
 Groups are registered in ``GROUPS``: a name -> function returning a list of ``(label, overrides)``; a case may
 also name a ``setup`` callable (e.g. to build a buffer first) through ``SETUPS``.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -75,6 +78,11 @@ def mtt_setup(args) -> None:
 
 
 GROUPS = {"basic": basic_cases, "perf": perf_matching_cases, "mtt": mtt_cases}
+# Groups with their own table: name -> function(args). "resume": checkpoint size, save time and the resume overhead
+# (start -> first new iteration) of a killed DM run vs a fresh start (scripts/bench_resume.py; 10 iterations first).
+TABLES = {"resume": lambda args: __import__("bench_resume").main(
+    ["--methods", "dm", "--ipc", ",".join(map(str, args.ipc)), "--dataset", args.dataset, "--device", args.device,
+     "--set", *args.set])}
 SETUPS: dict[str, object] = {}
 
 
@@ -159,13 +167,14 @@ def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {[*GROUPS, *TABLES]}")
     p.add_argument("--ipc", default="1,10", help="comma-separated ipc values")
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=2, help="timed outer iterations per case")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every case (state them in reports)")
+    p.add_argument("--only", help="regular expression: run only the cases whose label matches, e.g. 'kip|rfad'")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -173,13 +182,20 @@ def main() -> None:
         print(json.dumps(run_case(spec["overrides"], spec["warmup"], spec["iters"])))
         return
     args.ipc = [int(i) for i in args.ipc.split(",")]
+    groups = args.groups.split(",")
+    unknown = [g for g in groups if g not in GROUPS and g not in TABLES]
+    if unknown:
+        p.error(f"unknown group(s) {unknown}; choose from {[*GROUPS, *TABLES]}")
     common = [f"dataset={args.dataset}", f"device={args.device}", "logger=none", *args.set]
     print(f"# scripts/bench.py  dataset={args.dataset}  iters={args.iters} (+{args.warmup} warm-up)  "
           f"extra overrides: {' '.join(args.set) or '(none: the papers settings)'}")
-    print("| case | outer_loop | s / outer iteration | peak memory MB | device |")
-    print("|---|---|---|---|---|")
-    for group in args.groups.split(","):
+    if any(g in GROUPS for g in groups):
+        print("| case | outer_loop | s / outer iteration | peak memory MB | device |")
+        print("|---|---|---|---|---|")
+    for group in (g for g in groups if g in GROUPS):
         for label, overrides in GROUPS[group](args):
+            if args.only and not re.search(args.only, label):
+                continue
             if label in SETUPS:
                 SETUPS[label](args)
             spec = json.dumps({"overrides": [*common, *overrides], "warmup": args.warmup, "iters": args.iters})
@@ -192,6 +208,9 @@ def main() -> None:
             dev = res["gpu"] or f"{res['device']} ({res['threads']} threads)"
             print(f"| {label} | {res['outer_loop']} | {res['seconds']:.3f} | {res['peak_mb']:.0f} | {dev} |",
                   flush=True)
+    for group in (g for g in groups if g in TABLES):
+        print(flush=True)
+        TABLES[group](args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Usage:
     python scripts/bench_resume.py                                  # Fashion-MNIST, DM, ipc 1/10/50
     python scripts/bench_resume.py --methods dm,dsa --ipc 10 --set dataset.train_subset=500
     python scripts/bench_resume.py --dataset cifar10 --device cuda
+    python scripts/bench.py --groups resume --ipc 1,10          # the same table from the benchmark script
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def case(method: str, ipc: int, args) -> dict:
             "device": args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the cases and print the table (``argv``: command-line arguments; ``scripts/bench.py --groups resume``
+    calls this)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="dm")
     p.add_argument("--ipc", default="1,10,50")
@@ -98,7 +101,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=10, help="iterations before the stop (default 10)")
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every case, e.g. paths.data=...")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     results = [case(m, int(i), args) for m in args.methods.split(",") for i in args.ipc.split(",")]
     print(f"dataset {args.dataset}, overrides {' '.join(args.set) or '(none)'}, stop after {args.iters} iterations")
     print("| case | device | checkpoint MB | save s | s/iteration | fresh: start -> 1st iteration s | "

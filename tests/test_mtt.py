@@ -109,7 +109,7 @@ def test_learned_step_size_starts_at_lr_teacher_and_is_checked():
     syn = SyntheticSet(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), 2)
     obj = TrajectoryMatching(lr_teacher=0.001, lr_img=100, lr_lr=1e-5)
     obj.prepare(syn, None)
-    assert float(syn.syn_lr) == pytest.approx(0.001)
+    assert float(syn.syn_lr.detach()) == pytest.approx(0.001)
     groups = {g["name"]: g["lr"] for g in obj.param_groups(syn)}
     assert groups == {"images": 100, "lr": 1e-5}
     obj.check(syn, 3)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import inspect
 import json
 import logging
@@ -53,7 +52,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddrun.checkpoint import atomic_save
-from ddrun.utils import ConfigError, DataError, DdrunError, build, derive_seed, resolve_device, seed_everything
+from ddrun.utils import (ConfigError, DataError, DdrunError, build, derive_seed, file_digest, load_tensors,
+                         resolve_device, seed_everything)
 
 log = logging.getLogger("ddrun.buffer")
 
@@ -214,29 +214,13 @@ def _locked_manifest(directory: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_expert(path: Path, mmap: bool = True) -> dict:
     """Open an expert file (memory-mapped: rows are read from disk when indexed).
 
     Raises:
         DataError: missing, truncated or corrupt (names the file).
     """
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise DataError(f"expert file not found: {path}") from None
-    except Exception as exc:
-        raise DataError(f"corrupt or truncated expert file {path} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(d, dict) or "trajectory" not in d or "names" not in d:
-        raise DataError(f"{path}: not a ddrun expert file (no trajectory)")
-    return d
+    return load_tensors(path, "expert file", keys=("trajectory", "names"), mmap=mmap)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,7 +306,7 @@ def train_expert(index: int, directory: Path, real, net_factory: Callable, augme
                  "epochs": epochs, "test_acc": test_acc, "setting": setting}, path)
     shutil.rmtree(partial, ignore_errors=True)
     entry = {"file": path.name, "epochs": epochs, "test_acc": round(test_acc, 4), "bytes": path.stat().st_size,
-             "sha256": sha256(path), "seconds": round(seconds, 2),
+             "sha256": file_digest(path), "seconds": round(seconds, 2),
              "params": int(sum(p.numel() for p in net.parameters()))}
     log.info("expert %d: test accuracy %.2f%% after %d epochs (%.0f s, %.1f MB)", index, test_acc, epochs, seconds,
              entry["bytes"] / 1e6)
@@ -338,7 +322,7 @@ def _register_existing(directory: Path, index: int, epochs: int, setting: dict) 
         if int(d["epochs"]) != epochs or setting_diff(d.get("setting") or {}, setting):
             raise DataError("another setting")
         entry = {"file": path.name, "epochs": epochs, "test_acc": round(float(d["test_acc"]), 4),
-                 "bytes": path.stat().st_size, "sha256": sha256(path), "seconds": None,
+                 "bytes": path.stat().st_size, "sha256": file_digest(path), "seconds": None,
                  "params": int(d["trajectory"].shape[1])}
         del d
         return entry

@@ -239,6 +239,16 @@ def plots(runs: list[Run], groups: list[Group], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, axes, path: Path) -> Path:
+        for ax in axes:
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     written = []
     curves: dict[tuple, dict[str, dict[int, list[float]]]] = {}
     for r in runs:
@@ -257,13 +267,8 @@ def plots(runs: list[Run], groups: list[Group], out: Path) -> list[Path]:
                 s = [statistics.pstdev(per_it[i]) if len(per_it[i]) > 1 else 0.0 for i in its]
                 ax.plot(its, m, marker="o", ms=3, label=method)
                 ax.fill_between(its, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
-            ax.set(title=f"{key[0]}, ipc {key[1]}", xlabel="iteration", ylabel="test accuracy (%)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "acc_vs_iteration.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+            ax.set(title=f"{key[0]}, ipc {key[1]}", xlabel="iteration")
+        written.append(save(fig, axes[0], out / "acc_vs_iteration.png"))
     by_panel: dict[tuple, dict[str, list[Group]]] = {}
     for g in groups:
         if str(g.ipc).isdigit():
@@ -276,14 +281,8 @@ def plots(runs: list[Run], groups: list[Group], out: Path) -> list[Path]:
                 gs = sorted(gs, key=lambda g: int(g.ipc))
                 ax.errorbar([int(g.ipc) for g in gs], [g.mean for g in gs], yerr=[g.std for g in gs], marker="o",
                             ms=4, capsize=3, label=method)
-            ax.set(title=f"{key[0]} ({key[1]})", xlabel="images per class (ipc)", ylabel="test accuracy (%)")
-            ax.set_xscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "acc_vs_ipc.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+            ax.set(title=f"{key[0]} ({key[1]})", xlabel="images per class (ipc)", xscale="log")
+        written.append(save(fig, axes[0], out / "acc_vs_ipc.png"))
     return written
 
 

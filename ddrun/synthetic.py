@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddrun.utils import DataError
+from ddrun.utils import load_tensors
 
 
 class SyntheticSet(nn.Module):
@@ -125,12 +125,4 @@ class SyntheticSet(nn.Module):
         Raises:
             DataError: the file is missing, unreadable or lacks ``images`` / ``labels``.
         """
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise DataError(f"synthetic set not found: {path}") from None
-        except Exception as exc:
-            raise DataError(f"corrupt synthetic set file {path} ({type(exc).__name__}: {exc})") from None
-        if not isinstance(state, dict) or "images" not in state or "labels" not in state:
-            raise DataError(f"{path}: expected a dict with 'images' and 'labels'")
-        return cls.from_state(state)
+        return cls.from_state(load_tensors(path, "synthetic set", keys=("images", "labels")))

@@ -1,8 +1,10 @@
-"""Small shared helpers: errors, device resolution and seeding."""
+"""Small shared helpers: errors, device resolution, seeding and file checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +20,44 @@ class ConfigError(DdrunError):
 
 class DataError(DdrunError):
     """A dataset or buffer file is missing or corrupt; the message names the path."""
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 4 MiB chunks (constant memory), e.g. ``"sha256"`` for buffer files,
+    ``"md5"`` for torchvision's dataset checksums.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_tensors(path: str | Path, what: str, keys: tuple[str, ...] = (), mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` onto the CPU, for files of tensors we or other tools wrote.
+
+    Args:
+        what: the kind of file, for messages (e.g. ``"expert file"``, ``"synthetic set"``).
+        keys: keys the loaded dict must have.
+        mmap: memory-map the tensors (read from disk when indexed).
+
+    Raises:
+        DataError: missing, truncated or corrupt file, or not a dict with ``keys`` (the message names the file).
+    """
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except Exception as exc:
+        raise DataError(f"corrupt or truncated {what} {path} ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise DataError(f"{path}: not a {what} (expected a dict with {', '.join(map(repr, keys))}; "
+                        f"missing {', '.join(map(repr, missing))})")
+    return d
 
 
 def resolve_device(device: str) -> torch.device:

@@ -21,6 +21,15 @@ def make_cfg(overrides: list[str] | None = None, config_name: str = "distill"):
 
 
 @pytest.fixture
+def tiny_root(tmp_path) -> Path:
+    """A ``paths.data`` root with a tiny MNIST (12 train / 4 test images per class, the real IDX format)."""
+    from formats import write_mnist_like
+
+    write_mnist_like(tmp_path / "data", "MNIST", n_train=12, n_test=4)
+    return tmp_path / "data"
+
+
+@pytest.fixture
 def cfg_factory():
     return make_cfg
 

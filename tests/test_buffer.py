@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_cfg
-from formats import write_mnist_like
 
-from ddrun.buffers import buffer, buffer_dir, expert_file, sha256
+from ddrun.buffers import buffer, buffer_dir, expert_file
+from ddrun.utils import file_digest
 from ddrun.utils import ConfigError
 
 
@@ -26,12 +26,6 @@ def tiny_args(root: Path, buffers: Path, *extra: str) -> list[str]:
 def make_buffer(root: Path, buffers: Path, *extra: str, experts: int = 2, epochs: int = 3) -> dict:
     return buffer(make_cfg(tiny_args(root, buffers, f"num_experts={experts}", f"train_epochs={epochs}",
                                      "batch_train=32", *extra), "buffer"))
-
-
-@pytest.fixture
-def tiny_root(tmp_path):
-    write_mnist_like(tmp_path / "data", "MNIST", n_train=12, n_test=4)
-    return tmp_path / "data"
 
 
 def test_layout_manifest_sizes_and_checksums(tiny_root, tmp_path):
@@ -49,7 +43,7 @@ def test_layout_manifest_sizes_and_checksums(tiny_root, tmp_path):
     trajs = []
     for i in (0, 1):
         f, entry = expert_file(d, i), m["experts"][str(i)]
-        assert entry["bytes"] == f.stat().st_size and entry["sha256"] == sha256(f) and 0 <= entry["test_acc"] <= 100
+        assert entry["bytes"] == f.stat().st_size and entry["sha256"] == file_digest(f) and 0 <= entry["test_acc"] <= 100
         e = torch.load(f, weights_only=True)
         p = entry["params"]
         assert e["trajectory"].shape == (4, p) and e["trajectory"].dtype == torch.float32 and e["epochs"] == 3

@@ -12,14 +12,7 @@ import torch
 
 import wandb_files
 from conftest import make_cfg
-from formats import write_mnist_like
 from ddrun.distill import distill
-
-
-@pytest.fixture
-def tiny_root(tmp_path):
-    write_mnist_like(tmp_path, "MNIST", n_train=12, n_test=4)
-    return tmp_path
 
 
 def tiny(root, *extra):

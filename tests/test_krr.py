@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
-from formats import write_mnist_like
 from ddrun.data.datasets import RealData
 from ddrun.distill import distill
 from ddrun.fetchers.pool import PoolFetcher
@@ -250,12 +249,6 @@ def test_pool_trains_online_resets_and_survives_a_state_round_trip():
 # ------------------------------------------------------------------------------------------------------------
 # through the loop: presets, resume, soft labels
 # ------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def tiny_root(tmp_path):
-    write_mnist_like(tmp_path, "MNIST", n_train=12, n_test=4)
-    return tmp_path
-
 
 def tiny(root, *extra):
     return make_cfg(["dataset=mnist", f"paths.data={root}", "dataset.system_dirs=[]", "ipc=2", "net.width=16",

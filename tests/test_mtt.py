@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import make_cfg
 from formats import write_cifar, write_mnist_like
-from test_buffer import make_buffer, tiny_args, tiny_root  # noqa: F401  (fixture)
+from test_buffer import make_buffer, tiny_args
 from ddrun.data.augment import DSA
 from ddrun.distill import distill
 from ddrun.fetchers.checkpoints import ExpertSegment
@@ -207,7 +207,7 @@ def test_cifar10_ipc10_preset_runs_on_cifar_files(tmp_path):
     assert (tmp_path / "run" / "images" / "synthetic_000002.png").is_file()
 
 
-def test_buffer_distill_evaluate_end_to_end(tiny_root, tmp_path):  # noqa: F811
+def test_buffer_distill_evaluate_end_to_end(tiny_root, tmp_path):
     make_buffer(tiny_root, tmp_path / "buffers")
     init = distill(make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "iterations=0", "eval_every=1",
                                      "evaluator.num_eval=0")), tmp_path / "init")
@@ -219,7 +219,7 @@ def test_buffer_distill_evaluate_end_to_end(tiny_root, tmp_path):  # noqa: F811
     assert [r["iteration"] for r in rows if "acc_mean" in r] == [0, 2, 4]
 
 
-def test_same_seed_same_result_and_modes_agree(tiny_root, tmp_path):  # noqa: F811
+def test_same_seed_same_result_and_modes_agree(tiny_root, tmp_path):
     make_buffer(tiny_root, tmp_path / "buffers")
     runs = {}
     for name, extra in (("a", []), ("b", []), ("me", ["objective.memory_efficient=true"])):
@@ -236,7 +236,7 @@ def test_same_seed_same_result_and_modes_agree(tiny_root, tmp_path):  # noqa: F8
 # bad input
 # ---------------------------------------------------------------------------------------------------------
 
-def test_missing_buffer_names_path_and_command(tiny_root, tmp_path):  # noqa: F811
+def test_missing_buffer_names_path_and_command(tiny_root, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ddrun.cli", "distill", *mtt_args(tiny_root, tmp_path / "buffers"),
                         f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
@@ -248,7 +248,7 @@ def test_missing_buffer_names_path_and_command(tiny_root, tmp_path):  # noqa: F8
             in line)
 
 
-def test_buffer_of_another_setting_is_refused_saying_what_differs(tiny_root, tmp_path):  # noqa: F811
+def test_buffer_of_another_setting_is_refused_saying_what_differs(tiny_root, tmp_path):
     made = make_buffer(tiny_root, tmp_path / "buffers")
     wider = mtt_args(tiny_root, tmp_path / "buffers", "net.width=16")
     with pytest.raises(DataError, match="no expert buffer at .*width-16.*Buffers for other settings exist: "
@@ -266,7 +266,7 @@ def test_buffer_of_another_setting_is_refused_saying_what_differs(tiny_root, tmp
             distill(cfg, tmp_path / "run2")
 
 
-def test_corrupt_or_truncated_expert_is_named_and_the_others_used(tiny_root, tmp_path, caplog):  # noqa: F811
+def test_corrupt_or_truncated_expert_is_named_and_the_others_used(tiny_root, tmp_path, caplog):
     made = make_buffer(tiny_root, tmp_path / "buffers", experts=3)
     d = Path(made["dir"])
     truncated, corrupt = d / "expert_0000.pt", d / "expert_0001.pt"
@@ -287,7 +287,7 @@ def test_corrupt_or_truncated_expert_is_named_and_the_others_used(tiny_root, tmp
         distill(make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "fetcher.max_experts=2")), tmp_path / "run3")
 
 
-def test_start_epochs_beyond_the_buffer_are_refused(tiny_root, tmp_path):  # noqa: F811
+def test_start_epochs_beyond_the_buffer_are_refused(tiny_root, tmp_path):
     make_buffer(tiny_root, tmp_path / "buffers")  # 3 epochs
     cfg = make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "fetcher.max_start_epoch=3", "fetcher.expert_epochs=2"))
     with pytest.raises(ConfigError, match="max_start_epoch=3 \\+ fetcher.expert_epochs=2 reach epoch 4, but the "
@@ -295,14 +295,14 @@ def test_start_epochs_beyond_the_buffer_are_refused(tiny_root, tmp_path):  # noq
         distill(cfg, tmp_path / "run")
 
 
-def test_mtt_objective_needs_the_checkpoint_fetcher(tiny_root, tmp_path):  # noqa: F811
+def test_mtt_objective_needs_the_checkpoint_fetcher(tiny_root, tmp_path):
     cfg = make_cfg(tiny_args(tiny_root, tmp_path / "buffers", "method=dm", "objective=mtt", "ipc=2", "logger=none",
                              "iterations=1", "evaluator.num_eval=0"))
     with pytest.raises(ConfigError, match="needs fetcher=checkpoints"):
         distill(cfg, tmp_path / "run")
 
 
-def test_negative_step_size_stops_and_keeps_the_last_good_checkpoint(tiny_root, tmp_path):  # noqa: F811
+def test_negative_step_size_stops_and_keeps_the_last_good_checkpoint(tiny_root, tmp_path):
     make_buffer(tiny_root, tmp_path / "buffers")
     cfg = make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "objective.lr_teacher=0.5", "objective.lr_lr=100",
                             "evaluator.num_eval=0", "eval_every=1", "iterations=10"))

@@ -13,7 +13,6 @@ and how to get the files, and a corrupt file raises it naming that file.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import pickle
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torchvision
 
-from ddrun.utils import DataError
+from ddrun.utils import DataError, file_digest
 
 
 @dataclass
@@ -179,14 +178,6 @@ def _load_or_name_corrupt(name: str, load: Callable, files: Sequence[Path], prob
                         f"({type(exc).__name__}: {exc})") from None
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_files(name: str, folder: Path, entries: Sequence[tuple[str, str]], verify_checksums: bool,
                  how_to_get: str) -> None:
     """Raise DataError naming the missing files, or (with ``verify_checksums``) a file whose md5 differs."""
@@ -195,7 +186,7 @@ def _check_files(name: str, folder: Path, entries: Sequence[tuple[str, str]], ve
         raise _not_found(name, folder, f"Missing: {', '.join(missing)}. {how_to_get}")
     if verify_checksums:
         for fn, md5 in entries:
-            if md5 and _md5(folder / fn) != md5:
+            if md5 and file_digest(folder / fn, "md5") != md5:
                 raise DataError(f"dataset {name}: corrupt file {folder / fn} (md5 differs from torchvision's "
                                 f"{md5}); delete it and obtain it again, or set dataset.verify_checksums=false "
                                 f"for files you made yourself")

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddrun.buffers import buffer_command, expert_file, load_expert, read_manifest, setting_diff, setting_of, sha256
+from ddrun.buffers import buffer_command, expert_file, load_expert, read_manifest, setting_diff, setting_of
 from ddrun.buffers import buffer_dir as keyed_buffer_dir
 from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
 from ddrun.nets.functional import Params, unflatten
 from ddrun.synthetic import SyntheticSet
-from ddrun.utils import ConfigError, DataError, derive_seed
+from ddrun.utils import ConfigError, DataError, derive_seed, file_digest
 
 log = logging.getLogger("ddrun.fetchers.checkpoints")
 
@@ -140,7 +140,7 @@ class CheckpointFetcher:
         path = expert_file(self.dir, index)
         if self.verify_checksums and index not in self._verified:
             want = self.entries[index].get("sha256")
-            if want and sha256(path) != want:
+            if want and file_digest(path) != want:
                 raise DataError(f"corrupt expert file {path} (sha256 differs from the manifest)")
             self._verified.add(index)
         d = load_expert(path)

@@ -190,6 +190,9 @@ def _distill(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:
         tracker.log({"loss": loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra,
                      "seconds": elapsed, "per_net": res["per_net"]}, it)
         log.info("iteration %d: accuracy %.2f +- %.2f (%s)", it, res["acc_mean"], res["acc_std"], res["protocol"])
+        if syn.lr is not None and getattr(evaluator, "use_learned_lr", True):
+            log.info("iteration %d: the evaluation networks trained with S's learned step size %.4g", it,
+                     float(syn.lr.detach()))
         return {**res, **extra}
 
     from tqdm.auto import tqdm

@@ -52,7 +52,8 @@ class Evaluator:
         """One line naming the protocol, for logs and tables."""
         aug = self.augment.strategy if self.augment is not None and self.augment.enabled else "none"
         return (f"{self.name} x{self.num_eval}, {self.epochs} epochs, SGD lr {self.lr} (x0.1 at half), "
-                f"mom {self.momentum}, wd {self.weight_decay}, batch {self.batch_train}, aug {aug}")
+                f"mom {self.momentum}, wd {self.weight_decay}, batch {self.batch_train}, aug {aug}"
+                + (", learned lr when S has one" if self.use_learned_lr else ""))
 
     def train_one(self, syn: SyntheticSet, real: RealData, seed: int) -> float:
         """Train one network from ``seed`` on S; return its test accuracy in percent."""

@@ -37,6 +37,7 @@ run rfad_ipc10 method=rfad ipc=10 iterations=150 eval_every=150 $KRR
 run frepo_ipc10 method=frepo ipc=10 iterations=200 eval_every=200
 run dd_ipc1 method=dd ipc=1 iterations=150 eval_every=150 objective.batch_real=20
 run dd_ipc10 method=dd ipc=10 iterations=150 eval_every=150 objective.batch_real=20
+run dd_ipc10_real method=dd ipc=10 init=real iterations=150 eval_every=150 objective.batch_real=20
 # Trajectory matching (issue 3): a buffer of 4 experts x 10 epochs on a 300-per-class subset, then MTT.
 SUB="dataset=fashion_mnist dataset.train_subset=300"
 if [[ "$ONLY" == "  " || "$ONLY" == *" mtt_"* ]]; then

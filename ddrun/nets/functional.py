@@ -251,15 +251,20 @@ def unroll_steps(net: nn.Module, params: Params, steps: list[Step], truncate: in
 
 
 class saved_bytes:
-    """Context manager counting the bytes autograd saves for the backward pass inside the block (tensors saved
-    several times count several times, so it errs on the high side): ``with saved_bytes() as box: ...;
-    box[0]``."""
+    """Context manager counting the bytes autograd saves for the backward pass inside the block: each storage
+    once (a tensor saved by several operations, or views of one buffer, are one allocation), whole storages
+    (what saving a view keeps alive): ``with saved_bytes() as box: ...; box[0]``."""
 
     def __enter__(self) -> list[int]:
         self.box = [0]
+        seen: set[tuple[str, int]] = set()
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            self.box[0] += t.numel() * t.element_size()
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                self.box[0] += storage.nbytes()
             return t
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)

@@ -12,6 +12,7 @@ is set, that step size replaces ``lr``; soft labels are trained with soft cross-
 
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Callable
 
@@ -25,6 +26,8 @@ from ddrun.data.datasets import RealData
 from ddrun.synthetic import SyntheticSet
 from ddrun.train import accuracy, train_epoch
 from ddrun.utils import derive_seed
+
+log = logging.getLogger("ddrun.evaluate")
 
 
 class Evaluator:
@@ -131,6 +134,7 @@ class CrossArchEvaluator:
             res = ev(syn, real, seed)
             per_net[name] = res["per_net"][name]
             per_arch[name] = {"acc_mean": res["acc_mean"], "acc_std": res["acc_std"]}
+            log.info("%s: %.2f +- %.2f (%d nets)", name, res["acc_mean"], res["acc_std"], len(per_net[name]))
         means = [v["acc_mean"] for v in per_arch.values()]
         return {"acc_mean": statistics.fmean(means), "acc_std": statistics.pstdev(means) if len(means) > 1 else 0.0,
                 "per_net": per_net, "per_arch": per_arch, "protocol": self.protocol()}
@@ -245,7 +249,6 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://ddrun.conf", config_name="evaluate")
 def main(cfg) -> float | None:
-    import logging
     import sys
 
     from hydra.core.hydra_config import HydraConfig
@@ -256,7 +259,7 @@ def main(cfg) -> float | None:
     try:
         out = evaluate_cmd(cfg, HydraConfig.get().runtime.output_dir)
     except DdrunError as exc:
-        logging.getLogger("ddrun.evaluate").error("%s", exc)
+        log.error("%s", exc)
         print(f"ddrun evaluate: error: {exc}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweep marks this job failed, runs the others, and reports the failure at the end

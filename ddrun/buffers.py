@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +51,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddrun.checkpoint import atomic_save
-from ddrun.utils import (ConfigError, DataError, DdrunError, build, derive_seed, file_digest, load_tensors,
-                         resolve_device, seed_everything)
+from ddrun.utils import (ConfigError, DataError, DdrunError, build, command_errors, derive_seed, file_digest,
+                         load_tensors, resolve_device, seed_everything)
 
 log = logging.getLogger("ddrun.buffer")
 
@@ -400,12 +399,8 @@ def buffer(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://ddrun.conf", config_name="buffer")
 def main(cfg: DictConfig) -> None:
-    try:
+    with command_errors("buffer", log):
         out = buffer(cfg)
-    except DdrunError as exc:
-        log.error("%s", exc)
-        print(f"ddrun buffer: error: {exc}", file=sys.stderr)
-        sys.exit(1)
     ex = out["experts"]
     accs = [e["test_acc"] for e in ex.values()]
     mb = statistics.fmean(e["bytes"] for e in ex.values()) / 1e6 if ex else 0.0

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -30,9 +29,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddrun.checkpoint import (Preempted, RunLock, StopSignals, load_checkpoint, rng_state, save_checkpoint,
-                              set_rng_state)
-from ddrun.utils import ConfigError, DdrunError, build, derive_seed, resolve_device, seed_everything
+from ddrun.checkpoint import RunLock, StopSignals, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ddrun.utils import ConfigError, DdrunError, build, command_errors, derive_seed, resolve_device, seed_everything
 
 log = logging.getLogger("ddrun.distill")
 
@@ -260,20 +258,9 @@ def _distill(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:
 @hydra.main(version_base="1.3", config_path="pkg://ddrun.conf", config_name="distill")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    try:
+    with command_errors("distill", log):
         out = distill(cfg, HydraConfig.get().runtime.output_dir)
-    except Preempted as exc:
-        log.warning("%s", exc)
-        print(f"ddrun distill: {exc}", file=sys.stderr)
-        sys.exit(128 + exc.signum)
-    except DdrunError as exc:
-        log.error("%s", exc)
-        print(f"ddrun distill: error: {exc}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep marks this job failed, runs the others, and reports the failure at the end
-        sys.exit(1)
     acc = out.get("acc_mean")
     if acc is not None:
         print(f"final accuracy {acc:.2f} +- {out['acc_std']:.2f} ({out['protocol']})")

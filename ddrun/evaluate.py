@@ -249,21 +249,12 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://ddrun.conf", config_name="evaluate")
 def main(cfg) -> float | None:
-    import sys
-
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    from ddrun.utils import DdrunError
+    from ddrun.utils import command_errors
 
-    try:
+    with command_errors("evaluate", log):
         out = evaluate_cmd(cfg, HydraConfig.get().runtime.output_dir)
-    except DdrunError as exc:
-        log.error("%s", exc)
-        print(f"ddrun evaluate: error: {exc}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep marks this job failed, runs the others, and reports the failure at the end
-        sys.exit(1)
     print(f"{out['source']} ({out['method']}, ipc {out['ipc']}, {out['dataset']}); protocol: {out['protocol']}")
     print("| architecture | accuracy % (mean ± std) | runs |\n|---|---|---|")
     for name, v in out["per_arch"].items():

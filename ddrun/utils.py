@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,32 @@ class ConfigError(DdrunError):
 
 class DataError(DdrunError):
     """A dataset or buffer file is missing or corrupt; the message names the path."""
+
+
+@contextlib.contextmanager
+def command_errors(command: str, log: logging.Logger):
+    """Inside a Hydra command's ``main``: turn a :class:`DdrunError` into one line on stderr (and the run's log)
+    and exit status 1, without a traceback; in a multirun re-raise it, so the sweep marks this job failed, runs
+    the others and reports the failure at the end. A stop on a signal after checkpointing
+    (:class:`ddrun.checkpoint.Preempted`) exits with ``128 + signal``, as a process killed by it would.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from ddrun.checkpoint import Preempted
+
+    try:
+        yield
+    except Preempted as exc:
+        log.warning("%s", exc)
+        print(f"ddrun {command}: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
+    except DdrunError as exc:
+        log.error("%s", exc)
+        print(f"ddrun {command}: error: {exc}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(1)
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

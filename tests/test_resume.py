@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -277,4 +278,5 @@ def test_resumed_run_continues_the_same_wandb_run(root, tmp_path):
     distill(make_cfg(overrides(root, "logger=wandb", "logger.mode=offline", "iterations=4")), run)
     assert first and load_checkpoint(run / "checkpoint.pt")["wandb_id"] == first
     runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(p.name.endswith(f"-{first}") for p in runs)
+    # offline-run-<date>_<time>-<id>, W&B adds "-1" when both runs started within the same second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?", p.name) for p in runs)

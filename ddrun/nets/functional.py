@@ -95,28 +95,22 @@ def plan_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, se
 
 def unroll_sgd(net: nn.Module, params: Params, images: torch.Tensor, labels: torch.Tensor,
                lr: torch.Tensor | float, steps: int, batch_size: int | None = None, augment: DSA | None = None,
-               generator: torch.Generator | None = None, create_graph: bool = True,
-               plan: Plan | None = None, memory_budget: int | None = None, knobs: str = "") -> Params:
+               generator: torch.Generator | None = None, plan: Plan | None = None, memory_budget: int | None = None,
+               knobs: str = "") -> Params:
     """``steps`` SGD steps from ``params`` on minibatches of ``(images, labels)`` (see :func:`sgd_plan`; pass
-    ``plan`` to replay given draws), each minibatch passed through per-sample DSA when ``augment`` is set.
-    Returns the final parameters, whose graph reaches ``images``, ``labels``, ``lr`` and the starting ``params``
-    (memory grows linearly with ``steps``: every step's double-backward graph is kept). ``memory_budget`` /
-    ``knobs``: as :func:`unroll_steps` (a one-line DdrunError before the unroll outgrows the budget).
+    ``plan`` to replay given draws), each minibatch passed through per-sample DSA when ``augment`` is set: the
+    plan's batches run through :func:`unroll_steps` with one step size ``lr``. Returns the final parameters, whose
+    graph reaches ``images``, ``labels``, ``lr`` and the starting ``params`` (memory grows linearly with
+    ``steps``: every step's double-backward graph is kept). ``memory_budget`` / ``knobs``: as
+    :func:`unroll_steps` (a one-line DdrunError before the unroll outgrows the budget).
 
     Raises:
         DdrunError: the unroll would exceed ``memory_budget``.
     """
     if plan is None:
         plan = sgd_plan(len(images), batch_size, steps, generator, augment)
-    for i, (idx, seed) in enumerate(plan):
-        x, y = plan_batch(images, labels, idx, seed, augment)
-        if i == 0 and create_graph and memory_budget is not None:
-            with saved_bytes() as box:
-                params = sgd_step(net, params, x, y, lr, create_graph)
-            check_unroll_memory(box[0], len(plan), memory_budget, knobs)
-        else:
-            params = sgd_step(net, params, x, y, lr, create_graph)
-    return params
+    batches = [(*plan_batch(images, labels, idx, seed, augment), lr) for idx, seed in plan]
+    return unroll_steps(net, params, batches, memory_budget=memory_budget, knobs=knobs)
 
 
 def unroll_sgd_memory_efficient(net: nn.Module, params: Params, images: torch.Tensor, labels: torch.Tensor,

@@ -39,7 +39,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 import time
@@ -50,7 +49,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddrun.checkpoint import atomic_save
+from ddrun.checkpoint import atomic_save, atomic_write
 from ddrun.utils import (ConfigError, DataError, DdrunError, build, command_errors, derive_seed, file_digest,
                          load_tensors, resolve_device, seed_everything)
 
@@ -206,9 +205,7 @@ def _locked_manifest(directory: Path):
             box = {"manifest": m}
             yield box
             if box["manifest"] is not None:
-                tmp = directory / f".{MANIFEST}.tmp{os.getpid()}"
-                tmp.write_text(json.dumps(box["manifest"], indent=1, sort_keys=True))
-                os.replace(tmp, directory / MANIFEST)
+                atomic_write(json.dumps(box["manifest"], indent=1, sort_keys=True).encode(), directory / MANIFEST)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

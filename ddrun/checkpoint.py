@@ -53,19 +53,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to a temporary file in the same folder, flush and fsync it, then rename it over ``path``.
 
     A crash or a full disk during the write leaves the previous file at ``path`` intact.
 
     Raises:
-        OSError: the write failed (e.g. ``ENOSPC``); the temporary file is removed, ``path`` is untouched.
+        OSError: the write failed (e.g. ``ENOSPC``, ``EFBIG``, ``EDQUOT``); the temporary file is removed, ``path``
+            is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        _write(tmp, obj)
+        _write_synced(tmp, data)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -73,15 +74,28 @@ def atomic_save(obj: object, path: str | Path) -> None:
             tmp.unlink()
 
 
-def _write(tmp: Path, obj: object) -> None:
-    """Serialize in memory first, so a failing write surfaces as the OSError of the file system (``ENOSPC``,
-    ``EFBIG``, ``EDQUOT``) rather than as a serializer error; then write, flush and fsync."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
+def _write_synced(tmp: Path, data: bytes) -> None:
     with open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _serialized(obj: object) -> bytes:
+    """``torch.save`` into memory, so a failing write surfaces as the file system's OSError (``ENOSPC``,
+    ``EFBIG``, ``EDQUOT``) rather than as a serializer error."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def atomic_save(obj: object, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write`.
+
+    Raises:
+        OSError: as :func:`atomic_write`.
+    """
+    atomic_write(_serialized(obj), path)
 
 
 def digest(obj: object) -> str:
@@ -136,7 +150,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     payload["digest"] = digest(payload)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        _write(tmp, payload)
+        _write_synced(tmp, _serialized(payload))
         if path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torchvision
 
+from ddrun.checkpoint import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -110,9 +112,7 @@ class Tracker:
         """Resume: make ``metrics.jsonl`` hold exactly ``rows`` (the rows of a checkpoint), dropping rows written
         after that checkpoint by a run that was killed (they will be written again)."""
         self.rows = [dict(r) for r in rows]
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.metrics_path)
+        atomic_write("".join(json.dumps(r) + "\n" for r in self.rows).encode(), self.metrics_path)
 
     @property
     def run_id(self) -> str | None:

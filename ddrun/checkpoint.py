@@ -1,10 +1,14 @@
-"""Preemption-safe run state: atomic checkpoints with a fallback, a run-directory lock, and stop signals.
+"""Preemption-safe run state: the run-state object, atomic checkpoints with a fallback, a run-directory lock, and
+stop signals.
 
-- :func:`atomic_save` writes any object to a temporary file, fsyncs it and renames it over the target, so a crash
-  or a full disk during the write leaves the previous file intact.
+- :class:`RunState`: what the loop carries between iterations (iteration, seconds, metrics, last result, W&B id,
+  evaluation marks, stages done). :meth:`RunState.save` writes it with every component's state as one checkpoint;
+  :meth:`RunState.load` reads it back.
 - :func:`save_checkpoint` / :func:`load_checkpoint` add a content digest (a bit flip or a truncated file is
   detected) and keep the previous checkpoint as ``checkpoint.prev.pt``: a corrupt ``checkpoint.pt`` is reported
-  and the previous one used.
+  and the previous one used. Checkpoints hold tensors and plain containers only (the config as a JSON string, RNG
+  states as tensors) and are read with ``torch.load(weights_only=True)``: a file holding pickled objects is refused
+  as such, never executed.
 - :class:`RunLock` makes a run directory exclusive: a second job pointed at it refuses; a lock left by a dead
   process (same host, dead PID), by an earlier incarnation of the same SLURM job (requeue) or without a heartbeat
   for ``stale_after_s`` seconds (other host) is stale and taken over.
@@ -17,116 +21,28 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from ddrun.utils import DataError, DdrunError
+from ddrun.files import UnsafeFile, digest, fsync_dir, safe_load, serialized, temporary_path, write_synced
+from ddrun.utils import DataError, DdrunError, Preempted
 
 log = logging.getLogger("ddrun.checkpoint")
 
-FORMAT = 1
+FORMAT = 2
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to a temporary file in the same folder, flush and fsync it, then rename it over ``path``.
-
-    A crash or a full disk during the write leaves the previous file at ``path`` intact.
-
-    Raises:
-        OSError: the write failed (e.g. ``ENOSPC``, ``EFBIG``, ``EDQUOT``); the temporary file is removed, ``path``
-            is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
-
-
-def _write_synced(tmp: Path, data: bytes) -> None:
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _serialized(obj: object) -> bytes:
-    """``torch.save`` into memory, so a failing write surfaces as the file system's OSError (``ENOSPC``,
-    ``EFBIG``, ``EDQUOT``) rather than as a serializer error."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` through :func:`atomic_write`.
-
-    Raises:
-        OSError: as :func:`atomic_write`.
-    """
-    atomic_write(_serialized(obj), path)
-
-
-def digest(obj: object) -> str:
-    """A SHA-256 over the content of a nested structure of dicts, lists, tensors and scalars (tensor dtype, shape
-    and bytes; everything else by ``repr``), independent of how ``torch.save`` lays it out."""
-    h = hashlib.sha256()
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(x, np.ndarray):
-            h.update(f"A{x.dtype}{x.shape}".encode())
-            h.update(np.ascontiguousarray(x).tobytes())
-        elif isinstance(x, dict):
-            h.update(b"{")
-            for k in sorted(x, key=repr):
-                h.update(repr(k).encode())
-                walk(x[k])
-            h.update(b"}")
-        elif isinstance(x, (list, tuple)):
-            h.update(b"[")
-            for v in x:
-                walk(v)
-            h.update(b"]")
-        else:
-            h.update(repr(x).encode())
-
-    walk(obj)
-    return h.hexdigest()
 
 
 def previous_path(path: str | Path) -> Path:
@@ -136,8 +52,8 @@ def previous_path(path: str | Path) -> Path:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` (a dict with at least ``iteration``) to ``path`` atomically, with a content digest, after
-    moving the current ``path`` to :func:`previous_path`.
+    """Write ``state`` (a dict with at least ``iteration``; tensors and plain containers) to ``path`` atomically,
+    with a content digest, after moving the current ``path`` to :func:`previous_path`.
 
     The new file is complete and fsynced before anything is renamed, so a failed write (disk full, quota, I/O
     error) leaves both the current and the previous checkpoint as they were.
@@ -148,34 +64,38 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     path = Path(path)
     payload = {**state, "format": FORMAT}
     payload["digest"] = digest(payload)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
-        _write_synced(tmp, _serialized(payload))
+        write_synced(tmp, serialized(payload))
         if path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
 
 
 def _read(path: Path) -> dict:
-    """Load and verify one checkpoint file; raise ValueError / RuntimeError describing what is wrong."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Load (``weights_only=True``) and verify one checkpoint file; raise DataError / ValueError saying what is
+    wrong."""
+    state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or "iteration" not in state:
         raise ValueError("not a ddrun checkpoint (no 'iteration')")
     stored = state.pop("digest", None)
     if stored is not None and digest(state) != stored:
         raise ValueError("content digest mismatch (the file was altered or damaged)")
+    if state.get("format") != FORMAT:
+        raise ValueError(f"written by another ddrun version (format {state.get('format')}, this one reads "
+                         f"{FORMAT}); rerun with resume=false or another run directory")
     return state
 
 
 def load_checkpoint(path: str | Path) -> dict | None:
-    """The newest valid checkpoint: ``path``, or when that is missing or corrupt, :func:`previous_path`.
+    """The newest valid checkpoint: ``path``, or when that is missing, corrupt or refused, :func:`previous_path`.
 
-    A corrupt file is reported (a warning naming it and the reason) and the previous one used. The returned dict
-    has ``path`` set to the file it came from.
+    A corrupt or refused file is reported (a warning naming it and the reason) and the previous one used. The
+    returned dict has ``path`` set to the file it came from.
 
     Returns:
         the checkpoint dict, or None when neither file exists.
@@ -190,13 +110,14 @@ def load_checkpoint(path: str | Path) -> dict | None:
             continue
         try:
             state = _read(candidate)
-        except Exception as exc:  # noqa: BLE001 - any failure to read means: corrupt
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        except Exception as exc:  # noqa: BLE001 - any failure to read means: not usable
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             problems.append(f"{candidate} ({reason})")
-            log.warning("corrupt checkpoint %s (%s); trying the previous one", candidate, reason)
+            kind = "refused" if isinstance(exc, UnsafeFile) else "corrupt"
+            log.warning("%s checkpoint %s (%s); trying the previous one", kind, candidate, reason)
             continue
         if problems:
-            log.warning("resuming from the previous checkpoint %s (iteration %d) instead of the corrupt %s",
+            log.warning("resuming from the previous checkpoint %s (iteration %d) instead of %s",
                         candidate, int(state["iteration"]), path)
         state["path"] = str(candidate)
         return state
@@ -204,6 +125,58 @@ def load_checkpoint(path: str | Path) -> dict | None:
         raise DataError(f"no readable checkpoint: {'; '.join(problems)}; delete them to start over "
                         f"(or pass resume=false)")
     return None
+
+
+@dataclass
+class RunState:
+    """What the distillation loop carries between iterations; saved with the components' states.
+
+    Attributes:
+        iteration: iterations done (the next one to run).
+        seconds: wall seconds of distillation so far (evaluations excluded).
+        metrics: every row written to ``metrics.jsonl``.
+        result: the last evaluation's result (accuracies in percent, protocol), or None.
+        loss: the last iteration's loss, or None.
+        wandb_id: the W&B run to continue, or None.
+        evaluated_at: the iteration whose evaluation is logged (None: none yet).
+        stages_done: names of the post-distillation stages already applied to S.
+        saved_at: the iteration of the checkpoint on disk (not saved; None: none yet).
+    """
+
+    iteration: int = 0
+    seconds: float = 0.0
+    metrics: list[dict] = field(default_factory=list)
+    result: dict | None = None
+    loss: float | None = None
+    wandb_id: str | None = None
+    evaluated_at: int | None = None
+    stages_done: list[str] = field(default_factory=list)
+    saved_at: int | None = None
+
+    def save(self, path: str | Path, parts: dict) -> None:
+        """Write this state and ``parts`` (component states: ``syn``, ``optimizer``, ``fetcher``, ``objective``,
+        ``scheduler``, ``config_hash``, ``config`` ...) as one checkpoint, with the global RNG states; sets
+        :attr:`saved_at`.
+
+        Raises:
+            OSError: the write failed; the checkpoint on disk is the previous one.
+        """
+        fields = {k: v for k, v in asdict(self).items() if k != "saved_at"}
+        save_checkpoint({**fields, **parts, "rng": rng_state()}, path)
+        self.saved_at = self.iteration
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["RunState", dict] | None:
+        """``(state, checkpoint dict)`` from ``path`` (or its previous copy); None when there is no checkpoint.
+        The caller restores the global RNG states (``set_rng_state(ckpt["rng"])``) once every component is built.
+        Raises DataError as :func:`load_checkpoint`."""
+        ckpt = load_checkpoint(path)
+        if ckpt is None:
+            return None
+        names = [f for f in cls.__dataclass_fields__ if f != "saved_at"]
+        state = cls(**{k: ckpt[k] for k in names if k in ckpt})
+        state.saved_at = state.iteration
+        return state, ckpt
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,18 +315,6 @@ def _slurm_job_id() -> str | None:
 # stop signals
 
 
-class Preempted(DdrunError):
-    """The run stopped on a signal after saving its checkpoint; rerunning the same command resumes it.
-
-    Attributes:
-        signum: the signal number; the conventional exit status is ``128 + signum``.
-    """
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
 class StopSignals:
     """Catch stop signals and turn them into a checkpoint and a clean stop (a context manager).
 
@@ -425,22 +386,26 @@ class StopSignals:
 
 
 def rng_state() -> dict:
-    """The global RNG states: torch CPU, CUDA (every device, when CUDA is initialized), NumPy and Python."""
-    import random
-
+    """The global RNG states as tensors and plain values (readable with ``weights_only=True``): torch CPU, CUDA
+    (every device, when CUDA is initialized), NumPy and Python."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
             else [],
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}}
 
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned (CUDA states only where this machine has as many devices)."""
-    import random
-
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))

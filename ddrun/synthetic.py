@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddrun.utils import load_tensors
+from ddrun.files import load_tensors
 
 
 class SyntheticSet(nn.Module):
@@ -24,6 +24,8 @@ class SyntheticSet(nn.Module):
             reports as an error. DD (Wang et al. 2018) learns one step size per unrolled step: then ``syn_lr``
             is a float32 vector ``[T]`` (see :meth:`learn_lr`) and :attr:`lr` is its mean.
         num_classes: K.
+        label_scale: soft-label logits per unit of regression target (the kernel objectives store their learned
+            KRR targets Y as ``labels = label_scale * Y``; 1 otherwise), see :meth:`regression_targets`.
         meta: plain dict of str/int/float (dataset, normalization, zca, ipc, method, iteration, config hash).
     """
 
@@ -38,6 +40,7 @@ class SyntheticSet(nn.Module):
         self.syn_lr = None if lr is None else nn.Parameter(torch.as_tensor(lr, dtype=torch.float32).clone())
         self.num_classes = int(num_classes)
         self.meta = dict(meta or {})
+        self.label_scale = float(self.meta.get("label_scale", 1.0))
 
     @property
     def ipc(self) -> int:
@@ -70,6 +73,13 @@ class SyntheticSet(nn.Module):
     def soft(self) -> bool:
         return self.labels.dtype.is_floating_point
 
+    def regression_targets(self) -> torch.Tensor:
+        """float ``[N, K]``: soft labels divided by :attr:`label_scale`, or centered one-hot ``onehot - 1/K`` of
+        hard labels (the regression targets of KIP / RFAD / FRePo)."""
+        if self.soft:
+            return self.labels / self.label_scale
+        return torch.nn.functional.one_hot(self.labels, self.num_classes).float() - 1.0 / self.num_classes
+
     def hard_labels(self) -> torch.Tensor:
         """int64 ``[N]``: the labels, or the argmax of soft labels."""
         return self.labels.argmax(1) if self.soft else self.labels
@@ -93,12 +103,12 @@ class SyntheticSet(nn.Module):
             "images": self.images.detach().cpu().clone(),
             "labels": self.labels.detach().cpu().clone(),
             "lr": None if self.syn_lr is None else self.syn_lr.detach().cpu().clone(),
-            "meta": dict(self.meta),
+            "meta": {**self.meta, "label_scale": self.label_scale},
         }
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`state` to ``path`` atomically; ``torch.load(path, weights_only=True)`` reads it."""
-        from ddrun.checkpoint import atomic_save
+        from ddrun.files import atomic_save
 
         atomic_save(self.state(), path)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from ddrun.checkpoint import atomic_write
+from ddrun.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddrun.data.augment import DSA
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against hard labels (int64 ``[B]``) or soft labels given as logits (float ``[B, K]``)."""
-    if targets.dtype.is_floating_point:
-        return -(targets.softmax(1) * logits.log_softmax(1)).sum(1).mean()
-    return F.cross_entropy(logits, targets)
+from ddrun.losses import soft_cross_entropy
 
 
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,

@@ -1,4 +1,4 @@
-"""Small shared helpers: errors, device resolution, seeding and file checksums."""
+"""Small shared helpers: errors, device resolution, seeding, instantiation."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import hashlib
 import logging
 import random
 import sys
-from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 
 class DdrunError(Exception):
@@ -25,17 +27,27 @@ class DataError(DdrunError):
     """A dataset or buffer file is missing or corrupt; the message names the path."""
 
 
+class Preempted(DdrunError):
+    """The run stopped on a signal after saving its checkpoint; rerunning the same command resumes it.
+
+    Attributes:
+        signum: the signal number; the conventional exit status is ``128 + signum``.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def command_errors(command: str, log: logging.Logger):
     """Inside a Hydra command's ``main``: turn a :class:`DdrunError` into one line on stderr (and the run's log)
     and exit status 1, without a traceback; in a multirun re-raise it, so the sweep marks this job failed, runs
     the others and reports the failure at the end. A stop on a signal after checkpointing
-    (:class:`ddrun.checkpoint.Preempted`) exits with ``128 + signal``, as a process killed by it would.
+    (:class:`Preempted`) exits with ``128 + signal``, as a process killed by it would.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-
-    from ddrun.checkpoint import Preempted
 
     try:
         yield
@@ -49,44 +61,6 @@ def command_errors(command: str, log: logging.Logger):
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(1)
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in 4 MiB chunks (constant memory), e.g. ``"sha256"`` for buffer files,
-    ``"md5"`` for torchvision's dataset checksums.
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_tensors(path: str | Path, what: str, keys: tuple[str, ...] = (), mmap: bool = False) -> dict:
-    """``torch.load(path, weights_only=True)`` onto the CPU, for files of tensors we or other tools wrote.
-
-    Args:
-        what: the kind of file, for messages (e.g. ``"expert file"``, ``"synthetic set"``).
-        keys: keys the loaded dict must have.
-        mmap: memory-map the tensors (read from disk when indexed).
-
-    Raises:
-        DataError: missing, truncated or corrupt file, or not a dict with ``keys`` (the message names the file).
-    """
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise DataError(f"{what} not found: {path}") from None
-    except Exception as exc:
-        raise DataError(f"corrupt or truncated {what} {path} ({type(exc).__name__}: {exc})") from None
-    missing = [k for k in keys if not isinstance(d, dict) or k not in d]
-    if missing:
-        raise DataError(f"{path}: not a {what} (expected a dict with {', '.join(map(repr, keys))}; "
-                        f"missing {', '.join(map(repr, missing))})")
-    return d
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,6 +85,15 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def seeded(make: Callable[[], T], seed: int) -> T:
+    """``make()`` with torch's CPU generator seeded by ``seed`` inside ``torch.random.fork_rng``, so the global CPU
+    random state is the same afterwards. How every network is built (``ddrun.nets.build_net``): its weights depend
+    on ``seed`` only, on every device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
 
 
 def derive_seed(*parts: int) -> int:

@@ -117,50 +117,39 @@ class RssPeak:
 
 
 def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
+    """Build the run exactly as ``ddrun distill`` does (``ddrun.distill.Distillation`` in a temporary directory, no
+    evaluation, no logging) and time ``iters`` of its iterations after ``warmup``."""
+    import tempfile
+
     import torch
     from hydra import compose, initialize_config_module
 
-    from ddrun.utils import build, derive_seed, resolve_device
+    from ddrun.distill import Distillation
 
     with initialize_config_module("ddrun.conf", version_base="1.3"):
-        cfg = compose("distill", overrides=overrides)
-    device = resolve_device(cfg.device)
-    real = build(cfg.dataset).to(device)
-    syn = build(cfg.init)(real, int(cfg.ipc), torch.Generator().manual_seed(0)).to(device)
-    objective = build(cfg.objective)
-    objective.prepare(syn, real)
-    fetcher = build(cfg.fetcher)(real=real, device=device, seed=0)
-    opt = build(cfg.syn_optimizer)(objective.param_groups(syn), lr=objective.lr_img)
-
-    def iteration(it):
-        g = torch.Generator().manual_seed(derive_seed(0, 2, it))
-        net = fetcher.fetch(it)
-        for step in range(int(fetcher.outer_loop)):
-            if step:
-                net = fetcher.update(net, syn, real, g)
-            loss = objective(syn, real, net, it, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        fetcher.release(net, syn, real, g)  # as the loop: FRePo's pool trains its member here
-        return float(loss)
-
-    for it in range(warmup):
-        iteration(it)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    with RssPeak() as mem:
-        base = RssPeak.rss()
-        t0 = time.perf_counter()
-        for it in range(warmup, warmup + iters):
-            iteration(it)
-        if cuda:
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / iters
+        cfg = compose("distill", overrides=[*overrides, "evaluator.num_eval=0", "logger=none", "resume=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Distillation(cfg, Path(tmp))
+        try:
+            for it in range(warmup):
+                run.step(it)
+            device = run.device
+            cuda = device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            with RssPeak() as mem:
+                base = RssPeak.rss()
+                t0 = time.perf_counter()
+                for it in range(warmup, warmup + iters):
+                    run.step(it)
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / iters
+        finally:
+            run.tracker.close()
     peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - base
-    return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": int(fetcher.outer_loop),
+    return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": run.schedule.steps,
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if cuda else None}
 

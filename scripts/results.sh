@@ -25,8 +25,8 @@ for ipc in 1 10; do
 done
 run dc_ipc1 method=dc ipc=1 iterations=100 eval_every=100 objective.batch_real=64
 run dsa_ipc1 method=dsa ipc=1 iterations=100 eval_every=100 objective.batch_real=64
-run dc_ipc10 method=dc ipc=10 iterations=4 eval_every=4 objective.batch_real=64 fetcher.inner_loop=5
-run dsa_ipc10 method=dsa ipc=10 iterations=4 eval_every=4 objective.batch_real=64 fetcher.inner_loop=5
+run dc_ipc10 method=dc ipc=10 iterations=4 eval_every=4 objective.batch_real=64 schedule.inner_loop=5
+run dsa_ipc10 method=dsa ipc=10 iterations=4 eval_every=4 objective.batch_real=64 schedule.inner_loop=5
 # Performance matching (issue 4). KIP/RFAD: one random ConvNet-128 per iteration for the random-feature kernel.
 KRR="objective.batch_real=50 objective.kernel.n_models=1 objective.kernel.net_kwargs.width=128"
 run kip_ipc1 method=kip ipc=1 iterations=300 eval_every=300 $KRR

@@ -12,9 +12,14 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from ddrun.buffers import buffer, buffer_dir, expert_file
-from ddrun.utils import file_digest
+from ddrun.buffers import buffer
+from ddrun.files import file_digest
+from ddrun.store import collection_dir, setting_of
 from ddrun.utils import ConfigError
+
+
+def expert_file(directory: Path, index: int) -> Path:
+    return directory / f"expert_{index:04d}.pt"
 
 
 def tiny_args(root: Path, buffers: Path, *extra: str) -> list[str]:
@@ -100,10 +105,9 @@ def test_buffer_is_keyed_by_zca_subset_net_and_augmentation(tiny_root, tmp_path)
 
     def key(*extra):
         cfg = make_cfg(tiny_args(tiny_root, tmp_path, *extra), "buffer")
-        from ddrun.buffers import setting_of
-
         real = build(cfg.dataset)
-        return buffer_dir(tmp_path, setting_of(real, build(cfg.net), build(cfg.augment))).relative_to(tmp_path)
+        setting = setting_of(real, build(cfg.net), build(cfg.augment))
+        return collection_dir(tmp_path, "experts", setting).relative_to(tmp_path)
 
     base = key()
     assert key("dataset.zca=true").parts[0] == "mnist-zca"

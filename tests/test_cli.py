@@ -37,8 +37,13 @@ def test_unknown_group_choice_lists_valid_ones():
 @pytest.mark.parametrize("args,message", [
     (["ipc=0"], "ipc=0: must be >= 1"),
     (["iterations=-1"], "iterations=-1: must be >= 0"),
-    (["method=dc", "ipc=7"], "fetcher.outer_loop is not set: method=dc has no loop schedule for ipc=7 "
-                             "(the reference defines ipc 1, 10, 20, 30, 40, 50)"),
+    (["method=dc", "ipc=7"], "schedule.outer_loop is not set: method=dc has no value for ipc=7 in its table "
+                             "preset.loops (it defines ipc 1, 10, 20, 30, 40, 50); pass schedule.outer_loop=N"),
+    (["method=dd", "ipc=7"], "objective.syn_steps is not set: method=dd has no value for ipc=7 in its table "
+                             "preset.syn_steps (it defines ipc 1, 10, 50); pass objective.syn_steps=N"),
+    (["method=herding", "iterations=5"], "method=herding is a baseline (ipc real images chosen by init=herding, "
+                                         "not optimized): it takes iterations=0, not 5; to distill from that "
+                                         "initialization use `init=herding method=dm`"),
 ])
 def test_bad_values_fail_before_work(tmp_path, args, message):
     r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")
@@ -87,7 +92,7 @@ def test_tab_completion_query_completes_groups_and_commands():
 
 def test_multirun_sweep_runs_every_point(tmp_path):
     write_mnist_like(tmp_path, "MNIST", n_train=4, n_test=2)
-    r = ddrun("distill", "-m", "method=dm,dsa", "ipc=1,2", "fetcher.outer_loop=1", "fetcher.inner_loop=1",
+    r = ddrun("distill", "-m", "method=dm,dsa", "ipc=1,2", "schedule.outer_loop=1", "schedule.inner_loop=1",
               "dataset=mnist", f"paths.data={tmp_path}", "dataset.system_dirs=[]", "debug=smoke", "net.width=8",
               "logger=none", "iterations=1", "eval_every=1", f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ddrun.contracts import Fetched
 from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
 from ddrun.init import kcenter_greedy, noise, real
@@ -107,7 +108,7 @@ def test_objective_gradients_reach_images(objective):
     data = tiny_real()
     syn = noise(data, 2, torch.Generator().manual_seed(0))
     net = ConvNet(1, 3, (28, 28), width=8)
-    loss = objective(syn, data, net, 0, torch.Generator().manual_seed(1))
+    loss = objective(syn, data, Fetched(net), 0, torch.Generator().manual_seed(1))
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
     assert syn.images.grad is not None and syn.images.grad.abs().sum() > 0

@@ -17,7 +17,7 @@ from ddrun.distill import distill
 
 def tiny(root, *extra):
     return make_cfg(["dataset=mnist", f"paths.data={root}", "dataset.system_dirs=[]", "ipc=2", "net.width=16",
-                     "debug=smoke", "logger=none", "fetcher.outer_loop=2", "fetcher.inner_loop=1", *extra])
+                     "debug=smoke", "logger=none", "schedule.outer_loop=2", "schedule.inner_loop=1", *extra])
 
 
 @pytest.mark.parametrize("method", ["dm", "dc", "dsa"])
@@ -31,7 +31,7 @@ def test_run_directory_contents(tiny_root, tmp_path, method):
     assert [r["iteration"] for r in rows if "acc_mean" in r] == [0, 2, 4]
     assert all({"iteration", "seconds"} <= set(r) for r in rows) and any("loss" in r for r in rows)
     assert sorted(p.name for p in (run / "images").glob("*.png")) == [f"synthetic_00000{i}.png" for i in (0, 2, 4)]
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 4
     assert 0 <= out["acc_mean"] <= 100
 
 

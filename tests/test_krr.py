@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
+from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
 from ddrun.distill import distill
 from ddrun.fetchers.pool import PoolFetcher
@@ -144,7 +145,7 @@ def run_fixed_problem(objective, real, syn, net=None, steps=25, lr=0.05):
     opt = torch.optim.Adam(objective.param_groups(syn), lr=lr)
     losses = []
     for _ in range(steps):
-        loss = objective(syn, real, net, 0, torch.Generator().manual_seed(7))
+        loss = objective(syn, real, Fetched(net), 0, torch.Generator().manual_seed(7))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -221,23 +222,24 @@ def test_pool_trains_online_resets_and_survives_a_state_round_trip():
     syn = tiny_syn(real)
     FRePo(lr_img=0.1, label_scale=10.0).prepare(syn, real)
     pool = PoolFetcher(small_convnet, real, "cpu", seed=0, num_models=2, max_online_updates=3, batch_train=4,
-                       net_kwargs={"norm": "batchnorm"}, label_scale=10.0)
+                       net_kwargs={"norm": "batchnorm"})
     assert [m["step"] for m in pool.members] == [0, 1]  # staggered
     g = torch.Generator().manual_seed(0)
-    net = pool.fetch(0)
+    fetched = pool.fetch(0)
+    net = fetched.net
     before = [p.detach().clone() for p in net.parameters()]
-    pool.release(net, syn, real, g)
+    pool.release(fetched, syn, real, g)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # one online step on S
     assert pool.members[pool.current]["step"] in (1, 2)
     for it in range(1, 12):
         pool.release(pool.fetch(it), syn, real, g)
     assert sum(m["resets"] for m in pool.members) >= 2  # members past max_online_updates were re-initialized
     clone = PoolFetcher(small_convnet, real, "cpu", seed=0, num_models=2, max_online_updates=3, batch_train=4,
-                        net_kwargs={"norm": "batchnorm"}, label_scale=10.0)
+                        net_kwargs={"norm": "batchnorm"})
     buf = io.BytesIO()
     torch.save(pool.state_dict(), buf)  # as in checkpoint.pt
     buf.seek(0)
-    clone.load_state_dict(torch.load(buf, weights_only=False))
+    clone.load_state_dict(torch.load(buf, weights_only=True))
     for it in range(12, 16):  # both continue identically
         for p in (pool, clone):
             p.release(p.fetch(it), syn, real, torch.Generator().manual_seed(it))
@@ -285,7 +287,7 @@ def test_presets_resolve_with_the_papers_values():
         fr = make_cfg(["method=frepo", f"dataset={ds}", f"ipc={ipc}"])
         assert fr.objective.flip is flip
         assert fr.fetcher.num_models == 10 and fr.fetcher.max_online_updates == 100
-        assert fr.fetcher.net_kwargs.norm == "batchnorm" and fr.fetcher.label_scale == fr.objective.label_scale
+        assert fr.fetcher.net_kwargs.norm == "batchnorm"
     assert make_cfg(["method=frepo", "dataset=cifar100"]).objective.batch_real == 10
 
 

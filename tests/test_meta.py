@@ -11,9 +11,10 @@ from torch import nn
 
 from conftest import make_cfg
 from formats import write_mnist_like
+from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
 from ddrun.distill import distill
-from ddrun.evaluate import Evaluator
+from ddrun.evaluators import Evaluator
 from ddrun.fetchers import FixedFetcher
 from ddrun.objectives.meta import DatasetDistillation
 from ddrun.synthetic import SyntheticSet
@@ -55,7 +56,7 @@ def tiny_setup(ipc=2, dtype=torch.float64, **kw):
 
 
 def loss_of(obj, syn, real, net):
-    return obj(syn, real, net, 0, torch.Generator().manual_seed(5))
+    return obj(syn, real, Fetched(net), 0, torch.Generator().manual_seed(5))
 
 
 def test_dd_hypergradient_matches_finite_differences():
@@ -103,7 +104,7 @@ def test_an_unroll_that_would_exceed_memory_names_the_knobs():
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="objective.syn_steps=3 must divide ipc=2"):
         tiny_setup(syn_steps=3)
-    with pytest.raises(ConfigError, match="objective.syn_steps is not set"):
+    with pytest.raises(ConfigError, match="objective.syn_steps=None: must be >= 1"):
         DatasetDistillation(syn_steps=None, lr_img=0.1)
     with pytest.raises(ConfigError, match="objective.truncate=0"):
         DatasetDistillation(truncate=0, lr_img=0.1)
@@ -117,7 +118,7 @@ def test_dd_lowers_its_loss_for_a_fixed_initialization():
     obj.prepare(syn, real)
     fetcher = FixedFetcher(TinyNet, real, torch.device("cpu"), seed=0)
     opt = torch.optim.Adam(obj.param_groups(syn), lr=obj.lr_img)
-    replay0 = obj.replay_accuracy(syn, real, fetcher.fetch(0))
+    replay0 = obj.replay_accuracy(syn, real, fetcher.fetch(0).net)
     losses = []
     for it in range(30):
         loss = obj(syn, real, fetcher.fetch(it), it, torch.Generator().manual_seed(9))
@@ -129,7 +130,7 @@ def test_dd_lowers_its_loss_for_a_fixed_initialization():
     assert losses[-1] < 0.5 * losses[0], losses
     assert (syn.syn_lr > 0).all() and not torch.allclose(syn.syn_lr, torch.full((6,), 0.1))
     assert torch.allclose(syn.syn_lr, torch.nn.functional.softplus(obj.raw_lr))  # what synthetic.pt stores
-    replay = obj.replay_accuracy(syn, real, fetcher.fetch(0))
+    replay = obj.replay_accuracy(syn, real, fetcher.fetch(0).net)
     assert replay >= 80 and replay > replay0 + 30, (replay0, replay)  # the paper's protocol: theta_0 + learned steps
 
 
@@ -157,7 +158,7 @@ def test_preset_values():
     one = make_cfg(["method=dd", "ipc=1", "fetcher=fixed"])
     assert one.objective.syn_steps == 1 and one.objective.lr_init == 0.02 and one.iterations == 23600
     assert one.fetcher._target_.endswith("FixedFetcher")
-    assert make_cfg(["method=dd", "ipc=7"]).objective.syn_steps is None  # -> the ConfigError above
+    assert make_cfg(["method=dd", "ipc=7"]).objective.syn_steps == "???"  # -> the ConfigError of validate
 
 
 def test_resume_restores_the_step_sizes_and_ends_with_the_same_synthetic_set(tmp_path):

@@ -17,7 +17,7 @@ from formats import write_cifar, write_mnist_like
 from test_buffer import make_buffer, tiny_args
 from ddrun.data.augment import DSA
 from ddrun.distill import distill
-from ddrun.fetchers.checkpoints import ExpertSegment
+from ddrun.contracts import Fetched
 from ddrun.nets import ConvNet
 from ddrun.nets.functional import params_of
 from ddrun.objectives.trajectory import TrajectoryMatching
@@ -32,19 +32,20 @@ def _problem(dtype, soft=False):
     """A tiny smooth ConvNet at an 'expert' start, a target nearby, and S of 3 classes x 3 images."""
     torch.manual_seed(0)
     net = ConvNet(1, 3, (8, 8), width=4, depth=2, act="swish").to(dtype)
-    net.expert_segment = ExpertSegment(0, 0, {k: v + 0.05 * torch.randn_like(v) for k, v in params_of(net).items()})
+    fetched = Fetched(net, start=params_of(net),
+                      target={k: v + 0.05 * torch.randn_like(v) for k, v in params_of(net).items()})
     syn = SyntheticSet(torch.randn(9, 1, 8, 8), torch.arange(3).repeat_interleave(3), 3)
     if soft:
         syn.learn_labels()
-    return net, syn
+    return fetched, syn
 
 
-def _loss_and_grads(net, syn, memory_efficient, dtype, seed=3):
+def _loss_and_grads(fetched, syn, memory_efficient, dtype, seed=3):
     obj = TrajectoryMatching(syn_steps=5, batch_syn=4, lr_teacher=0.05, memory_efficient=memory_efficient,
                              augment=DSA())
     obj.prepare(syn, None)
     syn = syn.to(dtype)
-    loss = obj(syn, None, net, 0, torch.Generator().manual_seed(seed))
+    loss = obj(syn, None, fetched, 0, torch.Generator().manual_seed(seed))
     params = [syn.images, syn.syn_lr] + ([syn.labels] if syn.soft else [])
     return loss, torch.autograd.grad(loss, params)
 
@@ -98,7 +99,8 @@ def test_plain_unroll_stops_before_outgrowing_memory():
     memory-efficient mode (which needs no such check)."""
     from ddrun.nets.functional import unroll_sgd
 
-    net, syn = _problem(torch.float32)
+    fetched, syn = _problem(torch.float32)
+    net = fetched.net
     args = (net, params_of(net), syn.images, syn.labels, 0.01, 40, None, DSA(), torch.Generator().manual_seed(0))
     with pytest.raises(DdrunError, match=r"40 differentiable steps .* lower .*objective.memory_efficient=true"):
         unroll_sgd(*args, memory_budget=10_000, knobs="objective.syn_steps, or set objective.memory_efficient=true")
@@ -251,7 +253,7 @@ def test_missing_buffer_names_path_and_command(tiny_root, tmp_path):
 def test_buffer_of_another_setting_is_refused_saying_what_differs(tiny_root, tmp_path):
     made = make_buffer(tiny_root, tmp_path / "buffers")
     wider = mtt_args(tiny_root, tmp_path / "buffers", "net.width=16")
-    with pytest.raises(DataError, match="no expert buffer at .*width-16.*Buffers for other settings exist: "
+    with pytest.raises(DataError, match="no expert buffer at .*width-16.*Expert buffers for other settings exist: "
                                         ".*width-8/dsa-color_crop_cutout_scale_rotate "
                                         "\\(net.width: 8 in the buffer, 16 in this run\\)"):
         distill(make_cfg(wider), tmp_path / "run")
@@ -308,7 +310,7 @@ def test_negative_step_size_stops_and_keeps_the_last_good_checkpoint(tiny_root, 
                             "evaluator.num_eval=0", "eval_every=1", "iterations=10"))
     with pytest.raises(DdrunError, match="the learned step size syn_lr became -"):
         distill(cfg, tmp_path / "run")
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert float(ckpt["syn"]["lr"]) > 0 and torch.isfinite(ckpt["syn"]["images"]).all()
 
 

@@ -4,14 +4,17 @@ reference's parameter counts, and that each one learns."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.func import functional_call
 
+import ddrun.conf
 from conftest import make_cfg
 from ddrun.utils import ConfigError, build
 
-POOL = ["convnet", "mlp", "lenet", "alexnet", "vgg11", "resnet18", "resnet18_bn"]
+POOL = sorted(p.stem for p in (Path(ddrun.conf.__file__).parent / "net").glob("*.yaml"))  # every conf/net/*.yaml
 INPUTS = [(1, 28), (3, 32)]
 
 

@@ -26,7 +26,7 @@ def test_wheel_ships_config_tree_and_composes(tmp_path):
             "assert ddrun.conf.__file__.startswith(sys.argv[1]), ddrun.conf.__file__\n"
             "with initialize_config_module('ddrun.conf', version_base='1.3'):\n"
             "    c = compose('distill', ['method=dsa', 'ipc=10'])\n"
-            "print(c.fetcher.outer_loop, c.preset.name)")
+            "print(c.schedule.outer_loop, c.preset.name)")
     out = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr

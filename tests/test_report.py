@@ -16,7 +16,7 @@ import yaml
 from ddrun.report import load_published, report
 from ddrun.utils import DataError
 
-EVAL = {"_target_": "ddrun.evaluate.Evaluator", "name": "convnet", "num_eval": 2, "epochs": 300, "lr": 0.01,
+EVAL = {"_target_": "ddrun.evaluators.Evaluator", "name": "convnet", "num_eval": 2, "epochs": 300, "lr": 0.01,
         "momentum": 0.9, "weight_decay": 0.0005, "batch_train": 256, "use_learned_lr": True,
         "augment": {"strategy": "${dataset.dsa_strategy}"}}
 

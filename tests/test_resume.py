@@ -29,7 +29,7 @@ from ddrun.utils import DataError, DdrunError
 ITERATIONS = 16
 # DSA with an inner loop: every iteration draws augmentations, a fresh network and trains it on S, so a resume
 # that lost any generator, optimizer or RNG state would not end bitwise equal.
-BASE = ["method=dsa", "ipc=2", "net.width=8", "fetcher.outer_loop=2", "fetcher.inner_loop=1", "objective.batch_real=4",
+BASE = ["method=dsa", "ipc=2", "net.width=8", "schedule.outer_loop=2", "schedule.inner_loop=1", "objective.batch_real=4",
         "dataset=mnist", "dataset.system_dirs=[]", "logger=none", "evaluator.num_eval=0", "log_every=1",
         f"eval_every={ITERATIONS}", "eval_at_start=false", f"iterations={ITERATIONS}", "checkpoint_every=3"]
 
@@ -130,7 +130,7 @@ def test_stop_signals_save_a_checkpoint_and_stop(root, reference, tmp_path):
     assert proc.returncode == 128 + signal.SIGUSR1 and "stopped by SIGUSR1 at iteration 12" in err, err
     assert f"resuming from {run}/checkpoint.pt at iteration {stopped}" in out + err
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    assert ckpt["iteration"] == 12 and not ckpt["evaluated"]
+    assert ckpt["iteration"] == 12 and ckpt["evaluated_at"] != 12
 
     distill(make_cfg(overrides(root, *slow[:-1], "evaluator.epochs=1")), run)
     assert [r["iteration"] for r in rows(run) if "acc_mean" in r] == [12, ITERATIONS]
@@ -140,7 +140,7 @@ def test_stop_signals_save_a_checkpoint_and_stop(root, reference, tmp_path):
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(root, reference, tmp_path, caplog):
     run = tmp_path / "run"
     distill(make_cfg(overrides(root, "iterations=10")), run)
-    prev_it = torch.load(previous_path(run / "checkpoint.pt"), weights_only=False)["iteration"]
+    prev_it = torch.load(previous_path(run / "checkpoint.pt"), weights_only=True)["iteration"]
     data = bytearray((run / "checkpoint.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data: torch.load alone would not notice
     (run / "checkpoint.pt").write_bytes(bytes(data))
@@ -226,7 +226,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_valid(tmp_path):
     with pytest.raises(OSError, match="No space left on device"):
         save_checkpoint({"iteration": 3, "x": torch.full((3,), 2.0)}, path)
     assert load_checkpoint(path)["iteration"] == 2 and not tmp.is_symlink()
-    assert torch.load(previous_path(path), weights_only=False)["iteration"] == 1
+    assert torch.load(previous_path(path), weights_only=True)["iteration"] == 1
 
 
 def test_disk_limit_during_a_run_stops_it_and_the_rerun_resumes(root, reference, tmp_path):

@@ -106,8 +106,8 @@ def test_local_launcher_runs_jobs_and_a_stop_signal_requeues_and_resumes(root, t
     """`-m hydra/launcher=local`: two real subprocess jobs; job 0 gets submitit's stop signal (USR2, sent here to the
     PID its run-directory lock names) mid-run: ddrun checkpoints, submitit requeues, the restarted job resumes and
     ends with S bitwise equal to an uninterrupted run's. `ddrun report` then tables the sweep."""
-    common = [*TINY, f"paths.data={root}", "ipc=2", "iterations=40", "eval_every=40", "fetcher.outer_loop=2",
-              "fetcher.inner_loop=1", "checkpoint_every=1000"]
+    common = [*TINY, f"paths.data={root}", "ipc=2", "iterations=40", "eval_every=40", "schedule.outer_loop=2",
+              "schedule.inner_loop=1", "checkpoint_every=1000"]
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "ddrun.cli", "distill", "-m", "hydra/launcher=local",
                              "method=dsa,dm", *common, f"hydra.sweep.dir={sweep}"], stdout=subprocess.PIPE,

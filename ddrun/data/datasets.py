@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torchvision
 
-from ddrun.utils import DataError, file_digest
+from ddrun.files import file_digest
+from ddrun.utils import DataError
 
 
 @dataclass

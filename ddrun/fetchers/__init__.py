@@ -1,4 +1,4 @@
-"""Network fetchers: ``fetch(it) -> nn.Module`` and ``update(net, syn, real, generator) -> nn.Module``."""
+"""Network fetchers (``conf/fetcher/``): ``fetch(it) -> Fetched`` (contract: ``ddrun.contracts.Fetcher``)."""
 
 from ddrun.fetchers.basic import FixedFetcher, RandomFetcher
 

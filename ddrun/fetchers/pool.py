@@ -9,8 +9,8 @@ regresses on its features, then (in :meth:`PoolFetcher.release`, after the updat
 online step on S, or is re-initialized when its counter has passed ``max_online_updates``.
 
 Online training (reference ``create_train_state`` / ``train_step``): Adam at ``lr_net`` (3e-4), a random batch
-of ``batch_train`` images of S (all of S when smaller), MSE against S's regression targets ``labels /
-label_scale`` (``loss: mse``; ``ce``: soft cross-entropy on the labels as logits). The pool networks are built by
+of ``batch_train`` images of S (all of S when smaller), MSE against S's regression targets
+(``SyntheticSet.regression_targets``; ``loss: ce``: soft cross-entropy on the labels as logits). The pool networks are built by
 the ``net`` factory with ``net_kwargs`` (FRePo: BatchNorm, ``norm: batchnorm``).
 
 The whole pool (weights, Adam states, counters, reset counts) is in :meth:`state_dict`, so a resumed run
@@ -22,30 +22,26 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ddrun.data.augment import DSA
+from ddrun.contracts import Fetched, Fetcher
 from ddrun.data.datasets import RealData
-from ddrun.fetchers.basic import RandomFetcher
+from ddrun.losses import soft_cross_entropy
 from ddrun.synthetic import SyntheticSet
-from ddrun.train import soft_cross_entropy
 from ddrun.utils import ConfigError, derive_seed
 
 
-class PoolFetcher(RandomFetcher):
+class PoolFetcher(Fetcher):
     """FRePo's model pool (module doc).
 
     Args:
-        net, real, device, seed, outer_loop, inner_loop, augment: as :class:`~ddrun.fetchers.basic.RandomFetcher`
-            (``inner_loop`` is unused: the pool trains one step per iteration in ``release``).
+        net, real, device, seed: as :class:`~ddrun.contracts.Fetcher`.
         num_models: pool size.
         max_online_updates: online steps before a member is re-initialized.
         lr_net: Adam step size of the online training.
         batch_train: images of S per online step.
         net_kwargs: extra arguments of the ``net`` factory for pool members (e.g. ``{norm: batchnorm}``).
         loss: ``mse`` (the reference) or ``ce``.
-        label_scale: soft labels are ``label_scale x`` the regression targets (``objective.label_scale``).
 
     Raises:
         ConfigError: a non-positive size or an unknown loss.
@@ -53,9 +49,8 @@ class PoolFetcher(RandomFetcher):
 
     def __init__(self, net: Callable[..., nn.Module], real: RealData, device: torch.device, seed: int,
                  num_models: int = 10, max_online_updates: int = 100, lr_net: float = 3e-4, batch_train: int = 1000,
-                 net_kwargs: dict | None = None, loss: str = "mse", label_scale: float = 1.0,
-                 outer_loop: int | None = 1, inner_loop: int | None = 0, augment: DSA | None = None):
-        super().__init__(net, real, device, seed, outer_loop, inner_loop, lr_net, batch_train, augment)
+                 net_kwargs: dict | None = None, loss: str = "mse"):
+        super().__init__(net, real, device, seed)
         for key, val in (("num_models", num_models), ("max_online_updates", max_online_updates),
                          ("batch_train", batch_train)):
             if int(val) < 1:
@@ -63,38 +58,35 @@ class PoolFetcher(RandomFetcher):
         if loss not in ("mse", "ce"):
             raise ConfigError(f"fetcher.loss={loss!r}: valid values are ['mse', 'ce']")
         self.num_models, self.max_online_updates = int(num_models), int(max_online_updates)
-        self.net_kwargs, self.loss, self.label_scale = dict(net_kwargs or {}), loss, float(label_scale)
+        self.lr_net, self.batch_train = float(lr_net), int(batch_train)
+        self.net_kwargs, self.loss = dict(net_kwargs or {}), loss
         self.members = [self._new_member(i, 0, i * self.max_online_updates // self.num_models)
                         for i in range(self.num_models)]
         self.current = 0
 
-    def build(self, seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = self.net_factory(channels=self.real.channels, num_classes=self.real.num_classes,
-                                   im_size=self.real.im_size, **self.net_kwargs)
-        return net.to(self.device)
+    def fresh(self, seed: int, **net_kwargs) -> nn.Module:
+        """A pool-architecture network (``net_kwargs`` applied) from ``seed``."""
+        return super().fresh(seed, **{**self.net_kwargs, **net_kwargs})
 
     def _new_member(self, index: int, resets: int, step: int = 0) -> dict:
-        net = self.build(derive_seed(self.seed, 6007, index, resets))
+        net = self.fresh(derive_seed(self.seed, 6007, index, resets))
         return {"net": net, "opt": torch.optim.Adam(net.parameters(), lr=self.lr_net), "step": step,
                 "resets": resets}
 
-    def fetch(self, it: int) -> nn.Module:
-        """Member ``randint(num_models)`` drawn from ``(seed, it)``; for ``it < 0`` (reports), a fresh network."""
-        if it < 0:
-            return super().fetch(it)
+    def fetch(self, it: int) -> Fetched:
+        """Member ``randint(num_models)`` drawn from ``(seed, it)``."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, 6011, it))
         self.current = int(torch.randint(self.num_models, (1,), generator=g))
-        return self.members[self.current]["net"]
+        return Fetched(self.members[self.current]["net"], info={"member": self.current})
 
-    def release(self, net: nn.Module, syn: SyntheticSet, real: RealData, generator: torch.Generator) -> None:
+    def release(self, fetched: Fetched, syn: SyntheticSet, real: RealData, generator: torch.Generator) -> None:
         """One online step of the current member on S, or its re-initialization past ``max_online_updates``."""
         m = self.members[self.current]
         if m["step"] > self.max_online_updates:
             self.members[self.current] = self._new_member(self.current, m["resets"] + 1)
             return
         images, labels = syn.images.detach(), syn.labels.detach()
+        idx = None
         if len(images) > self.batch_train:
             idx = torch.randperm(len(images), generator=generator)[:self.batch_train].to(images.device)
             images, labels = images[idx], labels[idx]
@@ -103,8 +95,8 @@ class PoolFetcher(RandomFetcher):
         if self.loss == "ce":
             loss = soft_cross_entropy(out, labels)
         else:
-            target = (labels / self.label_scale if labels.dtype.is_floating_point
-                      else F.one_hot(labels, out.shape[1]).float() - 1.0 / out.shape[1])
+            target = syn.regression_targets().detach()
+            target = target if idx is None else target[idx]
             loss = ((out - target) ** 2).sum(1).mean()
         m["opt"].zero_grad(set_to_none=True)
         loss.backward()

@@ -1,4 +1,11 @@
-"""Networks used for distillation and evaluation."""
+"""Networks used for distillation and evaluation, and :func:`build_net`, the one way ddrun builds a network."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
 
 from ddrun.nets.alexnet import AlexNet
 from ddrun.nets.convnet import ConvNet
@@ -7,4 +14,22 @@ from ddrun.nets.mlp import MLP
 from ddrun.nets.resnet import ResNet18
 from ddrun.nets.vgg import VGG11
 
-__all__ = ["AlexNet", "ConvNet", "LeNet", "MLP", "ResNet18", "VGG11"]
+__all__ = ["AlexNet", "ConvNet", "LeNet", "MLP", "ResNet18", "VGG11", "build_net"]
+
+
+def build_net(factory: Callable[..., nn.Module], shape, seed: int, device: torch.device | str | None = None,
+              **kwargs) -> nn.Module:
+    """``factory(channels=, num_classes=, im_size=, **kwargs)`` initialized from ``seed`` on the CPU (identical
+    weights on every device; the global random state is left as it was), then moved to ``device``.
+
+    Args:
+        factory: a net config built with ``_partial_: true`` (``conf/net/*.yaml``).
+        shape: anything with ``channels``, ``num_classes`` and ``im_size`` (a ``RealData``).
+        seed: the initialization seed (``ddrun.utils.derive_seed`` of the run's seed and a purpose tag).
+        device: where the network goes (None: stays on the CPU).
+    """
+    from ddrun.utils import seeded
+
+    net = seeded(lambda: factory(channels=shape.channels, num_classes=shape.num_classes,
+                                 im_size=tuple(shape.im_size), **kwargs), seed)
+    return net if device is None else net.to(device)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ddrun.data.augment import DSA
-from ddrun.train import soft_cross_entropy
+from ddrun.losses import soft_cross_entropy
 
 Params = dict[str, torch.Tensor]
 

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from ddrun.utils import seeded
+
 
 def gaussian_init_(net: nn.Module, w_std: float = math.sqrt(2.0), b_std: float = 0.1) -> nn.Module:
     """Re-draw every Conv/Linear weight as ``N(0, w_std^2 / fan_in)`` and bias as ``N(0, b_std^2)`` (the NNGP
@@ -122,9 +124,7 @@ class RandomFeatureNNGP(FeatureKernel):
         seeds = torch.randint(2**62, (self.n_models,), generator=generator).tolist()
         self.nets = []
         for s in seeds:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                net = gaussian_init_(self.factory(), self.w_std, self.b_std)
+            net = seeded(lambda: gaussian_init_(self.factory(), self.w_std, self.b_std), s)
             self.nets.append(net.to(self.device).eval().requires_grad_(False))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,9 +157,7 @@ class EmpiricalNTK(FeatureKernel):
         self.net: nn.Module | None = None
 
     def resample(self, generator: torch.Generator) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            self.net = self.factory()
+        self.net = seeded(self.factory, int(torch.randint(2**62, (1,), generator=generator)))
         self.net = self.net.to(self.device).eval().requires_grad_(False)
         self.params = {k: v.detach() for k, v in self.net.named_parameters()}
 

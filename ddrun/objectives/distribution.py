@@ -13,18 +13,18 @@ batch_real 256 per class, 20000 iterations, init real.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ddrun.data.datasets import RealData
-from ddrun.objectives.base import Objective
+from ddrun.contracts import Fetched, Objective
 from ddrun.synthetic import SyntheticSet
 
 
 class DistributionMatching(Objective):
     """DM loss (module doc). Returns a float32 scalar; gradients reach ``syn.images`` only."""
 
-    def __call__(self, syn: SyntheticSet, real: RealData, net: nn.Module, it: int,
+    def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
                  generator: torch.Generator) -> torch.Tensor:
+        net = fetched.net
         net.train()
         net.requires_grad_(False)
         reals, syns, counts = [], [], []

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ddrun.data.datasets import RealData
-from ddrun.objectives.base import Objective
+from ddrun.contracts import Fetched, Objective
 from ddrun.synthetic import SyntheticSet
-from ddrun.train import soft_cross_entropy
+from ddrun.losses import soft_cross_entropy
 from ddrun.utils import ConfigError
 
 METRICS = ("ours", "mse", "cos")
@@ -63,8 +62,9 @@ class GradientMatching(Objective):
             raise ConfigError(f"objective.metric={metric!r}: valid values are {list(METRICS)}")
         self.metric = metric
 
-    def __call__(self, syn: SyntheticSet, real: RealData, net: nn.Module, it: int,
+    def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
                  generator: torch.Generator) -> torch.Tensor:
+        net = fetched.net
         net.train()
         net.requires_grad_(True)
         params = [p for p in net.parameters()]

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddrun.contracts import Fetched, Fetcher, Objective
 from ddrun.data.datasets import RealData
 from ddrun.nets.kernels import FeatureKernel, NetworkFeatures
-from ddrun.objectives.base import Objective
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DdrunError, derive_seed
 
@@ -93,7 +93,7 @@ class KernelRidge(Objective):
         reg: ridge relative to ``tr(K_SS)/n``.
         learn_labels: make S's labels learnable soft labels (``lr_labels`` their step size, in target units).
         label_scale: logits stored per unit of KRR target (module doc).
-        Others: :class:`~ddrun.objectives.base.Objective`.
+        Others: :class:`~ddrun.contracts.Objective`.
 
     Raises:
         ConfigError: ``label_scale <= 0`` or ``reg < 0``.
@@ -115,6 +115,7 @@ class KernelRidge(Objective):
 
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
         self.num_classes = real.num_classes
+        syn.label_scale = self.label_scale
         if self.learn_labels and not isinstance(syn.labels, nn.Parameter):
             y0 = centered_onehot(syn.hard_labels(), real.num_classes) * self.target_scale(real.num_classes)
             syn.learn_labels()
@@ -144,15 +145,15 @@ class KernelRidge(Objective):
         f_s = kernel.features(x_s)
         return krr_predict(kernel.gram(f_s, f_s), kernel.cross(x_target, f_s), y_s, self.reg)
 
-    def kernel_for(self, net: nn.Module, generator: torch.Generator) -> FeatureKernel:
+    def kernel_for(self, fetched: Fetched, generator: torch.Generator) -> FeatureKernel:
         raise NotImplementedError
 
     def loss(self, pred: torch.Tensor, y_target: torch.Tensor, syn: SyntheticSet) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, syn: SyntheticSet, real: RealData, net: nn.Module, it: int,
+    def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
                  generator: torch.Generator) -> torch.Tensor:
-        kernel = self.kernel_for(net, generator)
+        kernel = self.kernel_for(fetched, generator)
         x_t, y_t = self.real_batch(real, generator)
         return self.loss(self.predict(kernel, syn, x_t), y_t, syn)
 
@@ -187,11 +188,11 @@ class KIP(KernelRidge):
         self.kernel = self.kernel_factory(channels=real.channels, num_classes=real.num_classes,
                                           im_size=real.im_size, device=syn.images.device)
 
-    def kernel_for(self, net: nn.Module, generator: torch.Generator) -> FeatureKernel:
+    def kernel_for(self, fetched: Fetched, generator: torch.Generator) -> FeatureKernel:
         self.kernel.resample(generator)
         return self.kernel
 
-    def report(self, syn: SyntheticSet, real: RealData, fetcher, seed: int) -> dict[str, float]:
+    def report(self, syn: SyntheticSet, real: RealData, fetcher: Fetcher, seed: int) -> dict[str, float]:
         if not self.report_krr:
             return {}
         self.kernel.resample(torch.Generator().manual_seed(derive_seed(seed, 271828)))
@@ -265,8 +266,8 @@ class FRePo(KernelRidge):
             x, y = torch.cat([x, torch.flip(x, dims=[-1])]), torch.cat([y, y])
         return x, y
 
-    def kernel_for(self, net: nn.Module, generator: torch.Generator) -> FeatureKernel:
-        return NetworkFeatures(net)
+    def kernel_for(self, fetched: Fetched, generator: torch.Generator) -> FeatureKernel:
+        return NetworkFeatures(fetched.net)
 
     def loss(self, pred, y_target, syn):
         loss = ((pred - centered_onehot(y_target, self.num_classes)) ** 2).sum(1).mean()

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddrun.contracts import Fetched, Fetcher, Objective
 from ddrun.data.datasets import RealData
 from ddrun.nets.functional import available_memory, forward, params_of, unroll_steps
-from ddrun.objectives.base import Objective
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DdrunError
 
@@ -52,7 +52,7 @@ class DatasetDistillation(Objective):
         memory_limit: GiB an unroll may keep for back-propagation (None: what the device has free); a larger
             unroll stops with an error naming the knobs that shrink it.
         report_nets: networks the learned steps are replayed on for ``dd_replay_acc`` (0: not reported).
-        Others: :class:`~ddrun.objectives.base.Objective` (``batch_real`` per class; ``lr_lr``: step size of
+        Others: :class:`~ddrun.contracts.Objective` (``batch_real`` per class; ``lr_lr``: step size of
             ``softplus^-1`` of the step sizes, the reference's Adam lr 0.01; 0 or null keeps them fixed).
 
     Raises:
@@ -63,11 +63,8 @@ class DatasetDistillation(Objective):
     def __init__(self, syn_steps: int = 10, syn_epochs: int = 3, lr_init: float = 0.02, truncate: int | None = None,
                  memory_limit: float | None = None, report_nets: int = 1, **kwargs):
         super().__init__(**kwargs)
-        if syn_steps is None:
-            raise ConfigError("objective.syn_steps is not set: method=dd defines it for ipc 1, 10 and 50; pass "
-                              "objective.syn_steps=N (a divisor of ipc)")
         for key, val in (("syn_steps", syn_steps), ("syn_epochs", syn_epochs)):
-            if int(val) < 1:
+            if val is None or int(val) < 1:
                 raise ConfigError(f"objective.{key}={val}: must be >= 1")
         if truncate is not None and int(truncate) < 1:
             raise ConfigError(f"objective.truncate={truncate}: must be >= 1 (or null: back-propagate through all)")
@@ -128,8 +125,9 @@ class DatasetDistillation(Objective):
                   else available_memory(syn.images.device))
         return unroll_steps(net, params_of(net), steps, self.truncate, budget, KNOBS)
 
-    def __call__(self, syn: SyntheticSet, real: RealData, net: nn.Module, it: int,
+    def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
                  generator: torch.Generator) -> torch.Tensor:
+        net = fetched.net
         x_real, y_real = self.real_batch(real, generator)
         params = self.unroll(syn, net)
         net.eval()
@@ -151,10 +149,10 @@ class DatasetDistillation(Objective):
         net.train()
         return 100.0 * correct / max(len(real.test_images), 1)
 
-    def report(self, syn: SyntheticSet, real: RealData, fetcher, seed: int) -> dict[str, float]:
+    def report(self, syn: SyntheticSet, real: RealData, fetcher: Fetcher, seed: int) -> dict[str, float]:
         """``dd_replay_acc``: the learned steps replayed from ``report_nets`` initializations the run never trained
-        on (``fetcher.fetch`` at negative iterations; with ``fetcher=fixed``, the fixed theta_0 itself)."""
+        on (``fetcher.held_out(r)``; with ``fetcher=fixed``, the fixed theta_0 itself)."""
         if self.report_nets < 1:
             return {}
-        accs = [self.replay_accuracy(syn, real, fetcher.fetch(-1 - r)) for r in range(self.report_nets)]
+        accs = [self.replay_accuracy(syn, real, fetcher.held_out(r)) for r in range(self.report_nets)]
         return {"dd_replay_acc": sum(accs) / len(accs)}

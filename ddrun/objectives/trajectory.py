@@ -23,12 +23,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from ddrun.contracts import Fetched, Objective
 from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
-from ddrun.nets.functional import available_memory, params_of, unroll_sgd, unroll_sgd_memory_efficient
-from ddrun.objectives.base import Objective
+from ddrun.nets.functional import available_memory, unroll_sgd, unroll_sgd_memory_efficient
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DdrunError
 
@@ -46,8 +45,8 @@ class TrajectoryMatching(Objective):
         augment: per-sample DSA applied to each student minibatch, or None.
 
     Raises:
-        ConfigError: non-positive ``syn_steps``, ``batch_syn`` or ``lr_teacher``; a network without an expert
-            segment (the objective needs ``fetcher=checkpoints``).
+        ConfigError: non-positive ``syn_steps``, ``batch_syn`` or ``lr_teacher``; a fetched network without an
+            expert segment (``Fetched.start`` / ``target``: the objective needs ``fetcher=checkpoints``).
         DdrunError: (plain mode) the unrolled graph would not fit in the memory left on the device; the message
             points to ``objective.memory_efficient=true``.
     """
@@ -76,14 +75,14 @@ class TrajectoryMatching(Objective):
                              f"stopped, the last good checkpoint is kept in the run directory (checkpoint.pt). "
                              f"Lower objective.lr_lr (now {self.lr_lr}) or objective.lr_img (now {self.lr_img})")
 
-    def __call__(self, syn: SyntheticSet, real: RealData, net: nn.Module, it: int,
+    def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
                  generator: torch.Generator) -> torch.Tensor:
-        segment = getattr(net, "expert_segment", None)
-        if segment is None:
+        if fetched.start is None or fetched.target is None:
             raise ConfigError("objective=mtt matches expert trajectories: it needs fetcher=checkpoints "
                               "(use method=mtt, which selects it)")
+        net = fetched.net
         net.train()
-        start = params_of(net)
+        start = fetched.start
         lr = syn.lr if syn.lr is not None else self.lr_teacher
         args = (net, start, syn.images, syn.labels, lr, self.syn_steps, self.batch_syn, self.augment, generator)
         if self.memory_efficient:
@@ -92,7 +91,7 @@ class TrajectoryMatching(Objective):
             final = unroll_sgd(*args, memory_budget=available_memory(syn.images.device),
                                knobs="objective.syn_steps or objective.batch_syn, or set "
                                      "objective.memory_efficient=true (the same gradient in constant memory)")
-        target = segment.target
+        target = fetched.target
         num = sum(((final[k] - target[k]) ** 2).sum() for k in final)
         den = sum(((start[k] - target[k]) ** 2).sum() for k in final)
         return num / den

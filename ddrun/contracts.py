@@ -1,0 +1,246 @@
+"""The contracts between ddrun's components: what the loop (``ddrun/distill.py``) calls, with which shapes.
+
+Every component is built by Hydra from its config group (``conf/<group>/*.yaml``, ``_target_``) and must satisfy
+one of the contracts below; ``tests/test_contracts.py`` builds every config file of every group and checks it.
+
+    S = init(real, ipc, generator)                        Initializer        conf/init/
+    for it in range(start, iterations):
+        fetched = fetcher.fetch(it)                       Fetcher -> Fetched conf/fetcher/
+        for step in range(schedule.steps):                Schedule           conf/schedule/ (ddrun.schedule)
+            if step: fetched = schedule.between(fetched, S, real, g)
+            loss = objective(param.decode(S), real, fetched, it, g)         Objective, Parametrization
+            optimizer_S.step(); scheduler_S.step()
+        fetcher.release(fetched, S, real, g)
+    for stage in stages: S = stage(S, real, seed)         Stage              conf/stage/
+    evaluator(param.decode(S), real, seed)                Evaluator          conf/evaluator/
+
+Conventions (DESIGN.md "Contracts"): images float32 ``[N, C, H, W]`` in the dataset's normalized (and ZCA) space;
+labels int64 ``[N]`` (hard) or float32 ``[N, K]`` soft labels given as *logits*; accuracies in percent. All
+randomness comes from generators derived from ``(seed, it)`` (``ddrun.utils.derive_seed``); components that draw
+on their own (fetchers) derive theirs from the run's seed and the iteration, never from the loop's generator, so
+one component's draws never shift another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ddrun.data.augment import DSA
+from ddrun.data.datasets import RealData
+from ddrun.synthetic import SyntheticSet
+from ddrun.utils import derive_seed
+
+Params = dict[str, torch.Tensor]
+
+# seeds of the networks every fetcher draws from p(theta_0): network `it` of a run is built from
+# derive_seed(seed, NET_SEED_TAG, it), held-out network r from derive_seed(seed, NET_SEED_TAG, -1 - r)
+NET_SEED_TAG = 7919
+
+
+@runtime_checkable
+class Initializer(Protocol):
+    """``(real, ipc, generator) -> SyntheticSet``: ``ipc`` images per class, ordered class by class, hard labels
+    (``conf/init/*.yaml`` are partials of functions in ``ddrun.init``)."""
+
+    def __call__(self, real: RealData, ipc: int, generator: torch.Generator) -> SyntheticSet: ...
+
+
+@dataclass
+class Fetched:
+    """What a fetcher hands the objective for one iteration.
+
+    Attributes:
+        net: the network (on the run's device). Its parameters are the start of an expert segment for
+            ``fetcher=checkpoints``, a pool member for ``fetcher=pool``, a fresh draw from p(theta_0) otherwise.
+        start: (expert segments) the expert's parameters at the start epoch ``{name: tensor}``, or None.
+        target: (expert segments) the expert's parameters ``expert_epochs`` later ``{name: tensor}``, or None.
+        teacher: a frozen, trained network in eval mode (the decoupled family), or None.
+        info: plain values describing the draw for logs (expert index, start epoch, pool member ...).
+    """
+
+    net: nn.Module
+    start: Params | None = None
+    target: Params | None = None
+    teacher: nn.Module | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Fetcher:
+    """Answers "which network" for each iteration. The base builds networks from p(theta_0).
+
+    Args:
+        net: factory ``(channels, num_classes, im_size, **kwargs) -> nn.Module`` (the ``net`` config, partial).
+        real: the real dataset (input shape and class count).
+        device: where the fetched networks live.
+        seed: the run's seed; every draw of iteration ``it`` comes from ``(seed, it)``.
+
+    Subclasses implement :meth:`fetch`; the other methods are documented no-ops here.
+    """
+
+    def __init__(self, net: Callable[..., nn.Module], real: RealData, device: torch.device, seed: int):
+        self.net_factory, self.real, self.device, self.seed = net, real, device, int(seed)
+
+    def fresh(self, seed: int, **net_kwargs) -> nn.Module:
+        """A network from the initialization distribution, built from ``seed`` on the CPU (the same weights on
+        every device), moved to the device."""
+        from ddrun.nets import build_net
+
+        return build_net(self.net_factory, self.real, seed, self.device, **net_kwargs)
+
+    def fetch(self, it: int) -> Fetched:
+        """The network(s) of iteration ``it`` (``it >= 0``)."""
+        raise NotImplementedError
+
+    def held_out(self, r: int) -> nn.Module:
+        """Held-out network ``r``: drawn like the run's starting networks but never trained on (DD's replay
+        protocol evaluates the learned steps on these)."""
+        return self.fresh(derive_seed(self.seed, NET_SEED_TAG, -1 - r))
+
+    def release(self, fetched: Fetched, syn: SyntheticSet, real: RealData, generator: torch.Generator) -> None:
+        """Called once after the last update of S made with ``fetched`` (no-op; FRePo's model pool trains its
+        member one online step on S here)."""
+
+    def state_dict(self) -> dict:
+        """The fetcher's own state for ``checkpoint.pt`` (tensors and plain containers only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` on resume."""
+
+
+class Objective:
+    """A distillation objective: ``__call__(syn, real, fetched, it, generator) -> loss``, a differentiable float
+    scalar whose gradient reaches ``syn.images`` and, when learned, ``syn.syn_lr`` / ``syn.labels``.
+
+    Args:
+        lr_img: step size of the images.
+        lr_lr: step size of the learned inner step size (None: not learned).
+        lr_labels: step size of learned soft labels (None: not learned).
+        batch_real: real images sampled per class per step.
+        augment: Siamese DSA applied to each real/synthetic pair, or None.
+
+    ``syn`` passed to ``__call__`` is the *decoded* set (``parametrization.decode(S)``); the hooks below get S
+    itself.
+    """
+
+    def __init__(self, lr_img: float, lr_lr: float | None = None, lr_labels: float | None = None,
+                 batch_real: int = 256, augment: DSA | None = None):
+        self.lr_img, self.lr_lr, self.lr_labels = lr_img, lr_lr, lr_labels
+        self.batch_real, self.augment = batch_real, augment
+
+    def prepare(self, syn: SyntheticSet, real: RealData) -> None:
+        """Called once after initialization, before the optimizer of S is built: objectives that learn a step
+        size or labels switch them on here (``syn.learn_lr(...)``, ``syn.learn_labels(...)``)."""
+
+    def param_groups(self, syn: SyntheticSet) -> list[dict]:
+        """The optimizer parameter groups of S (and of the objective's own learned parameters), each with its
+        step size and a ``name``."""
+        return syn.param_groups(self.lr_img, self.lr_lr, self.lr_labels)
+
+    def accepts(self, loss: torch.Tensor) -> bool:
+        """Whether this loss may update S (True; DATM's threshold gate skips the update of S when the matching
+        loss is above its threshold)."""
+        return True
+
+    def check(self, syn: SyntheticSet, it: int) -> None:
+        """Called after every update of S; raise a DdrunError when S's learned quantities became invalid."""
+
+    def state_dict(self) -> dict:
+        """The objective's own learned state (e.g. RFAD's Platt scale), saved in ``checkpoint.pt``."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` on resume (called after :meth:`prepare`)."""
+
+    def report(self, syn: SyntheticSet, real: RealData, fetcher: Fetcher, seed: int) -> dict[str, float]:
+        """Extra accuracies (percent) logged at each evaluation beside the evaluator's, where the paper reports
+        its own protocol (KIP/RFAD: kernel-regression accuracy; DD: the learned steps replayed from theta_0)."""
+        return {}
+
+    def real_batch(self, real: RealData, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A class-balanced real batch: ``batch_real`` images of every class, float ``[K * batch_real, C, H, W]``,
+        and their int64 labels ``[K * batch_real]`` (KIP's ``class_balanced_sample``)."""
+        xs = [real.sample_class(c, self.batch_real, generator) for c in range(real.num_classes)]
+        ys = [torch.full((len(x),), c, dtype=torch.long, device=x.device) for c, x in enumerate(xs)]
+        return torch.cat(xs), torch.cat(ys)
+
+    def class_pairs(self, syn: SyntheticSet, real: RealData, generator: torch.Generator):
+        """For each class c: ``(c, real_c, syn_c, syn_idx)`` with ``batch_real`` real images of class c and the
+        synthetic images of class c, both passed through the same Siamese DSA draw when ``augment`` is set."""
+        for c in range(real.num_classes):
+            idx = syn.class_slice(c)
+            r, s = real.sample_class(c, self.batch_real, generator), syn.images[idx]
+            if self.augment is not None and self.augment.enabled:
+                r, s = self.augment.pair(r, s, generator)
+            yield c, r, s, idx
+
+    def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
+                 generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Evaluator:
+    """Trains fresh networks only on S and tests them on the real test split.
+
+    ``__call__(syn, real, seed) -> {"acc_mean", "acc_std", "per_net": {arch: [acc, ...]}, "protocol": str,
+    "protocol_fields": dict}`` (percent). Attributes every evaluator sets:
+
+    Attributes:
+        num_eval: networks trained per architecture (0: evaluation off).
+        uses_learned_lr: whether the networks train with S's learned step size when S has one.
+    """
+
+    num_eval: int = 0
+    uses_learned_lr: bool = False
+
+    def protocol_fields(self) -> dict:
+        """The protocol as plain fields (``ddrun.protocol``)."""
+        raise NotImplementedError
+
+    def protocol(self) -> str:
+        """One line naming the protocol (``ddrun.protocol.describe`` of :meth:`protocol_fields`)."""
+        from ddrun.protocol import describe
+
+        return describe(self.protocol_fields())
+
+    def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
+        raise NotImplementedError
+
+
+class Parametrization:
+    """How the stored tensors of S become the training images that objectives and evaluators see.
+
+    The base is the identity (``parametrization=pixels``): :meth:`decode` returns S itself. A factorized
+    parametrization (IDC's multi-formation) returns a decoded view with more images than S stores; the storage
+    budget is counted on S, the decoded count is stated in every result (:meth:`describe`).
+    """
+
+    name = "pixels"
+
+    def decode(self, syn: SyntheticSet) -> SyntheticSet:
+        """The training set made from S (differentiable w.r.t. S's parameters)."""
+        return syn
+
+    def describe(self, syn: SyntheticSet) -> dict:
+        """``{"parametrization", "stored_images", "decoded_images"}`` for results."""
+        n = len(syn.images)
+        return {"parametrization": self.name, "stored_images": n, "decoded_images": n}
+
+
+class Stage:
+    """A step after distillation, run once S is final and before the final evaluation (e.g. relabeling S with a
+    teacher's soft labels). ``__call__(syn, real, seed) -> SyntheticSet``; what it changes is saved in
+    ``synthetic.pt`` and in the checkpoint, so a killed run resumes after the stages already done.
+
+    Attributes:
+        name: the stage's name in logs and in the run state.
+    """
+
+    name = "stage"
+
+    def __call__(self, syn: SyntheticSet, real: RealData, seed: int) -> SyntheticSet:
+        raise NotImplementedError

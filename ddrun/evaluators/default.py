@@ -1,0 +1,141 @@
+"""The hard-label evaluation protocol of DC / DSA / DM / MTT: train fresh networks only on S, test them on the real
+test split.
+
+The protocol is the reference's ``evaluate_synset`` (Zhao et al. ICLR 2021, Sec. 4; Zhao & Bilen ICML 2021):
+``num_eval`` networks, each trained ``epochs`` epochs on S with SGD (momentum 0.9, weight decay 5e-4, step size
+``lr``, multiplied by 0.1 once half-way), minibatch 256, DSA applied per sample, then tested on the whole real test
+split. When S carries a learned step size (MTT, DD) and ``use_learned_lr`` is set, that step size replaces ``lr``;
+soft labels are trained with soft cross-entropy. :class:`CrossArchEvaluator` runs that protocol for each
+architecture of the reference pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddrun.contracts import Evaluator as EvaluatorContract
+from ddrun.data.augment import DSA
+from ddrun.data.datasets import RealData
+from ddrun.nets import build_net
+from ddrun.protocol import net_kwargs
+from ddrun.synthetic import SyntheticSet
+from ddrun.train import accuracy, train_epoch
+from ddrun.utils import ConfigError, derive_seed
+
+log = logging.getLogger("ddrun.evaluate")
+
+
+class Evaluator(EvaluatorContract):
+    """Trains ``num_eval`` fresh ``net`` on S and reports test accuracy (percent).
+
+    Args:
+        net: factory ``(channels, num_classes, im_size) -> nn.Module``.
+        num_eval: networks trained (different seeds ``(seed, r)``: the same for every S of a run and across runs
+            with the same ``seed``).
+        epochs: training epochs of each network on S.
+        lr, momentum, weight_decay, batch_train: SGD settings.
+        augment: per-sample DSA during training, or None.
+        use_learned_lr: train with S's learned step size when it has one (attribute ``uses_learned_lr``).
+        name: the architecture's name in ``per_net``.
+    """
+
+    def __init__(self, net: Callable[..., nn.Module], num_eval: int = 5, epochs: int = 1000, lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, batch_train: int = 256,
+                 augment: DSA | None = None, use_learned_lr: bool = True, name: str = "convnet"):
+        self.net_factory, self.num_eval, self.epochs = net, num_eval, epochs
+        self.lr, self.momentum, self.weight_decay, self.batch_train = lr, momentum, weight_decay, batch_train
+        self.augment, self.uses_learned_lr, self.name = augment, bool(use_learned_lr), name
+
+    def protocol_fields(self) -> dict:
+        aug = self.augment.strategy if self.augment is not None and self.augment.enabled else "none"
+        return {"evaluator": "default", "archs": [self.name], "nets": {self.name: net_kwargs(self.net_factory)},
+                "num_eval": self.num_eval, "epochs": self.epochs, "optimizer": "sgd", "lr": self.lr,
+                "lr_schedule": "x0.1 at half", "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "batch": self.batch_train, "augment": aug, "learned_lr": self.uses_learned_lr,
+                "labels": "as stored"}
+
+    def train_one(self, syn: SyntheticSet, real: RealData, seed: int) -> float:
+        """Train one network from ``seed`` on S; return its test accuracy in percent."""
+        device = real.device
+        net = build_net(self.net_factory, real, seed, device)
+        lr = float(syn.lr.detach()) if (self.uses_learned_lr and syn.lr is not None) else self.lr
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(self.epochs // 2, 1)], gamma=0.1)
+        images, labels = syn.images.detach().to(device), syn.labels.detach().to(device)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(self.epochs):
+            train_epoch(net, images, labels, opt, self.batch_train, self.augment, g)
+            sched.step()
+        return 100.0 * accuracy(net, real.test_images, real.test_labels)
+
+    def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
+        """Evaluate S.
+
+        Returns:
+            ``{"acc_mean": float, "acc_std": float, "per_net": {name: [acc, ...]}, "protocol": str,
+            "protocol_fields": dict}``, accuracies in percent on the real test split (std is the population std
+            over the ``num_eval`` runs).
+        """
+        accs = [self.train_one(syn, real, derive_seed(seed, 104729, r))
+                for r in tqdm(range(self.num_eval), desc="evaluate", leave=False, disable=None)]
+        return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                "per_net": {self.name: accs}, "protocol": self.protocol(), "protocol_fields": self.protocol_fields()}
+
+
+class CrossArchEvaluator(EvaluatorContract):
+    """Cross-architecture evaluation: :class:`Evaluator`'s protocol for each architecture of a pool.
+
+    The pool of the DC reference (Zhao et al. ICLR 2021, Sec. 4 and Table 2; ``utils.get_eval_pool('M')``): MLP,
+    ConvNet, LeNet, AlexNet, VGG-11, ResNet-18, here also ResNet-18-BN (the DM pool 'B'). Every architecture is
+    trained ``num_eval`` times on S with the same settings and seeds.
+
+    Args:
+        nets: architecture name -> factory ``(channels, num_classes, im_size) -> nn.Module`` (``conf/net/*``).
+        archs: the names to evaluate, in order (default: all of ``nets``).
+        num_eval, epochs, lr, momentum, weight_decay, batch_train, augment, use_learned_lr: as :class:`Evaluator`.
+
+    Raises:
+        ConfigError: an entry of ``archs`` is not in ``nets`` (names the valid ones).
+    """
+
+    def __init__(self, nets: dict[str, Callable[..., nn.Module]], archs: list[str] | None = None, num_eval: int = 5,
+                 epochs: int = 1000, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 batch_train: int = 256, augment: DSA | None = None, use_learned_lr: bool = True):
+        archs = list(nets) if archs is None else list(archs)
+        unknown = [a for a in archs if a not in nets]
+        if unknown or not archs:
+            raise ConfigError(f"evaluator.archs={archs}: unknown {unknown}; valid architectures: {sorted(nets)}")
+        self.num_eval, self.epochs, self.uses_learned_lr = num_eval, epochs, bool(use_learned_lr)
+        self.evaluators = {a: Evaluator(nets[a], num_eval, epochs, lr, momentum, weight_decay, batch_train, augment,
+                                        use_learned_lr, name=a) for a in archs}
+
+    def protocol_fields(self) -> dict:
+        fields = dict(next(iter(self.evaluators.values())).protocol_fields())
+        fields.update(evaluator="cross_arch", archs=list(self.evaluators),
+                      nets={a: net_kwargs(ev.net_factory) for a, ev in self.evaluators.items()})
+        return fields
+
+    def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
+        """Evaluate S on every architecture.
+
+        Returns:
+            ``{"acc_mean", "acc_std", "per_net": {arch: [acc, ...]}, "per_arch": {arch: {"acc_mean", "acc_std"}},
+            "protocol", "protocol_fields"}``; accuracies in percent; ``acc_mean`` / ``acc_std`` are the mean and
+            population std over the architectures of their mean accuracies.
+        """
+        per_net, per_arch = {}, {}
+        for name, ev in self.evaluators.items():
+            res = ev(syn, real, seed)
+            per_net[name] = res["per_net"][name]
+            per_arch[name] = {"acc_mean": res["acc_mean"], "acc_std": res["acc_std"]}
+            log.info("%s: %.2f +- %.2f (%d nets)", name, res["acc_mean"], res["acc_std"], len(per_net[name]))
+        means = [v["acc_mean"] for v in per_arch.values()]
+        return {"acc_mean": statistics.fmean(means), "acc_std": statistics.pstdev(means) if len(means) > 1 else 0.0,
+                "per_net": per_net, "per_arch": per_arch, "protocol": self.protocol(),
+                "protocol_fields": self.protocol_fields()}

@@ -1,0 +1,88 @@
+"""The schedule of a method: how many updates of S per fetched network, and what trains the network in between.
+
+Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021, Algorithm 1 (and the reference
+``utils.get_loops``): for each network drawn from p(theta_0), S is updated ``outer_loop`` times; between two
+updates the network is trained ``inner_loop`` epochs on the current S (SGD ``lr_net``, no momentum, minibatch
+``batch_train``, per-sample DSA when ``augment`` is set: the DSA method). With the defaults (1, 0) every network
+serves one update of S and is never trained: DM, MTT, DD, KIP, ... and DC/DSA at ipc 1 use (1, 1).
+
+The method preset owns the schedule (``conf/schedule/default.yaml``, values per ipc in ``conf/method/dc.yaml``);
+fetchers only answer "which network".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ddrun.contracts import Fetched
+from ddrun.data.augment import DSA
+from ddrun.data.datasets import RealData
+from ddrun.synthetic import SyntheticSet
+from ddrun.train import train_epoch
+from ddrun.utils import ConfigError
+
+
+class Schedule:
+    """``steps`` updates of S per fetched network; :meth:`between` trains the network between two of them.
+
+    Args:
+        outer_loop: updates of S per fetched network (>= 1).
+        inner_loop: epochs of training the network on S between two updates (>= 0).
+        lr_net: the inner SGD step size.
+        batch_train: the inner minibatch size.
+        augment: per-sample DSA while training on S, or None.
+
+    Raises:
+        ConfigError: a count out of range.
+    """
+
+    def __init__(self, outer_loop: int = 1, inner_loop: int = 0, lr_net: float = 0.01, batch_train: int = 256,
+                 augment: DSA | None = None):
+        if int(outer_loop) < 1:
+            raise ConfigError(f"schedule.outer_loop={outer_loop}: must be >= 1 (updates of S per network)")
+        if int(inner_loop) < 0:
+            raise ConfigError(f"schedule.inner_loop={inner_loop}: must be >= 0 (epochs on S between updates)")
+        if int(batch_train) < 1:
+            raise ConfigError(f"schedule.batch_train={batch_train}: must be >= 1")
+        self.outer_loop, self.inner_loop = int(outer_loop), int(inner_loop)
+        self.lr_net, self.batch_train, self.augment = float(lr_net), int(batch_train), augment
+
+    @property
+    def steps(self) -> int:
+        """Updates of S per fetched network."""
+        return self.outer_loop
+
+    def between(self, fetched: Fetched, syn: SyntheticSet, real: RealData, generator: torch.Generator) -> Fetched:
+        """Train ``fetched.net`` ``inner_loop`` epochs on S (detached) in place; returns ``fetched``."""
+        if not self.inner_loop:
+            return fetched
+        net = fetched.net
+        net.requires_grad_(True)
+        opt = torch.optim.SGD(net.parameters(), lr=self.lr_net)
+        images, labels = syn.images.detach(), syn.labels.detach()
+        for _ in range(self.inner_loop):
+            train_epoch(net, images, labels, opt, self.batch_train, self.augment, generator)
+        return fetched
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, total: int, final: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay of every parameter group's step size from its initial value to ``final`` x that value over
+    ``total`` scheduler steps (``torch.optim.lr_scheduler.LambdaLR``): factor ``final + (1 - final) (1 + cos(pi t /
+    total)) / 2``, constant at ``final`` after ``total``. The ``syn_scheduler=cosine`` of the loop (EDC / SRe2L:
+    cosine to 0 over the recover iterations; FRePo: to 0.1x).
+
+    Raises:
+        ConfigError: ``total < 1`` or ``final`` outside [0, 1].
+    """
+    if int(total) < 1:
+        raise ConfigError(f"syn_scheduler.total={total}: must be >= 1 (scheduler steps, one per iteration)")
+    if not 0.0 <= float(final) <= 1.0:
+        raise ConfigError(f"syn_scheduler.final={final}: must be in [0, 1] (a fraction of the initial step size)")
+    total, final = int(total), float(final)
+
+    def factor(t: int) -> float:
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -36,8 +36,9 @@ from omegaconf import DictConfig
 
 from ddrun.files import atomic_save, safe_load
 from ddrun.store import EXPERT_KEYS, Collection, command_for, setting_diff, setting_of
-from ddrun.utils import ConfigError, DataError, DdrunError, build, command_errors, derive_seed, resolve_device, \
-    seed_everything
+from ddrun.schema import check_common
+from ddrun.utils import (DataError, DdrunError, build, command_errors, derive_seed, resolve_device,
+                         seed_everything)
 
 log = logging.getLogger("ddrun.buffer")
 
@@ -74,23 +75,21 @@ def _resume_point(partial: Path) -> tuple[int, dict] | None:
 
 
 def _train_epochs(net, opt, index: int, start: int, seconds: float, partial: Path, real, augment,
-                  training: dict) -> float:
+                  training: dict, every_s: float) -> float:
     """Epochs ``start .. train_epochs - 1`` of expert ``index``, a snapshot after each; returns the seconds."""
-    from tqdm.auto import tqdm
-
+    from ddrun.progress import Progress
     from ddrun.train import train_epoch
 
     seed, epochs, t0 = int(training["seed"]), int(training["train_epochs"]), time.perf_counter()
-    bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"expert {index}", leave=False, position=1,
-               disable=None)
-    for e in bar:
+    bar = Progress(epochs, start, f"expert {index}", every_s, log, unit="epoch")
+    for e in range(start, epochs):
         g = torch.Generator().manual_seed(derive_seed(seed, _SEED_TAG, index, e))
         loss = train_epoch(net, real.train_images, real.train_labels, opt, int(training["batch_train"]), augment,
                            g)
         if not math.isfinite(loss):
             raise DdrunError(f"expert {index}: the training loss became {loss} in epoch {e + 1}; lower lr_teacher "
                              f"(now {training['lr_teacher']})")
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1, loss=loss)
         atomic_save({"epoch": e + 1, "params": _flat_params(net), "optimizer": opt.state_dict(),
                      "seconds": seconds + time.perf_counter() - t0}, partial / f"epoch_{e + 1:04d}.pt")
     bar.close()
@@ -98,7 +97,7 @@ def _train_epochs(net, opt, index: int, start: int, seconds: float, partial: Pat
 
 
 def train_expert(index: int, store: Collection, real, net_factory: Callable, augment, training: dict,
-                 device: torch.device) -> dict:
+                 device: torch.device, every_s: float = 60.0) -> dict:
     """Train expert ``index`` (resuming from its ``.partial/`` folder when present), store it and return its
     manifest entry."""
     from ddrun.nets import build_net
@@ -120,7 +119,7 @@ def train_expert(index: int, store: Collection, real, net_factory: Callable, aug
         atomic_save({"epoch": 0, "params": _flat_params(net), "optimizer": opt.state_dict(), "seconds": 0.0},
                     partial / "epoch_0000.pt")
     epochs = int(training["train_epochs"])
-    seconds = _train_epochs(net, opt, index, start, seconds, partial, real, augment, training)
+    seconds = _train_epochs(net, opt, index, start, seconds, partial, real, augment, training, every_s)
     rows = [safe_load(partial / f"epoch_{e:04d}.pt", "expert snapshot")["params"] for e in range(epochs + 1)]
     test_acc = 100.0 * accuracy(net, real.test_images, real.test_labels)
     payload = {"trajectory": torch.stack(rows), "names": [n for n, _ in net.named_parameters()],
@@ -156,16 +155,6 @@ def _register_existing(store: Collection, index: int, epochs: int) -> bool:
     return True
 
 
-def _check(cfg: DictConfig) -> None:
-    for key in ("num_experts", "train_epochs", "batch_train"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key}={cfg[key]}: must be >= 1")
-    if int(cfg.expert_offset) < 0:
-        raise ConfigError(f"expert_offset={cfg.expert_offset}: must be >= 0")
-    if float(cfg.lr_teacher) <= 0:
-        raise ConfigError(f"lr_teacher={cfg.lr_teacher}: must be > 0")
-
-
 def _ensure(store: Collection, index: int, epochs: int, train: Callable[[int], dict], wait: bool) -> str:
     """Make expert ``index`` exist: ``"skipped"`` (already there), ``"trained"``, or ``"busy"`` (another job holds
     it and ``wait`` is false)."""
@@ -196,7 +185,7 @@ def buffer(cfg: DictConfig) -> dict:
             differs).
         DataError: dataset problems (from the loader).
     """
-    _check(cfg)
+    check_common(cfg, "buffer")
     device = resolve_device(cfg.device)
     seed_everything(int(cfg.seed))
     real = build(cfg.dataset).to(device)
@@ -212,7 +201,7 @@ def buffer(cfg: DictConfig) -> dict:
     from tqdm.auto import tqdm
 
     def train(index: int) -> dict:
-        return train_expert(index, store, real, net_factory, augment, training, device)
+        return train_expert(index, store, real, net_factory, augment, training, device, float(cfg.progress_every))
 
     done: dict[str, list[int]] = {"trained": [], "skipped": [], "busy": []}
     for index in tqdm(indices, desc="experts", position=0, disable=None):

@@ -13,8 +13,8 @@ stop signals.
   process (same host, dead PID), by an earlier incarnation of the same SLURM job (requeue) or without a heartbeat
   for ``stale_after_s`` seconds (other host) is stale and taken over.
 - :class:`StopSignals` turns SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM and submitit send before a timeout or a
-  preemption; submitit uses USR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise) into "save a checkpoint at the
-  next safe point, then stop", handing the signal on to the handler that was installed before (submitit's, which
+  preemption; submitit uses USR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise) and Ctrl-C (SIGINT) into "save
+  a checkpoint at the next safe point, then stop", handing the signal on to the handler that was installed before (submitit's, which
   requeues the job) or, where there was none, stopping with :class:`Preempted`.
 """
 
@@ -36,13 +36,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ddrun.files import UnsafeFile, digest, fsync_dir, safe_load, serialized, temporary_path, write_synced
+from ddrun.files import UnsafeFile, atomic_write, digest, safe_load, serialized
 from ddrun.utils import DataError, DdrunError, Preempted
 
 log = logging.getLogger("ddrun.checkpoint")
 
 FORMAT = 2
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 
 
 def previous_path(path: str | Path) -> Path:
@@ -61,19 +61,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     Raises:
         OSError: the write failed; nothing on disk changed.
     """
-    path = Path(path)
     payload = {**state, "format": FORMAT}
     payload["digest"] = digest(payload)
-    tmp = temporary_path(path)
-    try:
-        write_synced(tmp, serialized(payload))
-        if path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
+    atomic_write(serialized(payload), path, keep_previous=previous_path(path))
 
 
 def _read(path: Path) -> dict:
@@ -140,6 +130,8 @@ class RunState:
         wandb_id: the W&B run to continue, or None.
         evaluated_at: the iteration whose evaluation is logged (None: none yet).
         stages_done: names of the post-distillation stages already applied to S.
+        finals: the final evaluation under every protocol the run was evaluated with (``ddrun.record``
+            evaluation entries); a rerun with another evaluator appends one.
         saved_at: the iteration of the checkpoint on disk (not saved; None: none yet).
     """
 
@@ -151,6 +143,7 @@ class RunState:
     wandb_id: str | None = None
     evaluated_at: int | None = None
     stages_done: list[str] = field(default_factory=list)
+    finals: list[dict] = field(default_factory=list)
     saved_at: int | None = None
 
     def save(self, path: str | Path, parts: dict) -> None:
@@ -318,7 +311,7 @@ def _slurm_job_id() -> str | None:
 class StopSignals:
     """Catch stop signals and turn them into a checkpoint and a clean stop (a context manager).
 
-    Inside the ``with`` block, SIGTERM, SIGUSR1 and SIGUSR2 only set :attr:`pending`; the loop calls
+    Inside the ``with`` block, SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 only set :attr:`pending`; the loop calls
     :meth:`stop` at its next safe point, after saving a checkpoint of that point. Inside :meth:`interruptible`
     (while the checkpoint on disk is current, e.g. during an evaluation), a signal stops at once.
 
@@ -371,6 +364,8 @@ class StopSignals:
         name = signal.Signals(signum).name
         log.warning("%s: checkpoint of iteration %d saved in %s", name, iteration, checkpoint)
         prev = self.previous.get(signum, signal.SIG_DFL)
+        if prev is signal.default_int_handler:  # Ctrl-C: a clean stop, not a KeyboardInterrupt traceback
+            prev = signal.SIG_DFL
         if callable(prev):
             self._current = None
             prev(signum, None)  # submitit: requeue and exit; returning means "go on"

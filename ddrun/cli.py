@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "distill": ("ddrun.distill", "Distill a synthetic set S from a real dataset (DM, DC, DSA, ...)."),
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddrun: unknown command {cmd!r}; valid commands: {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
+    bad = bad_top_level_value(cmd, rest) or unwritable_run_dir(cmd, rest)
+    if bad:
+        print(f"ddrun {cmd}: error: {bad}", file=sys.stderr)
+        return 1
     sys.argv = [f"ddrun {cmd}", *rest]
     module = importlib.import_module(COMMANDS[cmd][0])
     try:
@@ -90,6 +95,51 @@ def main(argv: list[str] | None = None) -> int:
                 print(hint, file=sys.stderr)
         raise
     return 0
+
+
+def unwritable_run_dir(cmd: str, args: list[str]) -> str | None:
+    """One line when the folder the command's outputs go to (``hydra.run.dir``, ``hydra.sweep.dir`` with ``-m``,
+    else ``./outputs``) cannot be written, before Hydra tries (it would fail with a traceback); else None."""
+    if cmd == "report":
+        return None
+    multirun = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a[len(key):] for a in args if a.startswith(key)]
+    target = Path(given[-1] if given else "outputs").expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return None
+    why = "not a folder" if not existing.is_dir() else "read-only or not writable"
+    return (f"cannot write the run directory {target} ({existing} is {why}); pass "
+            f"{key.rstrip('=')}=<a writable folder>")
+
+
+def bad_top_level_value(cmd: str, args: list[str]) -> str | None:
+    """One line for the first ``key=value`` argument whose top-level key has a type in the command's schema
+    (``ddrun/schema.py``) that the value does not fit (``ipc=abc``, ``ipc=1.5``, ``resume=maybe``), else None.
+    Hydra would refuse these too, over several lines."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from ddrun.schema import SCHEMAS
+
+    schema = SCHEMAS.get(cmd)
+    if schema is None or "-m" in args or "--multirun" in args:  # sweep values (ipc=1,10): Hydra parses them
+        return None
+    types = {f.name: f.type for f in fields(schema)}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if not _ or key not in types or types[key] == "Any":
+            continue
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist([arg]))
+        except ValidationError:
+            return f"{key}={value}: must be of type {types[key]}"
+    return None
 
 
 def typo_hint(cmd: str, args: list[str]) -> str | None:

@@ -30,9 +30,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ddrun import record
 from ddrun.checkpoint import RunLock, RunState, StopSignals, set_rng_state
 from ddrun.contracts import Parametrization
-from ddrun.utils import ConfigError, DdrunError, build, command_errors, derive_seed, resolve_device, seed_everything
+from ddrun.progress import Progress
+from ddrun.provenance import Provenance, config_diff
+from ddrun.schema import check_common
+from ddrun.utils import (ConfigError, DdrunError, build, command_errors, derive_seed, resolve_device,
+                         seed_everything)
 
 log = logging.getLogger("ddrun.distill")
 
@@ -70,13 +75,13 @@ def has_objective(cfg: DictConfig) -> bool:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the top-level knobs before any work; raise a one-line ConfigError naming the key."""
-    if int(cfg.ipc) < 1:
-        raise ConfigError(f"ipc={cfg.ipc}: must be >= 1 (images per class)")
-    if int(cfg.iterations) < 0:
-        raise ConfigError(f"iterations={cfg.iterations}: must be >= 0 (0 evaluates the initialization)")
-    if int(cfg.eval_every) < 1:
-        raise ConfigError(f"eval_every={cfg.eval_every}: must be >= 1")
+    """Check every knob before any work (``ddrun.schema.check_common``, the presets' per-ipc tables, the baselines,
+    the training subset against ipc); raise a one-line ConfigError naming the key."""
+    check_common(cfg, "distill")
+    subset = OmegaConf.select(cfg, "dataset.train_subset")
+    if subset is not None and subset < int(cfg.ipc):
+        raise ConfigError(f"dataset.train_subset={subset} keeps fewer real images per class than ipc={cfg.ipc}: "
+                          f"raise it to >= {cfg.ipc} or pass null (all)")
     if int(cfg.iterations) > 0 and not has_objective(cfg):
         init = str(OmegaConf.select(cfg, "init._target_", default="real")).rsplit(".", 1)[-1]
         raise ConfigError(f"method={cfg.preset.name} is a baseline (ipc real images chosen by init={init}, not "
@@ -85,13 +90,26 @@ def validate(cfg: DictConfig) -> None:
     check_per_ipc_tables(cfg)
 
 
+# top-level keys that do not change S: left out of the config hash and of the "what differs" of a refused rerun
+NOT_S = ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_every", "iterations", "resume",
+         "overwrite", "device", "hydra", "checkpoint_every", "progress_every")
+
+
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of everything that determines S (not paths, logging or evaluation settings)."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_every", "iterations", "resume",
-              "device", "hydra", "checkpoint_every"):
+    for k in NOT_S:
         c.pop(k, None)
     # sorted keys: the hash must not depend on the order in which the config files list them
+    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def setting_hash(cfg: DictConfig) -> str:
+    """:func:`config_hash` without the seed: equal for the seeds of one experiment (``ddrun report`` pools only
+    runs whose setting hash and iterations agree)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in (*NOT_S, "seed"):
+        c.pop(k, None)
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -108,10 +126,9 @@ class Distillation:
         seed_everything(self.seed)
         self.chash = config_hash(cfg)
         self.ckpt_path = run_dir / "checkpoint.pt"
-        restored = RunState.load(self.ckpt_path) if cfg.resume else None
-        self.state, ckpt = restored if restored is not None else (RunState(), None)
+        self.provenance = Provenance(run_dir)
+        self.state, ckpt = self._open_run_dir()
         self.resumed = ckpt is not None
-        self._check_resumable(ckpt)
         self._build(ckpt)
         if ckpt is not None:
             try:
@@ -122,55 +139,89 @@ class Distillation:
             log.info("resuming from %s at iteration %d (restored in %.2f s)", ckpt["path"], self.state.iteration,
                      time.perf_counter() - t0)
 
-    def _check_resumable(self, ckpt: dict | None) -> None:
-        if ckpt is None:
-            return
+    def _open_run_dir(self) -> tuple[RunState, dict | None]:
+        """Decide what this attempt does with the run directory: start a run, resume the one there, or refuse
+        (leaving the directory as it was). Returns the run state and the checkpoint to resume from (or None)."""
+        prov, cfg = self.provenance, self.cfg
+        if prov.holds_run() and not cfg.resume:
+            if not cfg.overwrite:
+                prov.refuse()
+                raise ConfigError(f"{self.run_dir} holds a run and resume=false: pass overwrite=true to move it to "
+                                  f"{self.run_dir}/archive/ and start over, or use another hydra.run.dir")
+            log.warning("overwrite=true: the earlier run is kept in %s", prov.archive())
+        restored = RunState.load(self.ckpt_path) if cfg.resume else None
+        if restored is None:
+            prov.keep_original()
+            prov.record_attempt("started")
+            return RunState(), None
+        state, ckpt = restored
+        try:
+            self._check_resumable(ckpt)
+        except ConfigError:
+            prov.refuse()
+            raise
+        prov.restore_original()
+        prov.record_attempt(f"resumed at iteration {state.iteration}")
+        return state, ckpt
+
+    def _check_resumable(self, ckpt: dict) -> None:
+        """Refuse a checkpoint of another configuration (naming every key that differs, old -> new) or one this
+        ``iterations`` does not continue."""
         if ckpt.get("config_hash") != self.chash:
-            raise ConfigError(f"{ckpt['path']} was written by a run with another configuration (hash "
-                              f"{ckpt.get('config_hash')} != {self.chash}); use another run directory or resume=false")
-        if self.state.iteration > self.iterations or (self.state.stages_done and
-                                                       self.state.iteration < self.iterations):
-            raise ConfigError(f"{ckpt['path']} is at iteration {self.state.iteration}"
-                              f"{' with its stages done' if self.state.stages_done else ''}, which "
-                              f"iterations={self.iterations} does not continue: pass iterations="
-                              f"{self.state.iteration}, another run directory, or resume=false")
+            old = json.loads(ckpt.get("config") or "{}")
+            diff = config_diff(old, OmegaConf.to_container(self.cfg, resolve=True), NOT_S)
+            raise ConfigError(f"{ckpt['path']} was written by a run with another configuration ("
+                              f"{'; '.join(diff) or 'hash ' + str(ckpt.get('config_hash'))}); use another run "
+                              f"directory, or resume=false overwrite=true to archive that run and start over")
+        done, stages = int(ckpt["iteration"]), ckpt.get("stages_done") or []
+        if done > self.iterations or (stages and done < self.iterations):
+            raise ConfigError(f"{ckpt['path']} is at iteration {done}{' with its stages done' if stages else ''}, "
+                              f"which iterations={self.iterations} does not continue: pass iterations={done}, "
+                              f"another run directory, or resume=false overwrite=true")
 
     def _build(self, ckpt: dict | None) -> None:
-        """Build every component from the config (S from the checkpoint when resuming: the initializer, e.g.
-        K-Center's network training, is not run again)."""
-        from ddrun.synthetic import SyntheticSet
-        from ddrun.tracking import Tracker
-
+        """Build every component from the config: the ones that need no data first (their constructors check
+        their knobs before any data is loaded), then the dataset, S (from the checkpoint when resuming: the
+        initializer, e.g. K-Center's network training, is not run again) and the rest."""
         cfg = self.cfg
-        self.real = build(cfg.dataset).to(self.device)
-        if ckpt is None:
-            self.syn = build(cfg.init)(self.real, int(cfg.ipc), torch.Generator().manual_seed(derive_seed(self.seed, 1)))
-        else:
-            self.syn = SyntheticSet.from_state(ckpt["syn"])
-        real = self.real
-        self.syn.meta.update(dataset=real.name, num_classes=real.num_classes, channels=real.channels,
-                             im_size=list(real.im_size), mean=list(real.mean), std=list(real.std),
-                             zca=real.zca is not None, ipc=int(cfg.ipc), method=str(cfg.preset.name),
-                             config_hash=self.chash)
-        self.syn = self.syn.to(self.device)
-        self.param: Parametrization = build(cfg.parametrization)
-        self.syn.meta.update(self.param.describe(self.syn))
-        self.objective = build(cfg.objective) if has_objective(cfg) else None
-        self.fetcher = build(cfg.fetcher)(real=real, device=self.device, seed=self.seed) if self.objective else None
-        self.schedule = build(cfg.schedule)
-        self.optimizer = self.scheduler = None
-        if self.objective is not None:
-            self.objective.prepare(self.syn, real)
-            self.optimizer = build(cfg.syn_optimizer)(self.objective.param_groups(self.syn), lr=self.objective.lr_img)
-            if cfg.get("syn_scheduler") is not None:
-                self.scheduler = build(cfg.syn_scheduler)(self.optimizer)
-        self.stages = {name: build(node) for name, node in (cfg.get("stages") or {}).items()}
         self.evaluator = build(cfg.evaluator)
         if self.evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
             self.evaluator = None
+        self.objective = build(cfg.objective) if has_objective(cfg) else None
+        self.schedule, self.param = build(cfg.schedule), build(cfg.parametrization)
+        self.stages = {name: build(node) for name, node in (cfg.get("stages") or {}).items()}
+        self.real = build(cfg.dataset).to(self.device)
+        self.syn = self._initial_set(ckpt)
+        self.fetcher = build(cfg.fetcher)(real=self.real, device=self.device, seed=self.seed) if self.objective else None
+        self.optimizer = self.scheduler = None
+        if self.objective is not None:
+            self.objective.prepare(self.syn, self.real)
+            self.optimizer = build(cfg.syn_optimizer)(self.objective.param_groups(self.syn), lr=self.objective.lr_img)
+            if cfg.get("syn_scheduler") is not None:
+                self.scheduler = build(cfg.syn_scheduler)(self.optimizer)
+        from ddrun.tracking import Tracker
+
         self.tracker = Tracker(self.run_dir, OmegaConf.to_container(cfg, resolve=True), resume_id=self.state.wandb_id,
                                **OmegaConf.to_container(cfg.logger, resolve=True))
         self.state.wandb_id = self.tracker.run_id
+        self.tracker.restore(self.state.metrics)  # a fresh run starts metrics.jsonl empty; a resumed one as saved
+
+    def _initial_set(self, ckpt: dict | None):
+        """S at the start of this attempt, on the device, with its metadata."""
+        from ddrun.synthetic import SyntheticSet
+
+        cfg, real = self.cfg, self.real
+        if ckpt is None:
+            syn = build(cfg.init)(real, int(cfg.ipc), torch.Generator().manual_seed(derive_seed(self.seed, 1)))
+        else:
+            syn = SyntheticSet.from_state(ckpt["syn"])
+        syn.meta.update(dataset=real.name, num_classes=real.num_classes, channels=real.channels,
+                        im_size=list(real.im_size), mean=list(real.mean), std=list(real.std), zca=real.zca is not None,
+                        ipc=int(cfg.ipc), method=str(cfg.preset.name), config_hash=self.chash,
+                        setting_hash=setting_hash(cfg))
+        syn = syn.to(self.device)
+        syn.meta.update(self.param.describe(syn))
+        return syn
 
     def _restore(self, ckpt: dict) -> None:
         """Component states from the checkpoint, after they are built (``prepare`` switched on what S learns)."""
@@ -179,48 +230,57 @@ class Distillation:
                            ("scheduler", self.scheduler)):
             if part is not None and ckpt.get(name):
                 part.load_state_dict(ckpt[name])
-        self.tracker.restore(self.state.metrics)
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
 
     # --- the loop -----------------------------------------------------------------------------------------
     def run(self, stop: StopSignals) -> dict:
-        """The loop: iterations, then the stages, then the final evaluation; returns the final result."""
-        from tqdm.auto import tqdm
-
+        """The loop: iterations, then the stages, then the final evaluation, ``synthetic.pt`` and ``results.json``;
+        returns the final result."""
         if self.evaluator is not None:
             log.info("evaluation protocol: %s", self.evaluator.protocol())
-        bar = tqdm(range(self.state.iteration, self.iterations + 1), initial=self.state.iteration,
-                   total=self.iterations + 1, desc="distill", disable=None)
+        bar = Progress(self.iterations, self.state.iteration, "distill", float(self.cfg.progress_every), log)
         try:
-            for it in bar:
+            for it in range(self.state.iteration, self.iterations + 1):
                 if it == self.iterations:
                     self.run_stages(stop)
                 self.boundary(it, stop)
                 if it == self.iterations:
                     break
                 self.step(it)
-                bar.set_postfix(loss=f"{self.state.loss:.4g}", acc=self._last_acc())
+                bar.update(1, loss=self.state.loss, acc=self._last_acc())
             self.syn.meta["iteration"] = self.iterations
             self.syn.save(self.run_dir / "synthetic.pt")
+            self.write_record()
         finally:
             bar.close()
             self.tracker.close()
         out = {"run_dir": str(self.run_dir), "synthetic": str(self.run_dir / "synthetic.pt")}
         return {**out, **(self.state.result or {})}
 
-    def _last_acc(self) -> str | None:
+    def _last_acc(self) -> float | None:
         r = self.state.result
-        return None if r is None or "acc_mean" not in r else f"{r['acc_mean']:.2f}"
+        return None if r is None or "acc_mean" not in r else round(float(r["acc_mean"]), 2)
 
     def is_eval_step(self, it: int) -> bool:
         return it == self.iterations or (it % self.eval_every == 0 and (it > 0 or bool(self.cfg.eval_at_start)))
+
+    def _evaluated(self, it: int) -> bool:
+        """Whether iteration ``it`` is evaluated already; the final one under the current protocol (a finished run
+        rerun with another evaluator is evaluated again, and both results are kept)."""
+        if self.state.evaluated_at != it:
+            return False
+        if it < self.iterations or self.evaluator is None:
+            return True
+        fields = self.evaluator.protocol_fields()
+        return any(f["protocol"].get("evaluator") is not None and
+                   {k: v for k, v in f["protocol"].items() if k != "test"} == fields for f in self.state.finals)
 
     def boundary(self, it: int, stop: StopSignals) -> None:
         """Between iterations ``it - 1`` and ``it``: checkpoint when due, act on a stop signal, evaluate when
         due."""
         st = self.state
-        pending_eval = self.is_eval_step(it) and st.evaluated_at != it
+        pending_eval = self.is_eval_step(it) and not self._evaluated(it)
         first = it == 0 and not self.resumed and st.saved_at is None
         if pending_eval or first or (it > st.saved_at and it % int(self.cfg.checkpoint_every) == 0):
             self.checkpoint(it)
@@ -232,7 +292,32 @@ class Distillation:
             with stop.interruptible(it, self.ckpt_path):  # the checkpoint is current: a signal stops at once
                 st.result = self.evaluate(it)
             st.evaluated_at = it
+            if it == self.iterations and st.result is not None and "acc_mean" in st.result:
+                st.finals.append(record.evaluation(st.result, it, self.real))
             self.checkpoint(it)
+
+    def write_record(self) -> None:
+        """``results.json`` (``ddrun.record``): the run's identity, setting, S's digest and its final evaluations."""
+        rows = [r for r in self.state.metrics if "acc_mean" in r]
+        last = self.state.finals[-1]["protocol_line"] if self.state.finals else None
+        same = [r for r in rows if r.get("protocol") == last]
+        best = max(same, key=lambda r: r["acc_mean"], default=None)
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        rec = {"command": "distill", "run_dir": str(self.run_dir), "method": str(self.cfg.preset.name),
+               "dataset": self.real.name, "ipc": int(self.cfg.ipc), "seed": self.seed, "iterations": self.iterations,
+               "config_hash": self.chash, "setting_hash": setting_hash(self.cfg),
+               "setting": record.flat_setting(config, NOT_S + ("seed",)),
+               "synthetic": record.synthetic_info(self.syn, self.run_dir / "synthetic.pt",
+                                                  self.param.describe(self.syn)),
+               "evaluations": self.state.finals, "device": record.device_name(self.device),
+               "seconds": round(self.state.seconds, 2),
+               "best": None if best is None else {"iteration": best["iteration"], "acc_mean": best["acc_mean"],
+                                                  "acc_std": best.get("acc_std"), "protocol_line": last}}
+        try:
+            record.write(self.run_dir, rec)
+        except OSError as exc:
+            raise DdrunError(f"could not write {self.run_dir / record.FILENAME} ({exc.strerror or exc}); S is "
+                             f"saved in {self.run_dir / 'synthetic.pt'}") from None
 
     def step(self, it: int) -> None:
         """Iteration ``it``: fetch a network, ``schedule.steps`` updates of S, then the checks."""
@@ -280,7 +365,8 @@ class Distillation:
     def evaluate(self, it: int) -> dict | None:
         """Image grid, the objective's own protocol, the evaluator; logs all of it; returns the result."""
         syn, real, st = self.syn, self.real, self.state
-        self.tracker.images(real.to_pixels(syn.images.detach()), int(self.cfg.ipc), it)
+        self.tracker.images(real.to_pixels(syn.images.detach(), clamp=False), int(self.cfg.ipc), it,
+                            class_names=real.class_names)
         decoded = self.param.decode(syn)
         extra = self.objective.report(decoded, real, self.fetcher, self.seed) if self.objective else {}
         if extra:
@@ -290,8 +376,9 @@ class Distillation:
                 self.tracker.log({"loss": st.loss, **extra, "seconds": st.seconds}, it)
             return None
         res = self.evaluator(decoded, real, self.seed)
+        line = record.evaluation(res, it, real)["protocol_line"]
         self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra,
-                          "seconds": st.seconds, "per_net": res["per_net"]}, it)
+                          "seconds": st.seconds, "per_net": res["per_net"], "protocol": line}, it)
         log.info("iteration %d: accuracy %.2f +- %.2f (%s)", it, res["acc_mean"], res["acc_std"], res["protocol"])
         if syn.lr is not None and self.evaluator.uses_learned_lr:
             log.info("iteration %d: the evaluation networks trained with S's learned step size %.4g", it,

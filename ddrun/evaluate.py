@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import logging
-import statistics
 
 import hydra
+import torch
 
+from ddrun import record
 from ddrun.data.datasets import RealData
 from ddrun.synthetic import SyntheticSet
 
@@ -47,78 +48,147 @@ def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
                           f"dataset's ZCA option the same way")
 
 
+def check_outside_set(d: dict, real: RealData, source: str) -> None:
+    """Refuse a plain ``{images, labels}`` file that cannot be a synthetic set of ``real``: empty, integer or
+    non-finite images, images far outside the dataset's normalized space (e.g. raw 0-255 pixels), labels that are
+    neither int64 ``[N]`` in ``[0, K)`` nor float ``[N, K]``, or counts that differ.
+
+    Raises:
+        ConfigError: one line naming the file, what is wrong and what is expected.
+    """
+    from ddrun.utils import ConfigError
+
+    images, labels, k = d["images"], d["labels"], real.num_classes
+    space = f"float32 [N, {real.channels}, {real.im_size[0]}, {real.im_size[1]}] in {real.name}'s normalized space " \
+            f"((x/255 - mean)/std with mean {list(real.mean)}, std {list(real.std)}{', then ZCA' if real.zca else ''})"
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        raise ConfigError(f"{source}: 'images' must be a non-empty tensor {space}")
+    if not images.dtype.is_floating_point:
+        raise ConfigError(f"{source}: images are {images.dtype}; ddrun expects {space}")
+    if not torch.isfinite(images).all():
+        raise ConfigError(f"{source}: images hold NaN or Inf values")
+    typical = real.train_images[:2000].abs().flatten().float().quantile(0.99)
+    if images.abs().flatten().float().quantile(0.99) > 25 * typical:
+        raise ConfigError(f"{source}: image values reach {float(images.abs().max()):.4g}, far outside the dataset's "
+                          f"normalized space (real images: 99% within +-{float(typical):.3g}); raw 0-255 or [0, 1] "
+                          f"pixels must be normalized first: ddrun expects {space}")
+    if not isinstance(labels, torch.Tensor) or len(labels) != len(images):
+        n = len(labels) if isinstance(labels, torch.Tensor) else "no"
+        raise ConfigError(f"{source}: {len(images)} images but {n} labels")
+    if labels.dtype.is_floating_point:
+        if labels.shape != (len(images), k) or not torch.isfinite(labels).all():
+            raise ConfigError(f"{source}: soft labels must be finite float [N, K] = [{len(images)}, {k}], got "
+                              f"{list(labels.shape)}")
+    elif labels.dtype != torch.int64 or labels.dim() != 1 or labels.min() < 0 or labels.max() >= k:
+        raise ConfigError(f"{source}: hard labels must be int64 [N] in [0, {k}), got {labels.dtype} "
+                          f"{list(labels.shape)} in [{int(labels.min())}, {int(labels.max())}]")
+
+
+def load_set(cfg, real: RealData):
+    """The set to evaluate: ``(syn, identity)`` where identity holds method, ipc, iteration, source (file, and the
+    run that made it when it is a ddrun ``synthetic.pt`` beside its ``results.json``), and its setting."""
+    from pathlib import Path
+
+    from ddrun.files import load_tensors
+    from ddrun.record import read as read_record
+
+    path = Path(cfg.synthetic)
+    d = load_tensors(path, "synthetic set", keys=("images", "labels"))
+    check_outside_set(d, real, str(path))
+    syn = SyntheticSet.from_state(d)
+    check_compatible(syn, real, str(path))
+    meta = syn.meta
+    source = {"path": str(path), "config_hash": meta.get("config_hash"), "setting_hash": meta.get("setting_hash")}
+    try:
+        made = read_record(path.parent)
+        source.update(run_dir=str(path.parent), seed=made.get("seed"), setting=made.get("setting"))
+    except Exception:  # noqa: BLE001 - an outside file, or a run without a record: the file alone identifies it
+        pass
+    identity = {"method": meta.get("method") or "external", "ipc": int(meta.get("ipc", len(syn.images) // real.num_classes)),
+                "iterations": meta.get("iteration"), "source": source}
+    return syn, identity
+
+
 def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     """``ddrun evaluate``: train fresh networks on a saved S (``synthetic=PATH``: a file written by ddrun, or any
     ``{images, labels}`` tensor dict with images in the dataset's normalized space) or, with ``full=true``, on the
     whole real training set (the upper bound), and test them on the real test split with ``cfg.evaluator``.
 
-    Writes into ``run_dir`` (when given): ``results.json`` (the whole result), one ``metrics.jsonl`` row (the same
-    fields as the distill loop's evaluation rows, plus ``method``, ``dataset``, ``ipc``, ``arch`` names in
-    ``per_net``) that ``ddrun report`` reads, and the image grid of S.
+    Writes into ``run_dir`` (when given): ``results.json`` (the run record, ``ddrun.record``; an evaluate of a
+    set is its own record, never another seed of the run that made it), one ``metrics.jsonl`` row and the image
+    grid of S.
 
     Returns:
         ``{"acc_mean", "acc_std", "per_net", "per_arch", "protocol", "method", "dataset", "ipc", "iteration",
         "source"}``, accuracies in percent.
 
     Raises:
-        ConfigError: neither or both of ``synthetic`` and ``full``; S does not fit the dataset; bad evaluator.
-        DataError: the file or the dataset is missing or corrupt.
+        ConfigError: neither or both of ``synthetic`` and ``full``; a bad set or knob (one line).
+        DataError: the file or the dataset is missing, corrupt or refused.
     """
-    import json
     import types
+
+    from ddrun.schema import check_common
+    from ddrun.utils import ConfigError, build, resolve_device, seed_everything
+
+    check_common(cfg, "evaluate")
+    full = bool(cfg.full)
+    if full == (cfg.synthetic is not None):
+        raise ConfigError("pass synthetic=PATH (a saved synthetic set) or full=true (the whole training set), "
+                          "not both" if full else "pass synthetic=PATH (a saved synthetic set) or full=true")
+    evaluator = build(cfg.evaluator)
+    if evaluator.num_eval < 1:
+        raise ConfigError(f"evaluator.num_eval={evaluator.num_eval}: must be >= 1")
+    device, seed = resolve_device(cfg.device), int(cfg.seed)
+    seed_everything(seed)
+    real = build(cfg.dataset).to(device)
+    if full:
+        syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})
+        identity = {"method": "full", "ipc": "full", "iterations": 0,
+                    "source": {"path": f"the whole {real.name} training set"}}
+    else:
+        syn, identity = load_set(cfg, real)
+        syn = syn.to(device)
+    if cfg.label:
+        identity["method"] = str(cfg.label)
+    res = evaluator(syn, real, seed)
+    out = {**res, **identity, "dataset": real.name, "iteration": identity["iterations"] or 0, "seed": seed,
+           "per_arch": record.evaluation(res, 0, real)["per_arch"]}
+    if run_dir is not None:
+        _write_outputs(cfg, run_dir, syn, real, out, device, full)
+    return out
+
+
+def _write_outputs(cfg, run_dir, syn, real, out: dict, device, full: bool) -> None:
+    """``metrics.jsonl``, the image grid and ``results.json`` of an evaluate run."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    from ddrun.utils import ConfigError, build, resolve_device, seed_everything
+    from ddrun.tracking import Tracker
 
-    full, path = bool(cfg.full), cfg.synthetic
-    if full == (path is not None):
-        raise ConfigError("pass synthetic=PATH (a saved synthetic set) or full=true (the whole training set), "
-                          "not both" if full else "pass synthetic=PATH (a saved synthetic set) or full=true")
-    device = resolve_device(cfg.device)
-    seed = int(cfg.seed)
-    seed_everything(seed)
-    real = build(cfg.dataset).to(device)
-    evaluator = build(cfg.evaluator)
-    if evaluator.num_eval < 1:
-        raise ConfigError(f"evaluator.num_eval={evaluator.num_eval}: must be >= 1")
-    if full:
-        syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})
-        method, ipc, iteration, source = "full", "full", 0, f"the whole {real.name} training set"
-    else:
-        syn = SyntheticSet.load(path)
-        check_compatible(syn, real, str(path))
-        syn = syn.to(device)
-        method = syn.meta.get("method") or "external"
-        ipc = int(syn.meta.get("ipc", len(syn.images) // real.num_classes))
-        iteration, source = int(syn.meta.get("iteration", 0)), str(path)
-    if cfg.label:
-        method = str(cfg.label)
-    res = evaluator(syn, real, seed)
-    per_arch = res.get("per_arch") or {n: {"acc_mean": statistics.fmean(a),
-                                           "acc_std": statistics.pstdev(a) if len(a) > 1 else 0.0}
-                                       for n, a in res["per_net"].items()}
-    out = {**res, "per_arch": per_arch, "method": method, "dataset": real.name, "ipc": ipc, "iteration": iteration,
-           "source": source, "seed": seed}
-    if run_dir is not None:
-        from ddrun.tracking import Tracker
-
-        run_dir = Path(run_dir)
-        tracker = Tracker(run_dir, OmegaConf.to_container(cfg, resolve=True),
-                          **OmegaConf.to_container(cfg.logger, resolve=True))
-        try:
-            if not full:
-                tracker.images(real.to_pixels(syn.images.detach()), max(len(syn.images) // real.num_classes, 1),
-                               iteration)
-            flat = {f"{k}/{name}": v[k] for name, v in per_arch.items() for k in ("acc_mean", "acc_std")}
-            tracker.log({"acc_mean": res["acc_mean"], "acc_std": res["acc_std"], "per_net": res["per_net"],
-                         "method": method, "dataset": real.name, "ipc": ipc, "protocol": res["protocol"], **flat},
-                        iteration)
-        finally:
-            tracker.close()
-        (run_dir / "results.json").write_text(json.dumps(out, indent=1))
-    return out
+    run_dir = Path(run_dir)
+    tracker = Tracker(run_dir, OmegaConf.to_container(cfg, resolve=True), **OmegaConf.to_container(cfg.logger,
+                                                                                                      resolve=True))
+    evaluation = record.evaluation(out, out["iteration"], real)
+    try:
+        if not full:
+            tracker.images(real.to_pixels(syn.images.detach(), clamp=False), max(len(syn.images) // real.num_classes, 1),
+                           out["iteration"], class_names=real.class_names)
+        flat = {f"{k}/{name}": v[k] for name, v in evaluation["per_arch"].items() for k in ("acc_mean", "acc_std")}
+        tracker.log({"acc_mean": out["acc_mean"], "acc_std": out["acc_std"], "per_net": out["per_net"],
+                     "method": out["method"], "dataset": real.name, "ipc": out["ipc"],
+                     "protocol": evaluation["protocol_line"], **flat}, out["iteration"])
+    finally:
+        tracker.close()
+    describe = {"parametrization": syn.meta.get("parametrization", "pixels"), "stored_images": len(syn.images),
+                "decoded_images": syn.meta.get("decoded_images", len(syn.images))}
+    rec = {"command": "evaluate", "run_dir": str(run_dir), "method": out["method"], "dataset": real.name,
+           "ipc": out["ipc"], "seed": out["seed"], "iterations": out["iterations"], "source": out["source"],
+           "setting": {"source.setting_hash": out["source"].get("setting_hash")},
+           "synthetic": None if full else record.synthetic_info(syn, out["source"]["path"], describe),
+           "evaluations": [evaluation], "device": record.device_name(device), "best": None}
+    record.write(run_dir, rec)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ddrun.conf", config_name="evaluate")
@@ -129,7 +199,7 @@ def main(cfg) -> float | None:
 
     with command_errors("evaluate", log):
         out = evaluate_cmd(cfg, HydraConfig.get().runtime.output_dir)
-    print(f"{out['source']} ({out['method']}, ipc {out['ipc']}, {out['dataset']}); protocol: {out['protocol']}")
+    print(f"{out['source']['path']} ({out['method']}, ipc {out['ipc']}, {out['dataset']}); protocol: {out['protocol']}")
     print("| architecture | accuracy % (mean ± std) | runs |\n|---|---|---|")
     for name, v in out["per_arch"].items():
         print(f"| {name} | {v['acc_mean']:.2f} ± {v['acc_std']:.2f} | {len(out['per_net'][name])} |")

@@ -52,18 +52,21 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to a temporary file in the same folder, flush and fsync it, then rename it over ``path``.
+def atomic_write(data: bytes, path: str | Path, keep_previous: Path | None = None) -> None:
+    """Write ``data`` to a temporary file in the same folder, flush and fsync it, then rename it over ``path``
+    (with ``keep_previous``: first move the current ``path`` there).
 
     Raises:
         OSError: the write failed (e.g. ``ENOSPC``, ``EFBIG``, ``EDQUOT``); the temporary file is removed, ``path``
-            is untouched.
+            (and ``keep_previous``) are untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
         write_synced(tmp, data)
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

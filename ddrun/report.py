@@ -1,13 +1,16 @@
-"""``ddrun report PATH...``: the table a paper prints, from run directories and sweeps.
+"""``ddrun report PATH...``: the table a paper prints, from run records.
 
-Reads every run directory under the given paths (``ddrun distill`` and ``ddrun evaluate`` runs, single runs or
-multiruns, local or from a SLURM sweep: a directory with ``.hydra/config.yaml`` and ``metrics.jsonl``), takes each
-finished run's final evaluation, groups the runs by dataset x ipc x method x architecture and prints mean ± std over
-seeds (each run contributes the mean over its ``num_eval`` networks; ``--pool nets`` pools every network instead, as
-the DC reference's 100-model figures do) as a Markdown table; writes it as CSV, and draws accuracy vs iteration (per
-method) and accuracy vs ipc as PNG. ``--compare`` adds the published figures shipped in ``ddrun/published.csv``
-(each with its source). Every group states its evaluation protocol; groups whose runs used different protocols are
-flagged.
+Reads the run record (``results.json``, :mod:`ddrun.record`) of every run directory under the given paths
+(``ddrun distill`` and ``ddrun evaluate`` runs, single runs or multiruns, local or from a SLURM sweep) and nothing
+else: no config is resolved, so a run folder from elsewhere cannot make the report print environment variables.
+Every final evaluation of a run is one result; results are pooled into one row only when they agree in dataset,
+ipc, method, architecture, command, evaluation protocol, test set, setting (every S-determining knob but the seed)
+and iterations — runs that differ in any of these get separate rows, with a footnote naming what differs. Each row
+gives mean ± std over seeds (each run contributes the mean over its networks; ``--pool nets`` pools every network,
+as the DC reference's 100-model figures do) and, for distill runs, the best evaluation over the run (what MTT's
+papers report). Writes ``report.md`` and ``report.csv`` and draws accuracy vs iteration and accuracy vs ipc as PNG;
+where it cannot write, it prints the table anyway and says so in one line. ``--compare`` adds the published figures
+shipped in ``ddrun/published.csv`` (each with its source).
 
 Plain argparse rather than Hydra: the command takes a list of paths and a few flags, composes no config, and must
 not create a run directory of its own.
@@ -23,113 +26,101 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddrun.record import FILENAME as RECORD_FILE
+from ddrun.record import read as read_record
 from ddrun.utils import DataError, DdrunError
 
 PUBLISHED = Path(__file__).with_name("published.csv")
+BASELINES = {"random": 0, "herding": 1, "kcenter": 2}
 
 
 @dataclass
-class Run:
-    """One finished run: its identity, final accuracies per architecture and its accuracy curve."""
+class Result:
+    """One final evaluation of one run (a run evaluated under two protocols gives two results)."""
 
     path: Path
     command: str
     method: str
     dataset: str
     ipc: int | str
-    seed: int
-    iteration: int
-    protocol: str
-    accs: dict[str, list[float]]          # arch -> accuracy (%) of each evaluated network, final evaluation
-    means: dict[str, float]               # arch -> mean over those networks
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, acc_mean) of every evaluation
+    seed: int | None
+    iterations: int | None
+    setting_hash: str | None
+    setting: dict
+    protocol: dict                        # protocol fields without the test set
+    protocol_line: str
+    test_images: int | None
+    accs: dict[str, list[float]]          # arch -> accuracy (%) of each evaluated network
+    best: dict | None = None              # {"iteration", "acc_mean"} over the run's evaluations (distill)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    def key(self, arch: str) -> tuple:
+        """What must agree for two results to be seeds of one experiment."""
+        return (self.dataset, str(self.ipc), self.method, arch, self.command, self.protocol_line, self.test_images,
+                self.setting_hash, self.iterations)
 
 
-def _protocol(cfg: dict) -> str:
-    """The evaluation protocol of a run, from its config (the same line for distill and evaluate runs)."""
-    ev = cfg.get("evaluator") or {}
-    aug = (ev.get("augment") or {}).get("strategy", "none") if isinstance(ev.get("augment"), dict) else "none"
-    archs = "/".join(ev.get("archs") or [ev.get("name", "convnet")])
-    net = ev.get("net") if isinstance(ev.get("net"), dict) else None
-    if net and not ev.get("archs"):  # the single evaluator's architecture settings (e.g. a narrow ConvNet)
-        archs += "(" + ", ".join(f"{k} {v}" for k, v in net.items() if not str(k).startswith("_")) + ")"
-    return (f"{archs} x{ev.get('num_eval')} nets, {ev.get('epochs')} epochs, SGD lr {ev.get('lr')} (x0.1 at half), "
-            f"mom {ev.get('momentum')}, wd {ev.get('weight_decay')}, batch {ev.get('batch_train')}, aug {aug}"
-            + ("" if ev.get("use_learned_lr", True) is False else ", learned lr when S has one"))
-
-
-def _resolve_strategy(cfg: dict) -> dict:
-    """``.hydra/config.yaml`` keeps interpolations: resolve the few the protocol line needs."""
-    from omegaconf import OmegaConf
-
+def _curve(path: Path, protocol_line: str) -> list[tuple[int, float]]:
+    """(iteration, accuracy) of every evaluation of the run under ``protocol_line`` (from ``metrics.jsonl``)."""
+    rows = []
     try:
-        return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
-    except Exception:  # noqa: BLE001 - an unresolvable key (e.g. an env var): use the raw values
-        return cfg
-
-
-def read_run(path: Path) -> Run | None:
-    """The finished run in ``path``, or None when it has no final evaluation yet (still running, or killed).
-
-    Raises:
-        DataError: ``metrics.jsonl`` or the config cannot be parsed (names the file and line).
-    """
-    import yaml
-
-    cfg_file, metrics = path / ".hydra" / "config.yaml", path / "metrics.jsonl"
-    try:
-        cfg = _resolve_strategy(yaml.safe_load(cfg_file.read_text()) or {})
-    except (OSError, yaml.YAMLError) as exc:
-        raise DataError(f"cannot read {cfg_file}: {exc}") from None
-    rows, lines = [], metrics.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
         try:
-            rows.append(json.loads(line))
+            r = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):
-                break  # a last line cut short by a kill: the run is not finished anyway
-            raise DataError(f"{metrics}:{n}: not JSON") from None
-    evals = [r for r in rows if "acc_mean" in r]
-    command = "evaluate" if "synthetic" in cfg and "full" in cfg else "distill"
-    if not evals:
-        return None
-    last = evals[-1]
-    if command == "distill" and (int(last["iteration"]) != int(cfg.get("iterations", last["iteration"]))
-                                 or not (path / "synthetic.pt").is_file()):
-        return None
-    per_net = last.get("per_net") or {(cfg.get("evaluator") or {}).get("name", "convnet"): [last["acc_mean"]]}
-    accs = {a: [float(v) for v in vals] for a, vals in per_net.items()}
-    return Run(path=path, command=command,
-               method=str(last.get("method") or (cfg.get("preset") or {}).get("name", "?")),
-               dataset=str(last.get("dataset") or (cfg.get("dataset") or {}).get("name", "?")),
-               ipc=last.get("ipc", cfg.get("ipc", "?")), seed=int(cfg.get("seed", 0)), iteration=int(last["iteration"]),
-               protocol=_protocol(cfg), accs=accs,
-               means={a: statistics.fmean(v) for a, v in accs.items()},
-               curve=[(int(r["iteration"]), float(r["acc_mean"])) for r in evals])
+            continue
+        if "acc_mean" in r and r.get("protocol", protocol_line) == protocol_line:
+            rows.append((int(r["iteration"]), float(r["acc_mean"])))
+    return rows
 
 
-def find_runs(paths: list[str]) -> tuple[list[Run], list[Path]]:
-    """Every finished run under ``paths`` (searched recursively), and the run directories without a final
-    evaluation.
+def results_of(path: Path) -> list[Result]:
+    """The results recorded in ``path/results.json``. Raises DataError for an unreadable record."""
+    rec = read_record(path)
+    source = rec.get("source") or {}
+    seed = source.get("seed", rec.get("seed")) if rec.get("command") == "evaluate" else rec.get("seed")
+    out = []
+    for ev in rec["evaluations"]:
+        protocol = {k: v for k, v in ev.get("protocol", {}).items() if k != "test"}
+        line = ev.get("protocol_line", "")
+        test = (ev.get("protocol") or {}).get("test") or {}
+        best = rec.get("best") if (rec.get("best") or {}).get("protocol_line") == line else None
+        setting_hash = rec.get("setting_hash") or (rec.get("setting") or {}).get("source.setting_hash")
+        out.append(Result(path=path, command=str(rec.get("command", "distill")), method=str(rec.get("method")),
+                          dataset=str(rec.get("dataset")), ipc=rec.get("ipc"), seed=seed,
+                          iterations=rec.get("iterations"), setting_hash=setting_hash,
+                          setting=source.get("setting") or rec.get("setting") or {}, protocol=protocol,
+                          protocol_line=line, test_images=test.get("images"),
+                          accs={a: [float(v) for v in accs] for a, accs in (ev.get("per_net") or {}).items()},
+                          best=best, curve=_curve(path, line) if rec.get("command") == "distill" else []))
+    return out
+
+
+def find_results(paths: list[str]) -> tuple[list[Result], list[Path]]:
+    """Every result under ``paths`` (searched recursively), and the run directories without a run record
+    (running, stopped or failed).
 
     Raises:
         DataError: a path does not exist, or holds no run directory at all.
     """
-    runs, unfinished = [], []
+    results, unfinished = [], []
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or directory")
-        dirs = sorted({m.parent for m in ([p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else [])} |
-                      {m.parent for m in p.rglob("metrics.jsonl")})
-        dirs = [d for d in dirs if (d / ".hydra" / "config.yaml").is_file()]
+        dirs = {m.parent for m in p.rglob("metrics.jsonl")} | {m.parent for m in p.rglob(RECORD_FILE)}
+        dirs |= {p} if (p / RECORD_FILE).is_file() or (p / "metrics.jsonl").is_file() else set()
+        dirs = {d for d in dirs if "archive" not in d.relative_to(p).parts}
         if not dirs:
-            raise DataError(f"{p}: no run directories (a folder with .hydra/config.yaml and metrics.jsonl) found")
-        for d in dirs:
-            run = read_run(d)
-            (runs.append(run) if run is not None else unfinished.append(d))
-    return runs, unfinished
+            raise DataError(f"{p}: no run directories (a folder with results.json or metrics.jsonl) found")
+        for d in sorted(dirs):
+            if (d / RECORD_FILE).is_file():
+                results.extend(results_of(d))
+            else:
+                unfinished.append(d)
+    return results, unfinished
 
 
 def _ipc_key(ipc) -> tuple:
@@ -138,14 +129,18 @@ def _ipc_key(ipc) -> tuple:
 
 @dataclass
 class Group:
+    """One row: results that agree in everything but the seed (``Result.key``)."""
+
     dataset: str
     ipc: int | str
     method: str
     arch: str
+    results: list[Result]
     values: list[float]      # one per run (seed) or per network (--pool nets)
-    seeds: list[int]
-    protocols: list[str]
-    runs: list[Run]
+
+    @property
+    def first(self) -> Result:
+        return self.results[0]
 
     @property
     def mean(self) -> float:
@@ -155,22 +150,52 @@ class Group:
     def std(self) -> float:
         return statistics.pstdev(self.values) if len(self.values) > 1 else 0.0
 
+    @property
+    def seeds(self) -> list:
+        return sorted({r.seed for r in self.results if r.seed is not None})
 
-def group_runs(runs: list[Run], pool: str = "seeds") -> list[Group]:
-    """Group by (dataset, ipc, method, arch), ordered as the papers' tables: dataset, ipc, then the baselines
-    (random, herding, kcenter) before the distillation methods, the full-data upper bound last."""
+    @property
+    def best(self) -> tuple[float, float] | None:
+        bests = [r.best["acc_mean"] for r in self.results if r.best]
+        if not bests:
+            return None
+        return statistics.fmean(bests), statistics.pstdev(bests) if len(bests) > 1 else 0.0
+
+
+def group_results(results: list[Result], pool: str = "seeds") -> list[Group]:
+    """Group by :meth:`Result.key`, ordered as the papers' tables: dataset, ipc, the baselines (random, herding,
+    kcenter) before the distillation methods, the full-data upper bound last."""
     groups: dict[tuple, Group] = {}
-    for r in runs:
-        for arch, mean in r.means.items():
-            key = (r.dataset, r.ipc, r.method, arch)
-            g = groups.setdefault(key, Group(r.dataset, r.ipc, r.method, arch, [], [], [], []))
-            g.values.extend(r.accs[arch] if pool == "nets" else [mean])
-            g.seeds.append(r.seed)
-            g.protocols.append(r.protocol)
-            g.runs.append(r)
-    order = {"random": 0, "herding": 1, "kcenter": 2}
+    for r in results:
+        for arch, accs in r.accs.items():
+            if not accs:
+                continue
+            g = groups.setdefault(r.key(arch), Group(r.dataset, r.ipc, r.method, arch, [], []))
+            g.results.append(r)
+            g.values.extend(accs if pool == "nets" else [statistics.fmean(accs)])
     return sorted(groups.values(), key=lambda g: (g.dataset, _ipc_key(g.ipc), g.method == "full",
-                                                  order.get(g.method, 3), g.method, g.arch))
+                                                  BASELINES.get(g.method, 3), g.method, g.arch,
+                                                  g.first.command != "distill", g.first.iterations or 0))
+
+
+def differences(a: Result, b: Result) -> list[str]:
+    """What distinguishes result ``b`` from result ``a`` (same dataset, ipc, method, architecture)."""
+    diff = []
+    if a.command != b.command:
+        diff.append(f"{b.command} of a saved set" if b.command == "evaluate" else f"command {b.command}")
+    if a.iterations != b.iterations:
+        diff.append(f"iterations {a.iterations} vs {b.iterations}")
+    if a.test_images != b.test_images:
+        diff.append(f"test images {a.test_images} vs {b.test_images}")
+    for k in sorted(set(a.protocol) | set(b.protocol)):
+        if a.protocol.get(k) != b.protocol.get(k):
+            diff.append(f"evaluator {k} {a.protocol.get(k)} vs {b.protocol.get(k)}")
+    for k in sorted(set(a.setting) | set(b.setting)):
+        if a.setting.get(k) != b.setting.get(k) and not k.startswith("source."):
+            diff.append(f"{k} {a.setting.get(k)} vs {b.setting.get(k)}")
+    if not diff and a.setting_hash != b.setting_hash:
+        diff.append("the distillation settings (setting hash " f"{a.setting_hash} vs {b.setting_hash})")
+    return diff
 
 
 def load_published(path: Path = PUBLISHED) -> dict[tuple, list[dict]]:
@@ -189,29 +214,35 @@ def _published_cell(pub: dict, g: Group) -> str:
 
 
 def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> str:
-    """The Markdown table, followed by the protocol of each group (and the sources, with ``compare``)."""
+    """The Markdown table, then the protocol of each row (``^n``) and what distinguishes rows of one method
+    (``[n]``), and the sources with ``compare``."""
     pub = load_published() if compare else {}
     over = "networks" if pool == "nets" else "seeds"
-    head = ["dataset", "ipc", "method", "arch", f"accuracy % (mean ± std over {over})", "n", "seeds"]
-    if compare:
-        head.append("published")
+    head = ["dataset", "ipc", "method", "arch", f"accuracy % (mean ± std over {over})", "n", "seeds", "iterations",
+            "best % (over evaluations)"] + (["published"] if compare else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    protocols: dict[str, list[int]] = {}
+    protocols: dict[str, int] = {}
+    notes: list[str] = []
     for i, g in enumerate(groups, 1):
-        protos = sorted(set(g.protocols))
-        marks = []
-        for p in protos:
-            protocols.setdefault(p, []).append(i)
-            marks.append(str(list(protocols).index(p) + 1))
-        flag = " (mixed protocols!)" if len(protos) > 1 else ""
-        cells = [g.dataset, str(g.ipc), g.method, g.arch, f"{g.mean:.2f} ± {g.std:.2f}{flag} ^{','.join(marks)}",
-                 str(len(g.values)), ",".join(map(str, sorted(g.seeds)))]
+        mark = protocols.setdefault(g.first.protocol_line, len(protocols) + 1)
+        family = [h for h in groups[:i - 1] if (h.dataset, str(h.ipc), h.method, h.arch) ==
+                  (g.dataset, str(g.ipc), g.method, g.arch)]
+        note = ""
+        if family:
+            notes.append(f"[{len(notes) + 1}] row {i} differs from row {groups.index(family[0]) + 1} in: "
+                         f"{'; '.join(differences(family[0].first, g.first)) or 'nothing recorded'}")
+            note = f" [{len(notes)}]"
+        label = g.method + (" (evaluate)" if g.first.command == "evaluate" else "")
+        best = g.best
+        cells = [g.dataset, str(g.ipc), label + note, g.arch, f"{g.mean:.2f} ± {g.std:.2f} ^{mark}",
+                 str(len(g.results)), ",".join(map(str, g.seeds)) or "–", str(g.first.iterations),
+                 "–" if best is None else f"{best[0]:.2f} ± {best[1]:.2f}"]
         if compare:
             cells.append(_published_cell(pub, g) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    for n, p in enumerate(protocols, 1):
-        lines.append(f"^{n} evaluation protocol: {p}")
+    lines += [f"^{n} evaluation protocol: {p}" for p, n in protocols.items()]
+    lines += notes
     if compare:
         lines.append(f"published: {PUBLISHED.name} (ConvNet-3; sources: S3 DATM comparison table, S20 KIP-ConvNet "
                      "Table 1, S31 AutoPalette Table 1 as listed in PUBLISHED.md); different protocols and budgets, "
@@ -223,87 +254,107 @@ def write_csv(groups: list[Group], path: Path, compare: bool = False) -> None:
     pub = load_published() if compare else {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["dataset", "ipc", "method", "arch", "acc_mean", "acc_std", "n", "seeds", "protocol",
-                    "published", "runs"])
+        w.writerow(["dataset", "ipc", "method", "arch", "command", "acc_mean", "acc_std", "n", "seeds", "iterations",
+                    "best_mean", "protocol", "test_images", "setting_hash", "published", "runs"])
         for g in groups:
-            w.writerow([g.dataset, g.ipc, g.method, g.arch, f"{g.mean:.4f}", f"{g.std:.4f}", len(g.values),
-                        " ".join(map(str, sorted(g.seeds))), " | ".join(sorted(set(g.protocols))),
-                        _published_cell(pub, g), " ".join(str(r.path) for r in g.runs)])
+            best = g.best
+            w.writerow([g.dataset, g.ipc, g.method, g.arch, g.first.command, f"{g.mean:.4f}", f"{g.std:.4f}",
+                        len(g.results), " ".join(map(str, g.seeds)), g.first.iterations,
+                        "" if best is None else f"{best[0]:.4f}", g.first.protocol_line, g.first.test_images,
+                        g.first.setting_hash, _published_cell(pub, g), " ".join(str(r.path) for r in g.results)])
 
 
-def plots(runs: list[Run], groups: list[Group], out: Path) -> list[Path]:
-    """``acc_vs_iteration.png`` (one panel per dataset x ipc, one line per method: mean over seeds, band ± std) and
-    ``acc_vs_ipc.png`` (one panel per dataset x arch, one line per method, error bars ± std); returns the files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save_figure(fig, axes, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    def save(fig, axes, path: Path) -> Path:
-        for ax in axes:
-            ax.set_ylabel("test accuracy (%)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+    for ax in axes:
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
-    written = []
+
+def plot_curves(results: list[Result], out: Path) -> Path | None:
+    """``acc_vs_iteration.png``: one panel per dataset x ipc, one line per method (mean over seeds, band ± std)."""
+    import matplotlib.pyplot as plt
+
     curves: dict[tuple, dict[str, dict[int, list[float]]]] = {}
-    for r in runs:
-        if r.command != "distill" or len(r.curve) < 2:
+    for r in results:
+        if len(r.curve) < 2:
             continue
         per_it = curves.setdefault((r.dataset, r.ipc), {}).setdefault(r.method, {})
         for it, acc in r.curve:
             per_it.setdefault(it, []).append(acc)
-    if curves:
-        keys = sorted(curves, key=lambda k: (k[0], _ipc_key(k[1])))
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            for method, per_it in sorted(curves[key].items()):
-                its = sorted(per_it)
-                m = [statistics.fmean(per_it[i]) for i in its]
-                s = [statistics.pstdev(per_it[i]) if len(per_it[i]) > 1 else 0.0 for i in its]
-                ax.plot(its, m, marker="o", ms=3, label=method)
-                ax.fill_between(its, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
-            ax.set(title=f"{key[0]}, ipc {key[1]}", xlabel="iteration")
-        written.append(save(fig, axes[0], out / "acc_vs_iteration.png"))
-    by_panel: dict[tuple, dict[str, list[Group]]] = {}
+    if not curves:
+        return None
+    keys = sorted(curves, key=lambda k: (k[0], _ipc_key(k[1])))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for method, per_it in sorted(curves[key].items()):
+            its = sorted(per_it)
+            m = [statistics.fmean(per_it[i]) for i in its]
+            s = [statistics.pstdev(per_it[i]) if len(per_it[i]) > 1 else 0.0 for i in its]
+            ax.plot(its, m, marker="o", ms=3, label=method)
+            ax.fill_between(its, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
+        ax.set(title=f"{key[0]}, ipc {key[1]}", xlabel="iteration")
+    return _save_figure(fig, axes[0], out / "acc_vs_iteration.png")
+
+
+def plot_ipc(groups: list[Group], out: Path) -> Path | None:
+    """``acc_vs_ipc.png``: one panel per dataset x arch, one line per method and protocol, error bars ± std."""
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, dict[str, list[Group]]] = {}
     for g in groups:
         if str(g.ipc).isdigit():
-            by_panel.setdefault((g.dataset, g.arch), {}).setdefault(g.method, []).append(g)
-    if by_panel:
-        keys = sorted(by_panel)
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            for method, gs in sorted(by_panel[key].items()):
-                gs = sorted(gs, key=lambda g: int(g.ipc))
-                ax.errorbar([int(g.ipc) for g in gs], [g.mean for g in gs], yerr=[g.std for g in gs], marker="o",
-                            ms=4, capsize=3, label=method)
-            ax.set(title=f"{key[0]} ({key[1]})", xlabel="images per class (ipc)", xscale="log")
-        written.append(save(fig, axes[0], out / "acc_vs_ipc.png"))
-    return written
+            label = g.method + ("" if g.first.command == "distill" else " (evaluate)")
+            panels.setdefault((g.dataset, g.arch), {}).setdefault(label, []).append(g)
+    if not panels:
+        return None
+    keys = sorted(panels)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, gs in sorted(panels[key].items()):
+            gs = sorted(gs, key=lambda g: int(g.ipc))
+            ax.errorbar([int(g.ipc) for g in gs], [g.mean for g in gs], yerr=[g.std for g in gs], marker="o",
+                        ms=4, capsize=3, label=label)
+        ax.set(title=f"{key[0]} ({key[1]})", xlabel="images per class (ipc)", xscale="log")
+    return _save_figure(fig, axes[0], out / "acc_vs_ipc.png")
 
 
 def report(paths: list[str], out: str | None = None, compare: bool = False, pool: str = "seeds",
            plot: bool = True) -> dict:
-    """Build the report of the runs under ``paths``; write ``report.csv`` and the PNGs into ``out`` (default: the
-    first path when it is a directory). Returns ``{"table", "groups", "runs", "unfinished", "files"}``.
+    """Build the report of the runs under ``paths``; write ``report.md``, ``report.csv`` and the PNGs into ``out``
+    (default: the first path when it is a directory). Returns ``{"table", "groups", "results", "unfinished",
+    "files", "not_written"}``: ``not_written`` says where files could not be written (the table is complete).
 
     Raises:
-        DataError: missing paths, no run directories, no finished run, unreadable files.
+        DataError: missing paths, no run directories, no finished run, unreadable records.
     """
-    runs, unfinished = find_runs(paths)
-    if not runs:
-        raise DataError(f"no finished run under {', '.join(paths)} ({len(unfinished)} without a final evaluation)")
-    groups = group_runs(runs, pool)
+    results, unfinished = find_results(paths)
+    if not results:
+        raise DataError(f"no finished run under {', '.join(paths)} ({len(unfinished)} without a run record)")
+    groups = group_results(results, pool)
+    text = table(groups, compare, pool)
     out_dir = Path(out) if out else (Path(paths[0]) if Path(paths[0]).is_dir() else Path("."))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(groups, out_dir / "report.csv", compare)
-    files = [out_dir / "report.csv", *(plots(runs, groups, out_dir) if plot else [])]
-    return {"table": table(groups, compare, pool), "groups": groups, "runs": runs, "unfinished": unfinished,
-            "files": files}
+    files, not_written = [], None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.md").write_text(text + "\n")
+        write_csv(groups, out_dir / "report.csv", compare)
+        files = [out_dir / "report.md", out_dir / "report.csv"]
+        if plot:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            files += [f for f in (plot_curves(results, out_dir), plot_ipc(groups, out_dir)) if f is not None]
+    except OSError as exc:
+        not_written = f"could not write the report files to {out_dir} ({exc.strerror or exc}); pass --out DIR"
+    return {"table": text, "groups": groups, "results": results, "unfinished": unfinished, "files": files,
+            "not_written": not_written}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", action="store_true", help="add the published figures (ddrun/published.csv)")
     parser.add_argument("--pool", choices=["seeds", "nets"], default="seeds",
                         help="std over runs (seeds, default) or over every evaluated network (nets)")
-    parser.add_argument("--out", help="folder for report.csv and the PNG plots (default: the first path)")
+    parser.add_argument("--out", help="folder for report.md, report.csv and the PNG plots (default: the first path)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -323,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     print(res["table"])
     if res["unfinished"]:
-        print(f"\n{len(res['unfinished'])} run(s) without a final evaluation (running, stopped or failed), left out: "
+        print(f"\n{len(res['unfinished'])} run(s) without a run record (running, stopped or failed), left out: "
               + ", ".join(str(p) for p in res["unfinished"]))
-    print("\nwritten: " + ", ".join(str(p) for p in res["files"]))
+    if res["not_written"]:
+        print(f"\nddrun report: {res['not_written']}", file=sys.stderr)
+    else:
+        print("\nwritten: " + ", ".join(str(p) for p in res["files"]))

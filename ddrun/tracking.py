@@ -57,13 +57,37 @@ def unreachable(timeout_s: float) -> str | None:
     return None
 
 
-def image_grid(pixels: torch.Tensor, ipc: int, max_per_class: int = 10) -> torch.Tensor:
-    """A grid with one row per class: ``pixels`` float ``[K*ipc, C, H, W]`` in [0, 1], ordered class by class,
-    at most ``max_per_class`` images per row. Returns float ``[3, H', W']``."""
+def image_grid(pixels: torch.Tensor, ipc: int, class_names: list[str] | None = None, max_per_class: int = 10,
+               min_cell: int = 64):
+    """A PIL image with one row per class, the class name at the left of each row.
+
+    Args:
+        pixels: float ``[K*ipc, C, H, W]`` in [0, 1], ordered class by class.
+        ipc: images per class; at most ``max_per_class`` of each class are shown.
+        class_names: K names (default: the class indices).
+        min_cell: images smaller than this (px) are enlarged by an integer factor (nearest neighbour), so that a
+            28 px ipc-1 grid stays readable.
+    """
+    from PIL import Image, ImageDraw
+
     k = len(pixels) // ipc
     per = min(ipc, max_per_class)
     keep = torch.cat([torch.arange(c * ipc, c * ipc + per) for c in range(k)])
-    return torchvision.utils.make_grid(pixels[keep].cpu(), nrow=per, padding=2, pad_value=1.0)
+    shown = pixels[keep].detach().float().cpu()
+    h = shown.shape[-2]
+    factor = max(1, -(-min_cell // h))
+    if factor > 1:
+        shown = torch.nn.functional.interpolate(shown, scale_factor=factor, mode="nearest")
+    grid = torchvision.utils.make_grid(shown, nrow=per, padding=2, pad_value=1.0)
+    img = torchvision.transforms.functional.to_pil_image(grid)
+    names = [str(n) for n in (class_names or range(k))]
+    margin = 8 + 7 * max(len(n) for n in names)
+    out = Image.new("RGB", (img.width + margin, img.height), "white")
+    out.paste(img.convert("RGB"), (margin, 0))
+    draw, cell = ImageDraw.Draw(out), shown.shape[-2] + 2
+    for c, name in enumerate(names):
+        draw.text((4, 2 + c * cell + cell // 2 - 6), name, fill="black")
+    return out
 
 
 class Tracker:
@@ -127,11 +151,26 @@ class Tracker:
         if self.run is not None:
             self._safe(self.run.log, {k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(step))
 
-    def images(self, pixels: torch.Tensor, ipc: int, step: int, name: str = "synthetic") -> Path:
-        """Save the grid of ``pixels`` (see :func:`image_grid`) as ``images/<name>_<step>.png`` and log it."""
-        grid = image_grid(pixels, ipc)
+    def images(self, pixels: torch.Tensor, ipc: int, step: int, name: str = "synthetic",
+               class_names: list[str] | None = None) -> Path:
+        """Save the grid of ``pixels`` (see :func:`image_grid`) as ``images/<name>_<step>.png`` and log it.
+
+        ``pixels`` may leave [0, 1] (S is optimized freely in the normalized space): they are clipped for the
+        picture, and the fraction of clipped values is written into the PNG's metadata (``clipped``) and logged
+        when it is above 1%."""
+        from PIL.PngImagePlugin import PngInfo
+
+        clipped = float(((pixels < 0) | (pixels > 1)).float().mean()) if pixels.numel() else 0.0
+        grid = image_grid(pixels.clamp(0, 1), ipc, class_names)
+        info = PngInfo()
+        info.add_text("clipped", f"{clipped:.6f}")
+        info.add_text("description", f"ddrun {name} at iteration {int(step)}: one row per class; {100 * clipped:.2f}% "
+                                     f"of the pixel values were outside [0, 1] and clipped")
         path = self.run_dir / "images" / f"{name}_{int(step):06d}.png"
-        torchvision.utils.save_image(grid, path)
+        grid.save(path, pnginfo=info)
+        if clipped > 0.01:
+            log.info("%s: %.1f%% of the pixel values are outside [0, 1], clipped in the picture", path.name,
+                     100 * clipped)
         if self.run is not None:
             import wandb
 

@@ -64,19 +64,33 @@ def command_errors(command: str, log: logging.Logger):
 
 
 def resolve_device(device: str) -> torch.device:
-    """Map the ``device`` config value to a :class:`torch.device`.
-
-    ``auto`` picks CUDA when available, else CPU; any other value is passed to ``torch.device``.
+    """Map the ``device`` config value to a :class:`torch.device`: ``auto`` (CUDA when available, else Apple's MPS
+    when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
 
     Raises:
-        ConfigError: the value names a device that is not available here.
+        ConfigError: another value, or a device this machine does not have (names what it has).
     """
+    import re
+
+    device = str(device)
+    have = ["cpu"] + ([f"cuda (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"] if torch.cuda.is_available() else [])
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    have += ["mps"] if mps else []
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"device={device}: valid values are auto, cpu, cuda, cuda:N, mps (this machine has: "
+                          f"{', '.join(have)})")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device}: CUDA is not available on this machine (use device=auto or device=cpu)")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device={device}: not available on this machine (it has: {', '.join(have)}); use "
+                          f"device=auto")
+    if dev.type == "mps" and not mps:
+        raise ConfigError(f"device=mps: Apple's MPS is not available on this machine (it has: {', '.join(have)}); "
+                          f"use device=auto")
     return dev
+
+
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -4,6 +4,7 @@ whole-training-set upper bound, and the coreset baselines (herding, K-Center).""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -47,7 +48,11 @@ def test_saved_synthetic_set_gives_the_runs_own_accuracy(root, distilled, tmp_pa
     assert (out["method"], out["dataset"], out["ipc"], out["iteration"]) == ("dm", "mnist", 2, 4)
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["iteration"] == 4 and row["method"] == "dm" and row["per_net"] == {"convnet": out["per_net"]["convnet"]}
-    assert json.loads((tmp_path / "results.json").read_text())["acc_mean"] == out["acc_mean"]
+    rec = json.loads((tmp_path / "results.json").read_text())
+    assert rec["command"] == "evaluate" and rec["evaluations"][0]["acc_mean"] == out["acc_mean"]
+    assert rec["source"]["run_dir"] == str(Path(distilled["synthetic"]).parent)
+    made = json.loads((Path(distilled["synthetic"]).parent / "results.json").read_text())
+    assert rec["synthetic"]["digest"] == made["synthetic"]["digest"]  # the very S the run recorded
     assert (tmp_path / "images" / "synthetic_000004.png").is_file()
 
 
@@ -80,7 +85,7 @@ def test_cross_arch_trains_every_architecture(root, distilled, tmp_path):
 def test_full_training_set_upper_bound(root):
     out = evaluate_cmd(ev(root, "full=true", "evaluator.num_eval=1"))
     assert (out["method"], out["ipc"]) == ("full", "full") and 0 <= out["acc_mean"] <= 100
-    assert out["source"] == "the whole mnist training set"
+    assert out["source"]["path"] == "the whole mnist training set"
 
 
 def test_bad_inputs_get_one_line_errors(root, distilled, tmp_path):

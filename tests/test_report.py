@@ -1,6 +1,7 @@
-"""``ddrun report``: a fixture sweep (run directories as ddrun writes them, with known accuracies) gives the
-expected table, CSV and plots; unfinished runs are left out and said so; the published figures come with their
-sources."""
+"""``ddrun report``: run records (``results.json``, written with ddrun's own writer and known accuracies) give the
+expected table, report.md, CSV and plots; runs that differ in budget, protocol, test set or command are never
+pooled and the footnotes name what differs; unfinished runs are left out and said so; the published figures come
+with their sources; nothing in a run folder is resolved or executed."""
 
 from __future__ import annotations
 
@@ -11,68 +12,78 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from ddrun import record
 from ddrun.report import load_published, report
 from ddrun.utils import DataError
 
-EVAL = {"_target_": "ddrun.evaluators.Evaluator", "name": "convnet", "num_eval": 2, "epochs": 300, "lr": 0.01,
-        "momentum": 0.9, "weight_decay": 0.0005, "batch_train": 256, "use_learned_lr": True,
-        "augment": {"strategy": "${dataset.dsa_strategy}"}}
+PROTOCOL = {"evaluator": "default", "archs": ["convnet"], "nets": {"convnet": {}}, "num_eval": 2, "epochs": 300,
+            "optimizer": "sgd", "lr": 0.01, "lr_schedule": "x0.1 at half", "momentum": 0.9, "weight_decay": 0.0005,
+            "batch": 256, "augment": "color_crop_cutout_flip_scale_rotate", "learned_lr": True, "labels": "as stored"}
 
 
 def write_run(folder: Path, method: str, ipc: int, seed: int, curve: dict[int, list[float]], iterations: int,
-              finished: bool = True, evaluator: dict | None = None) -> Path:
-    """A distill run directory as ddrun writes it: .hydra/config.yaml, metrics.jsonl (loss rows and evaluation rows
-    with per_net), synthetic.pt when finished."""
-    (folder / ".hydra").mkdir(parents=True)
-    cfg = {"ipc": ipc, "iterations": iterations, "seed": seed, "preset": {"name": method},
-           "dataset": {"name": "fashion_mnist", "dsa_strategy": "color_crop_cutout_flip_scale_rotate"},
-           "evaluator": evaluator or EVAL}
-    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+              finished: bool = True, protocol: dict | None = None, test_images: int = 10000,
+              command: str = "distill", setting: dict | None = None) -> Path:
+    """A run directory as ddrun writes it: metrics.jsonl (evaluation rows with per_net and protocol line), and when
+    finished the run record (``ddrun.record.write``)."""
+    folder.mkdir(parents=True)
+    proto = {**(protocol or PROTOCOL), "test": {"dataset": "fashion_mnist", "images": test_images, "subset": None}}
+    line = record._line(proto)
     rows = []
     for it, accs in curve.items():
         rows.append({"iteration": it, "loss": 1.0 / (it + 1), "seconds": it * 0.5})
-        rows.append({"iteration": it, "acc_mean": sum(accs) / len(accs), "acc_std": 0.0, "per_net": {"convnet": accs}})
+        rows.append({"iteration": it, "acc_mean": sum(accs) / len(accs), "acc_std": 0.0,
+                     "per_net": {"convnet": accs}, "protocol": line})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
-        (folder / "synthetic.pt").write_bytes(b"")
+        last = max(curve)
+        accs = curve[last]
+        ev = {"iteration": last, "protocol": proto, "protocol_line": line, "acc_mean": sum(accs) / len(accs),
+              "acc_std": 0.0, "per_net": {"convnet": accs}, "per_arch": {}, "extra": {}}
+        best_it = max(curve, key=lambda i: sum(curve[i]))
+        setting = {"objective.lr_img": 1.0, **(setting or {})}
+        record.write(folder, {"command": command, "method": method, "dataset": "fashion_mnist", "ipc": ipc,
+                              "seed": seed, "iterations": iterations, "setting_hash": str(sorted(setting.items())),
+                              "setting": setting, "evaluations": [ev],
+                              "best": {"iteration": best_it, "acc_mean": sum(curve[best_it]) / len(accs),
+                                       "protocol_line": line}})
     return folder
 
 
 @pytest.fixture
-def sweep(tmp_path):
-    """2 methods x 2 ipc x 2 seeds (a multirun folder: numbered job subfolders), one unfinished job, one loose file."""
-    root = tmp_path / "multirun" / "2026-01-01_00-00-00"
+def sweep(tmp_path) -> Path:
+    """A multirun folder: random and DM at ipc 1 and 10, two seeds each, two networks per evaluation, and one run
+    that never finished."""
+    root = tmp_path / "multirun"
+    finals = {("random", 1): [(30, 30), (34, 34)], ("dm", 1): [(40, 42), (44, 46)],
+              ("random", 10): [(61, 61), (65, 65)], ("dm", 10): [(70, 70), (73, 73)]}
     n = 0
-    accs = {  # (method, ipc, seed) -> the two networks' final accuracies
-        ("dm", 1, 0): [40.0, 42.0], ("dm", 1, 1): [44.0, 46.0], ("dm", 10, 0): [70.0, 70.0], ("dm", 10, 1): [72.0, 74.0],
-        ("random", 1, 0): [30.0, 30.0], ("random", 1, 1): [33.0, 35.0], ("random", 10, 0): [60.0, 62.0],
-        ("random", 10, 1): [64.0, 66.0]}
-    for (method, ipc, seed), final in accs.items():
-        iterations = 0 if method == "random" else 20
-        curve = {0: final} if method == "random" else {0: [20.0, 22.0], 10: [30.0 + seed, 31.0], 20: final}
-        write_run(root / f"{n}_{method}_fashion_mnist_ipc{ipc}_seed{seed}", method, ipc, seed, curve, iterations)
-        n += 1
-    write_run(root / f"{n}_dm_fashion_mnist_ipc1_seed2", "dm", 1, 2, {0: [20.0, 20.0], 10: [25.0, 25.0]}, 20,
-              finished=False)
-    (root / "multirun.yaml").write_text("hydra: {}\n")
+    for (method, ipc), per_seed in finals.items():
+        for seed, accs in enumerate(per_seed):
+            curve = {0: [10.0, 10.0], 20: [float(a) for a in accs]} if method == "dm" else {0: [float(a) for a in accs]}
+            write_run(root / f"{n}_{method}_fashion_mnist_ipc{ipc}_seed{seed}", method, ipc, seed, curve,
+                      20 if method == "dm" else 0)
+            n += 1
+    write_run(root / f"{n}_dm_fashion_mnist_ipc1_seed2", "dm", 1, 2, {0: [10.0, 10.0]}, 20, finished=False)
     return root
 
 
 def test_fixture_sweep_gives_the_expected_table(sweep, tmp_path):
     res = report([str(sweep)], out=str(tmp_path / "rep"))
     lines = res["table"].splitlines()
-    assert lines[0] == "| dataset | ipc | method | arch | accuracy % (mean ± std over seeds) | n | seeds |"
+    assert lines[0] == ("| dataset | ipc | method | arch | accuracy % (mean ± std over seeds) | n | seeds | iterations | "
+                        "best % (over evaluations) |")
     # each run contributes the mean of its 2 networks; mean ± population std over the 2 seeds
     assert lines[2:6] == [
-        "| fashion_mnist | 1 | random | convnet | 32.00 ± 2.00 ^1 | 2 | 0,1 |",
-        "| fashion_mnist | 1 | dm | convnet | 43.00 ± 2.00 ^1 | 2 | 0,1 |",
-        "| fashion_mnist | 10 | random | convnet | 63.00 ± 2.00 ^1 | 2 | 0,1 |",
-        "| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 | 2 | 0,1 |"]
-    assert lines[6] == "" and lines[7].startswith("^1 evaluation protocol: convnet x2 nets, 300 epochs, SGD lr 0.01")
-    assert "aug color_crop_cutout_flip_scale_rotate" in lines[7]
+        "| fashion_mnist | 1 | random | convnet | 32.00 ± 2.00 ^1 | 2 | 0,1 | 0 | 32.00 ± 2.00 |",
+        "| fashion_mnist | 1 | dm | convnet | 43.00 ± 2.00 ^1 | 2 | 0,1 | 20 | 43.00 ± 2.00 |",
+        "| fashion_mnist | 10 | random | convnet | 63.00 ± 2.00 ^1 | 2 | 0,1 | 0 | 63.00 ± 2.00 |",
+        "| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 | 2 | 0,1 | 20 | 71.50 ± 1.50 |"]
+    assert lines[6] == "" and lines[7].startswith("^1 evaluation protocol: convnet x2, 300 epochs, SGD lr 0.01")
+    assert "aug color_crop_cutout_flip_scale_rotate" in lines[7] and "test fashion_mnist (10000 images)" in lines[7]
     assert [p.name for p in res["unfinished"]] == ["8_dm_fashion_mnist_ipc1_seed2"]
+    assert (tmp_path / "rep" / "report.md").read_text().startswith(lines[0])
     with open(tmp_path / "rep" / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["ipc"], float(r["acc_mean"]), float(r["acc_std"]), r["seeds"]) for r in rows] == [
@@ -94,25 +105,49 @@ def test_compare_column_cites_the_sources(sweep, tmp_path):
     res = report([str(sweep)], out=str(tmp_path), compare=True, plot=False)
     lines = res["table"].splitlines()
     assert lines[0].endswith("| published |")
-    # Fashion-MNIST random / DM: not published in our sources
-    assert all(line.endswith("| – |") for line in lines[2:6])
+    assert all(line.endswith("| – |") for line in lines[2:6])  # Fashion-MNIST random / DM: not in our sources
     pub = load_published()
     assert pub[("dm", "cifar10", 10, "convnet")] == [
         {"method": "dm", "dataset": "cifar10", "ipc": "10", "arch": "convnet", "acc_mean": "48.9", "acc_std": "0.6",
          "source": "S3"}]
     assert pub[("dsa", "fashion_mnist", 10, "convnet")][0]["acc_mean"] == "84.6"
-    assert pub[("full", "cifar10", "full", "convnet")][0]["acc_mean"] == "84.8"
     assert "S20 KIP-ConvNet" in res["table"] and "compare with care" in res["table"]
 
 
-def test_mixed_protocols_are_flagged(tmp_path):
-    write_run(tmp_path / "a", "dm", 1, 0, {20: [40.0]}, 20)
-    write_run(tmp_path / "b", "dm", 1, 1, {20: [50.0]}, 20, evaluator={**EVAL, "epochs": 1000})
+def test_runs_that_differ_are_never_pooled_and_the_difference_is_named(tmp_path):
+    write_run(tmp_path / "a", "dm", 1, 0, {3: [40.0]}, 3)
+    write_run(tmp_path / "b", "dm", 1, 0, {40: [50.0]}, 40)
+    write_run(tmp_path / "c", "dm", 1, 0, {40: [51.0]}, 40, test_images=500, setting={"dataset.test_subset": 50})
+    write_run(tmp_path / "d", "dm", 1, 0, {40: [52.0]}, 40, protocol={**PROTOCOL, "epochs": 1000})
+    write_run(tmp_path / "e", "dm", 1, 0, {40: [50.0]}, 40, command="evaluate")
     res = report([str(tmp_path)], plot=False)
-    line = res["table"].splitlines()[2]
-    assert "45.00 ± 5.00 (mixed protocols!) ^1,2" in line
-    protocols = [line for line in res["table"].splitlines() if line.startswith("^")]
-    assert len(protocols) == 2 and {"1000 epochs" in p for p in protocols} == {True, False}
+    lines = res["table"].splitlines()
+    rows = [line for line in lines if line.startswith("| fashion_mnist")]
+    assert len(rows) == 5 and all("| 1 | 0 |" in r for r in rows)  # one run each: n = 1, never "seeds 0,0,0"
+    notes = "\n".join(line for line in lines if line.startswith("["))
+    assert "iterations 3 vs 40" in notes and "test images 10000 vs 500" in notes
+    assert "dataset.test_subset None vs 50" in notes and "evaluator epochs 300 vs 1000" in notes
+    assert "evaluate of a saved set" in notes and "dm (evaluate)" in res["table"]
+
+
+def test_nothing_in_a_run_folder_is_resolved(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDRUN_TEST_SECRET", "s3cr3t-api-key")
+    run = write_run(tmp_path / "x", "${oc.env:DDRUN_TEST_SECRET}", 1, 0, {0: [10.0]}, 0)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("preset:\n  name: ${oc.env:DDRUN_TEST_SECRET}\n")
+    res = report([str(tmp_path)], out=str(tmp_path / "o"), plot=False)
+    text = res["table"] + (tmp_path / "o" / "report.csv").read_text()
+    assert "s3cr3t" not in text and "${oc.env:DDRUN_TEST_SECRET}" in text
+
+
+def test_unwritable_output_still_prints_the_table(sweep, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "report", str(sweep), "--out", str(blocker / "sub")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 |" in r.stdout
+    assert f"ddrun report: could not write the report files to {blocker / 'sub'}" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_errors(tmp_path):
@@ -122,8 +157,12 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match="no run directories"):
         report([str(tmp_path / "empty")])
     write_run(tmp_path / "running", "dm", 1, 0, {0: [10.0]}, 20, finished=False)
-    with pytest.raises(DataError, match=r"no finished run .*\(1 without a final evaluation\)"):
+    with pytest.raises(DataError, match=r"no finished run .*\(1 without a run record\)"):
         report([str(tmp_path / "running")])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{not json")
+    with pytest.raises(DataError, match="unreadable run record .*bad/results.json"):
+        report([str(tmp_path / "bad")])
     r = subprocess.run([sys.executable, "-m", "ddrun.cli", "report", str(tmp_path / "nope")], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "ddrun report: error: " in r.stderr and "Traceback" not in r.stderr
@@ -133,5 +172,5 @@ def test_command_line(sweep, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ddrun.cli", "report", str(sweep), "--compare", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 | 2 | 0,1 | – |" in r.stdout
-    assert "1 run(s) without a final evaluation" in r.stdout and "acc_vs_ipc.png" in r.stdout
+    assert "| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 | 2 | 0,1 | 20 | 71.50 ± 1.50 | – |" in r.stdout
+    assert "1 run(s) without a run record" in r.stdout and "acc_vs_ipc.png" in r.stdout

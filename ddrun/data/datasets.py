@@ -16,6 +16,7 @@ import gzip
 import os
 import pickle
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torchvision
 
-from ddrun.files import file_digest
+from ddrun.files import file_digest, temporary_path
 from ddrun.utils import DataError
 
 
@@ -90,13 +91,15 @@ class RealData:
         perm = torch.randperm(len(idx), generator=generator)[:n].to(idx.device)
         return self.train_images[idx[perm]]
 
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """Map normalized (and whitened) images back to pixel space, clamped to ``[0, 1]``."""
+    def to_pixels(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Map normalized (and whitened) images back to pixel space, clamped to ``[0, 1]`` unless ``clamp`` is
+        false."""
         if self.zca is not None:
             x = self.zca.inverse(x)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x * std + mean).clamp(0, 1)
+        x = x * std + mean
+        return x.clamp(0, 1) if clamp else x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,24 +208,44 @@ def _read_idx(path: Path) -> None:
 
 def _ensure_idx_raw(raw: Path, system_dirs: Sequence[str], name: str) -> None:
     """Make sure the decompressed IDX files torchvision expects are in ``raw``: decompress ``.gz`` files found
-    there or in ``system_dirs`` (e.g. Debian's ``/usr/share/datasets/fashion-mnist``)."""
+    there or in ``system_dirs`` (e.g. Debian's ``/usr/share/datasets/fashion-mnist``).
+
+    Safe under any number of concurrent first runs (a sweep or a SLURM array on a new machine): each process
+    decompresses into its own temporary file and renames it into place atomically.
+
+    Raises:
+        DataError: a ``.gz`` is corrupt, ``raw`` cannot be written, or the data root is an absolute path that does
+            not exist (a mistyped ``paths.data`` is not created; relative roots such as the default ``data`` are).
+    """
     wanted = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     for fn in wanted:
         if (raw / fn).is_file():
             continue
-        for d in [raw, *map(Path, system_dirs)]:
-            gz = d / f"{fn}.gz"
-            if gz.is_file():
-                raw.mkdir(parents=True, exist_ok=True)
-                tmp = raw / f".{fn}.tmp"
-                try:
-                    with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                except (OSError, EOFError) as exc:
-                    tmp.unlink(missing_ok=True)
-                    raise DataError(f"dataset {name}: corrupt or truncated file {gz} ({exc})") from None
-                os.replace(tmp, raw / fn)
-                break
+        gz = next((d / f"{fn}.gz" for d in [raw, *map(Path, system_dirs)] if (d / f"{fn}.gz").is_file()), None)
+        if gz is None:
+            continue
+        root = raw.parent.parent
+        if root.is_absolute() and not root.exists():
+            raise DataError(f"dataset {name}: paths.data={root} does not exist; create it to hold the decompressed "
+                            f"files (mkdir -p {root}) or pass the folder that holds your datasets")
+        _decompress(gz, raw / fn, name)
+
+
+def _decompress(gz: Path, target: Path, name: str) -> None:
+    """``gz`` decompressed to ``target`` through a temporary file of this process, renamed into place."""
+    tmp = temporary_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"dataset {name}: corrupt or truncated file {gz} ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"dataset {name}: cannot write {target} ({exc.strerror or exc}); set paths.data to a "
+                        f"writable folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[float], std: Sequence[float],

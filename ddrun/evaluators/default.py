@@ -17,18 +17,36 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ddrun.contracts import Evaluator as EvaluatorContract
 from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
 from ddrun.nets import build_net
+from ddrun.progress import Progress
 from ddrun.protocol import net_kwargs
 from ddrun.synthetic import SyntheticSet
 from ddrun.train import accuracy, train_epoch
 from ddrun.utils import ConfigError, derive_seed
 
 log = logging.getLogger("ddrun.evaluate")
+
+
+def check_training_knobs(num_eval: int, epochs: int, lr: float, momentum: float, weight_decay: float,
+                         batch_train: int) -> None:
+    """The evaluator's knobs, checked when it is built (before any data is loaded).
+
+    Raises:
+        ConfigError: one line naming the ``evaluator.<key>``, its value and what is allowed.
+    """
+    checks = (("num_eval", num_eval, isinstance(num_eval, int) and num_eval >= 0, "a whole number >= 0 (0: off)"),
+              ("epochs", epochs, isinstance(epochs, int) and epochs >= 1, "a whole number >= 1"),
+              ("lr", lr, isinstance(lr, (int, float)) and lr > 0, "> 0"),
+              ("momentum", momentum, isinstance(momentum, (int, float)) and 0 <= momentum < 1, "in [0, 1)"),
+              ("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0, ">= 0"),
+              ("batch_train", batch_train, isinstance(batch_train, int) and batch_train >= 1, "a whole number >= 1"))
+    for key, value, ok, allowed in checks:
+        if not ok or isinstance(value, bool):
+            raise ConfigError(f"evaluator.{key}={value}: must be {allowed}")
 
 
 class Evaluator(EvaluatorContract):
@@ -48,8 +66,9 @@ class Evaluator(EvaluatorContract):
     def __init__(self, net: Callable[..., nn.Module], num_eval: int = 5, epochs: int = 1000, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, batch_train: int = 256,
                  augment: DSA | None = None, use_learned_lr: bool = True, name: str = "convnet"):
-        self.net_factory, self.num_eval, self.epochs = net, num_eval, epochs
-        self.lr, self.momentum, self.weight_decay, self.batch_train = lr, momentum, weight_decay, batch_train
+        check_training_knobs(num_eval, epochs, lr, momentum, weight_decay, batch_train)
+        self.net_factory, self.num_eval, self.epochs = net, int(num_eval), int(epochs)
+        self.lr, self.momentum, self.weight_decay, self.batch_train = lr, momentum, weight_decay, int(batch_train)
         self.augment, self.uses_learned_lr, self.name = augment, bool(use_learned_lr), name
 
     def protocol_fields(self) -> dict:
@@ -82,8 +101,12 @@ class Evaluator(EvaluatorContract):
             "protocol_fields": dict}``, accuracies in percent on the real test split (std is the population std
             over the ``num_eval`` runs).
         """
-        accs = [self.train_one(syn, real, derive_seed(seed, 104729, r))
-                for r in tqdm(range(self.num_eval), desc="evaluate", leave=False, disable=None)]
+        bar = Progress(self.num_eval, 0, f"evaluate {self.name}", 60.0, log, unit="net")
+        accs = []
+        for r in range(self.num_eval):
+            accs.append(self.train_one(syn, real, derive_seed(seed, 104729, r)))
+            bar.update(1, acc=round(accs[-1], 2))
+        bar.close()
         return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                 "per_net": {self.name: accs}, "protocol": self.protocol(), "protocol_fields": self.protocol_fields()}
 
@@ -107,6 +130,7 @@ class CrossArchEvaluator(EvaluatorContract):
     def __init__(self, nets: dict[str, Callable[..., nn.Module]], archs: list[str] | None = None, num_eval: int = 5,
                  epochs: int = 1000, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                  batch_train: int = 256, augment: DSA | None = None, use_learned_lr: bool = True):
+        check_training_knobs(num_eval, epochs, lr, momentum, weight_decay, batch_train)
         archs = list(nets) if archs is None else list(archs)
         unknown = [a for a in archs if a not in nets]
         if unknown or not archs:

@@ -1,0 +1,274 @@
+"""Results a researcher can trust: nothing foreign is executed, concurrent first runs share the data folder, reruns
+never rewrite a run's provenance or relabel its result, every knob is checked before work, outside sets are checked,
+Ctrl-C stops cleanly, buffer jobs share experts, and logs show progress without a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_cfg
+from formats import write_mnist_like
+from ddrun.distill import distill
+from ddrun.evaluate import evaluate_cmd
+from ddrun.utils import ConfigError, DataError
+
+TINY = ["dataset=mnist", "dataset.system_dirs=[]", "net.width=8", "logger=none", "dataset.train_subset=12",
+        "dataset.test_subset=4", "objective.batch_real=4", "evaluator.num_eval=1", "evaluator.epochs=2"]
+
+
+def ddrun(*args, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-m", "ddrun.cli", *args], capture_output=True, text=True, env=env,
+                          **kwargs)
+
+
+def tiny_cli(root, run, *extra) -> list[str]:
+    return ["distill", "method=dm", "ipc=2", f"paths.data={root}", *TINY, "iterations=2", "eval_every=2",
+            f"hydra.run.dir={run}", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safe loads
+
+
+def test_a_crafted_checkpoint_executes_nothing(tiny_root, tmp_path):
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"iteration": 1, "syn": Payload()}, run / "checkpoint.pt")
+    r = ddrun(*tiny_cli(tiny_root, run))
+    assert not marker.exists()
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "holds pickled objects, which ddrun never executes" in r.stderr and "corrupt" not in r.stderr.lower()
+
+
+def test_a_pickle_given_to_evaluate_is_refused_as_such(tiny_root, tmp_path):
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"images": Payload(), "labels": torch.zeros(2)}, tmp_path / "s.pt")
+    with pytest.raises(DataError, match="refused synthetic set .* holds pickled objects") as err:
+        evaluate_cmd(make_cfg([f"paths.data={tiny_root}", *TINY[:3], f"synthetic={tmp_path / 's.pt'}"], "evaluate"))
+    assert not marker.exists() and "weights_only=False" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# concurrent first runs
+
+
+def system_dir(tmp_path: Path, n_train: int, n_test: int) -> Path:
+    """A folder holding only the four .gz IDX files, as Debian's dataset packages install them."""
+    system = tmp_path / "system"
+    raw = write_mnist_like(tmp_path / "src", "MNIST", n_train=n_train, n_test=n_test, gz=True)
+    system.mkdir()
+    for f in raw.glob("*.gz"):
+        f.rename(system / f.name)
+    return system
+
+
+def test_eight_concurrent_first_runs_share_an_empty_data_folder(tmp_path):
+    system = system_dir(tmp_path, 20, 5)
+    (tmp_path / "data").mkdir()
+    code = textwrap.dedent(f"""
+        from ddrun.data.datasets import idx_format
+        d = idx_format("mnist", "MNIST", {str(tmp_path / 'data')!r}, [0.13], [0.31], system_dirs=[{str(system)!r}])
+        print(len(d.train_labels), len(d.test_labels))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(8)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    assert {o.strip() for o, _ in outs} == {"200 50"}
+    assert not list((tmp_path / "data").rglob("*.tmp*"))
+
+
+def test_a_mistyped_absolute_data_root_is_not_created(tmp_path):
+    system = system_dir(tmp_path, 2, 1)
+    from ddrun.data.datasets import idx_format
+
+    with pytest.raises(DataError, match=f"paths.data={tmp_path / 'nonexistent'} does not exist"):
+        idx_format("mnist", "MNIST", str(tmp_path / "nonexistent"), [0.1], [0.3], system_dirs=[str(system)])
+    assert not (tmp_path / "nonexistent").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# provenance
+
+
+def _snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): p.read_bytes().hex() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.suffix != ".log"}
+
+
+def test_a_refused_rerun_changes_nothing_and_names_what_differs(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    assert ddrun(*tiny_cli(tiny_root, run)).returncode == 0
+    before = _snapshot(run)
+    r = ddrun(*tiny_cli(tiny_root, run, "objective.lr_img=5", "seed=3"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "another configuration (objective.lr_img: 1.0 -> 5; seed: 0 -> 3)" in r.stderr
+    assert _snapshot(run) == before  # .hydra, metrics, record, checkpoint: all as they were
+    r = ddrun(*tiny_cli(tiny_root, run, "resume=false"))
+    assert r.returncode == 1 and "holds a run and resume=false: pass overwrite=true" in r.stderr
+    assert _snapshot(run) == before
+
+
+def test_overwrite_archives_and_metrics_never_hold_two_runs(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    assert ddrun(*tiny_cli(tiny_root, run)).returncode == 0
+    first = (run / "metrics.jsonl").read_text()
+    assert ddrun(*tiny_cli(tiny_root, run, "resume=false", "overwrite=true", "seed=1")).returncode == 0
+    archived = list((run / "archive").glob("*/metrics.jsonl"))
+    assert len(archived) == 1 and archived[0].read_text() == first
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "acc_mean" in r] == [0, 2]  # one run: its own evaluations only
+
+
+def test_a_finished_run_rerun_with_another_evaluator_is_evaluated_again_not_relabelled(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    assert ddrun(*tiny_cli(tiny_root, run)).returncode == 0
+    original = (run / ".hydra" / "config.yaml").read_text()
+    r = ddrun(*tiny_cli(tiny_root, run, "evaluator.epochs=3"))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((run / "results.json").read_text())
+    assert [e["protocol"]["epochs"] for e in rec["evaluations"]] == [2, 3]
+    assert all(f"{e['protocol']['epochs']} epochs" in e["protocol_line"] for e in rec["evaluations"])
+    assert (run / ".hydra" / "config.yaml").read_text() == original  # the run's own description stays
+    attempts = [json.loads(line) for line in (run / "provenance" / "attempts.jsonl").read_text().splitlines()]
+    assert [a["outcome"] for a in attempts] == ["started", "resumed at iteration 2"]
+    assert "evaluator.epochs=3" in attempts[1]["overrides"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# knobs
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ipc=abc"], "ipc=abc: must be of type int"),
+    (["ipc=1.5"], "ipc=1.5: must be of type int"),
+    (["seed=abc"], "seed=abc: must be of type int"),
+    (["device=tpu"], "device=tpu: valid values are auto, cpu, cuda, cuda:N, mps"),
+    (["device=mps"], "device=mps: Apple's MPS is not available"),
+    (["checkpoint_every=0"], "checkpoint_every=0: must be >= 1"),
+    (["log_every=0"], "log_every=0: must be >= 1"),
+    (["dataset.train_subset=0"], "dataset.train_subset=0: must be a whole number >= 1"),
+    (["ipc=10", "dataset.train_subset=5"], "dataset.train_subset=5 keeps fewer real images per class than ipc=10"),
+    (["evaluator.epochs=-1"], "evaluator.epochs=-1: must be a whole number >= 1"),
+    (["+ipcc=3"], "unknown key 'ipcc'; did you mean 'ipc'?"),
+    (["+objective.lr_imgg=3"], "objective.lr_imgg: not a setting of ddrun.objectives.distribution."
+                               "DistributionMatching; did you mean objective.lr_img?"),
+    (["logger.mode=foo"], "logger.mode=foo: valid values are auto, online, offline, disabled"),
+])
+def test_every_knob_is_checked_before_any_work(tmp_path, args, message):
+    r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", f"paths.data={tmp_path}/none")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ddrun distill: error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_unwritable_run_directory_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = ddrun("distill", f"hydra.run.dir={blocker}/run")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"cannot write the run directory {blocker}/run" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outside sets
+
+
+def _ev(root, path):
+    return make_cfg([f"paths.data={root}", *TINY[:3], f"synthetic={path}"], "evaluate")
+
+
+@pytest.mark.parametrize("images,labels,message", [
+    (torch.full((20, 1, 28, 28), float("nan")), torch.arange(10).repeat(2), "images hold NaN or Inf"),
+    (torch.randint(0, 255, (20, 1, 28, 28), dtype=torch.uint8), torch.arange(10).repeat(2),
+     "images are torch.uint8; ddrun expects float32 .* normalized space"),
+    (torch.randint(0, 255, (20, 1, 28, 28)).float(), torch.arange(10).repeat(2), "far outside the dataset's "
+                                                                                   "normalized space"),
+    (torch.randn(20, 1, 28, 28), torch.arange(10).repeat(2) - 1, r"hard labels must be int64 \[N\] in \[0, 10\)"),
+    (torch.randn(20, 1, 28, 28), torch.arange(10).repeat(2).float(), r"soft labels must be finite float \[N, K\]"),
+    (torch.randn(20, 1, 28, 28), torch.arange(10), "20 images but 10 labels"),
+    (torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long), "must be a non-empty tensor"),
+])
+def test_outside_sets_are_checked(tiny_root, tmp_path, images, labels, message):
+    torch.save({"images": images, "labels": labels}, tmp_path / "s.pt")
+    with pytest.raises(ConfigError, match=message):
+        evaluate_cmd(_ev(tiny_root, tmp_path / "s.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# faults and progress
+
+
+def test_ctrl_c_is_a_clean_stop_that_resumes(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddrun.cli", *tiny_cli(tiny_root, run, "iterations=400",
+                                                                           "eval_every=400", "progress_every=0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "stopped by SIGINT at iteration" in err
+    r = ddrun(*tiny_cli(tiny_root, run, "iterations=400", "eval_every=400"))
+    assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout
+
+
+def test_progress_lines_without_a_terminal(tiny_root, tmp_path):
+    r = ddrun(*tiny_cli(tiny_root, tmp_path / "run", "iterations=6", "eval_every=6", "progress_every=0.01"))
+    assert r.returncode == 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "distill " in line and " it (" in line]
+    assert lines and "it/s" in lines[-1] and "ETA" in lines[-1] and "loss" in lines[-1]
+
+
+def test_two_buffer_jobs_share_the_experts(tiny_root, tmp_path):
+    args = ["buffer", "dataset=mnist", f"paths.data={tiny_root}", "dataset.system_dirs=[]", "net.width=8",
+            f"paths.buffers={tmp_path}/buffers", "num_experts=3", "train_epochs=2", "batch_train=32"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    procs = [subprocess.Popen([sys.executable, "-m", "ddrun.cli", *args, f"hydra.run.dir={tmp_path}/b{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
+    assert all("Traceback" not in e for _, e in outs)
+    trained = [int(re.search(r"\((\d+) trained now", o).group(1)) for o, _ in outs]
+    assert sum(trained) == 3  # every expert trained once, by one of the two jobs
+    d = next((tmp_path / "buffers").glob("*/*/*/manifest.json")).parent
+    assert sorted(json.loads((d / "manifest.json").read_text())["experts"]) == ["0", "1", "2"]
+    assert not list(d.glob("*.partial")) and not list(d.glob(".*tmp*"))
+
+
+def test_image_grid_is_readable_and_says_when_pixels_were_clipped(tiny_root, tmp_path):
+    from PIL import Image
+
+    out = distill(make_cfg(["method=dm", "ipc=1", f"paths.data={tiny_root}", *TINY, "iterations=1", "eval_every=1",
+                            "objective.lr_img=1000"]), tmp_path / "run")
+    png = Image.open(sorted((Path(out["run_dir"]) / "images").glob("*.png"))[-1])
+    assert png.height >= 10 * 64  # one row per class, each at least 64 px at ipc 1
+    assert 0.0 <= float(png.text["clipped"]) <= 1.0 and "one row per class" in png.text["description"]

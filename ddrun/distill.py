@@ -150,7 +150,8 @@ class Distillation:
         real = self.real
         self.syn.meta.update(dataset=real.name, num_classes=real.num_classes, channels=real.channels,
                              im_size=list(real.im_size), mean=list(real.mean), std=list(real.std),
-                             zca=real.zca is not None, ipc=int(cfg.ipc), method=str(cfg.preset.name),
+                             zca=real.zca is not None, zca_form=getattr(real.zca, "form", None),
+                             ipc=int(cfg.ipc), method=str(cfg.preset.name),
                              config_hash=self.chash)
         self.syn = self.syn.to(self.device)
         self.param: Parametrization = build(cfg.parametrization)

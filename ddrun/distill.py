@@ -169,6 +169,8 @@ class Distillation:
         self.evaluator = build(cfg.evaluator)
         if self.evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
             self.evaluator = None
+        self.beside = {name: build(node) for name, node in (cfg.get("beside") or {}).items()}
+        self.beside = {name: ev for name, ev in self.beside.items() if ev.num_eval >= 1}
         self.tracker = Tracker(self.run_dir, OmegaConf.to_container(cfg, resolve=True), resume_id=self.state.wandb_id,
                                **OmegaConf.to_container(cfg.logger, resolve=True))
         self.state.wandb_id = self.tracker.run_id
@@ -291,13 +293,25 @@ class Distillation:
                 self.tracker.log({"loss": st.loss, **extra, "seconds": st.seconds}, it)
             return None
         res = self.evaluator(decoded, real, self.seed)
-        self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra,
+        res, also = self.evaluate_beside(res, decoded, it)
+        self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra, **also,
                           "seconds": st.seconds, "per_net": res["per_net"]}, it)
         log.info("iteration %d: accuracy %.2f +- %.2f (%s)", it, res["acc_mean"], res["acc_std"], res["protocol"])
         if syn.lr is not None and self.evaluator.uses_learned_lr:
             log.info("iteration %d: the evaluation networks trained with S's learned step size %.4g", it,
                      float(syn.lr.detach()))
-        return {**res, **extra}
+        return {**res, **extra, **also}
+
+    def evaluate_beside(self, res: dict, decoded, it: int) -> tuple[dict, dict[str, float]]:
+        """The ``beside`` evaluators on S: ``(res with "beside": {name: result}, {"<name>/acc_mean": ..,
+        "<name>/acc_std": ..})``; each result states its own protocol."""
+        if not self.beside:
+            return res, {}
+        results = {name: ev(decoded, self.real, self.seed) for name, ev in self.beside.items()}
+        flat = {f"{name}/{k}": r[k] for name, r in results.items() for k in ("acc_mean", "acc_std")}
+        for name, r in results.items():
+            log.info("iteration %d: %s %.2f +- %.2f (%s)", it, name, r["acc_mean"], r["acc_std"], r["protocol"])
+        return {**res, "beside": results}, flat
 
     def checkpoint(self, it: int) -> None:
         """Save the run state at iteration ``it``; a failed write stops the run and leaves the previous

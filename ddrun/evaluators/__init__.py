@@ -2,5 +2,6 @@
 (contract: ``ddrun.contracts.Evaluator``)."""
 
 from ddrun.evaluators.default import CrossArchEvaluator, Evaluator
+from ddrun.evaluators.regression import RegressionEvaluator
 
-__all__ = ["Evaluator", "CrossArchEvaluator"]
+__all__ = ["Evaluator", "CrossArchEvaluator", "RegressionEvaluator"]

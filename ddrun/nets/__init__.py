@@ -9,12 +9,13 @@ from torch import nn
 
 from ddrun.nets.alexnet import AlexNet
 from ddrun.nets.convnet import ConvNet
+from ddrun.nets.frepo import FRePoConv
 from ddrun.nets.lenet import LeNet
 from ddrun.nets.mlp import MLP
 from ddrun.nets.resnet import ResNet18
 from ddrun.nets.vgg import VGG11
 
-__all__ = ["AlexNet", "ConvNet", "LeNet", "MLP", "ResNet18", "VGG11", "build_net"]
+__all__ = ["AlexNet", "ConvNet", "FRePoConv", "LeNet", "MLP", "ResNet18", "VGG11", "build_net"]
 
 
 def build_net(factory: Callable[..., nn.Module], shape, seed: int, device: torch.device | str | None = None,

@@ -261,7 +261,9 @@ KERNEL_SMALL = ["objective.kernel.n_models=1", "objective.kernel.net_kwargs.widt
 
 
 @pytest.mark.parametrize("method,extra", [("kip", KERNEL_SMALL), ("rfad", KERNEL_SMALL),
-                                          ("frepo", ["fetcher.num_models=1", "fetcher.max_online_updates=4"])])
+                                          ("frepo", ["fetcher.num_models=1", "fetcher.max_online_updates=4",
+                                                     "preset.pool_net.width=8",
+                                                     "syn_scheduler.total=6"])])  # the cosine spans the run
 def test_resume_continues_to_the_same_synthetic_set(tiny_root, tmp_path, method, extra):
     """RFAD's Platt scale and FRePo's pool are part of the checkpoint: an interrupted run ends with the same S."""
     args = [f"method={method}", "evaluator.num_eval=0", *extra]

@@ -3,5 +3,6 @@
 
 from ddrun.evaluators.default import CrossArchEvaluator, Evaluator
 from ddrun.evaluators.regression import RegressionEvaluator
+from ddrun.evaluators.replay import ReplayEvaluator
 
-__all__ = ["Evaluator", "CrossArchEvaluator", "RegressionEvaluator"]
+__all__ = ["Evaluator", "CrossArchEvaluator", "RegressionEvaluator", "ReplayEvaluator"]

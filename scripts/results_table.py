@@ -14,7 +14,7 @@ import yaml
 
 # accuracies a method reports under its paper's own protocol, logged next to the shared evaluator's: the kernel
 # regression prediction of the test split from S (KIP, RFAD) and DD's replay of its learned steps from theta_0
-OWN = ("krr_acc", "dd_replay_acc")
+OWN = ("krr_acc", "dd_replay_acc", "frepo/acc_mean", "kip/acc_mean", "rfad/acc_mean")
 
 
 def main(root: str) -> None:

@@ -170,7 +170,7 @@ def test_resume_restores_the_step_sizes_and_ends_with_the_same_synthetic_set(tmp
 
     def cfg(iterations):
         return make_cfg(["method=dd", "dataset=mnist", f"paths.data={tmp_path}", "dataset.system_dirs=[]", "ipc=2",
-                         "objective.syn_steps=2", "objective.syn_epochs=2", "debug=smoke", "beside={}",
+                         "objective.syn_steps=2", "objective.syn_epochs=2", "debug=smoke", "beside.convnet.num_eval=0",
                          "logger=none", "evaluator.num_eval=0", "objective.batch_real=4", f"iterations={iterations}"])
 
     straight = distill(cfg(6), tmp_path / "straight")

@@ -139,6 +139,15 @@ class RegressionEvaluator(EvaluatorContract):
             return self.steps[n]
         return int(self.steps)
 
+    @staticmethod
+    def targets(syn) -> torch.Tensor:
+        """S's regression targets float ``[N, K]`` (``SyntheticSet.regression_targets``); for the real training
+        set of ``ddrun evaluate full=true`` (hard labels), ``onehot - 1/K``."""
+        if isinstance(syn, SyntheticSet):
+            return syn.regression_targets().detach()
+        k = int(syn.labels.max()) + 1
+        return torch.nn.functional.one_hot(syn.labels, k).float() - 1.0 / k
+
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The regression loss of outputs ``[B, K]`` against targets ``[B, K]`` (already x ``target_scale``)."""
         sq = (out - y) ** 2 / self.target_scale**2
@@ -162,7 +171,7 @@ class RegressionEvaluator(EvaluatorContract):
         device = real.device
         net = build_net(self.net_factory, real, seed, device)
         images = syn.images.detach().to(device)
-        targets = self.target_scale * syn.regression_targets().detach().to(device)
+        targets = self.target_scale * self.targets(syn).to(device)
         n, total = len(images), self.total_steps(len(images))
         b = min(n, self.batch_train)
         opt = self._optimizer(net)

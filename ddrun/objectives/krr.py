@@ -11,11 +11,14 @@ system is solved by a float64 Cholesky factorization (RFAD solves in double, KIP
 still singular, or a kernel with NaN/Inf entries, raises a one-line DdrunError naming ``objective.reg``.
 
 - :class:`KIP` (Nguyen et al. ICLR 2021; "... with Infinitely Wide Convolutional Networks", NeurIPS 2021):
-  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets; the kernel is the ConvNet's NNGP estimated
-  with random finite networks (``objective/kernel=nngp``) or the empirical NTK of a small network
-  (``objective/kernel=ntk``), see ``ddrun.nets.kernels``.
+  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets. The kernel is NOT the paper's exact
+  infinite-width ConvNet NTK/NNGP (neural_tangents, JAX): it is a random-feature NNGP of 8 *finite* random
+  ConvNets redrawn every iteration (``objective/kernel=nngp``, RFAD's estimator) or the empirical NTK of one small
+  finite network (``objective/kernel=ntk``), see ``ddrun.nets.kernels``; every KIP number of ddrun is for that
+  kernel (``conf/method/kip.yaml`` says why the exact one is not offered).
 - :class:`RFAD` (Loo et al. NeurIPS 2022, Sec. 4): the random-feature NNGP with the Platt-scaled cross-entropy
-  ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0).
+  ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0), and optionally the learned linear transform of the
+  images (``transform``).
 - :class:`FRePo` (Zhou, Nezhadarya & Ba, NeurIPS 2022, Eq. 4-5): the kernel is the linear kernel of the
   penultimate features of a network from the model pool (``fetcher=pool``, trained online on S), loss
   ``sum_k (pred - Y)^2`` averaged over T plus the label margin term; flipped copies of S join the support set on

@@ -17,9 +17,12 @@ holds; the evaluator trains with their mean, ``syn.lr``). As in the reference (s
 ``train_distilled_image.py``: ``lr = softplus(raw)``, raw optimized by the same Adam as the images), the objective
 optimizes ``raw = softplus^-1(eta)`` (its own state, saved in ``checkpoint.pt``) with step size ``lr_lr``, so eta stays
 positive and moves multiplicatively; ``syn.syn_lr`` is set to ``softplus(raw)`` after every update. The paper's own
-protocol (these exact steps replayed from theta_0) is logged as ``dd_replay_acc``.
+protocol, these exact steps replayed from theta_0 (:func:`replay`), is ``evaluator=replay``
+(``ddrun.evaluators.replay``), method=dd's headline; ``report_nets`` > 0 also logs it as ``dd_replay_acc``. S records
+``syn_steps`` in its meta, so a saved S can be replayed by ``ddrun evaluate evaluator=replay``.
 
-Reference hyperparameters (``conf/method/dd.yaml``): Adam(lr 0.01, betas (0.5, 0.999)) on the images,
+Reference hyperparameters (``conf/method/dd.yaml``): LeNet (MNIST) / AlexCifarNet (CIFAR) with xavier init
+(``net=dd``), Adam(lr 0.01, betas (0.5, 0.999)) on the images with StepLR x0.5 every 40 epochs,
 distill_lr (eta init) 0.02 (CIFAR-10 0.001), distill_steps 10, distill_epochs 3, 1 image per class per step, real
 batch 1024, 400 epochs of the real training set, images initialized as N(0, 1).
 """

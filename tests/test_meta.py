@@ -281,3 +281,21 @@ def test_dd_networks_are_the_papers_with_xavier_init():
     assert LeNet(1, 10, (28, 28)).fc_1.bias.abs().max() > 0  # default init unchanged
     with pytest.raises(ConfigError, match="net.init"):
         LeNet(1, 10, (28, 28), init="he")
+
+
+def test_a_saved_dd_set_replays_to_the_runs_own_accuracy_with_ddrun_evaluate(tmp_path):
+    """synthetic.pt records syn_steps, so `ddrun evaluate evaluator=replay` gives the distill run's headline."""
+    from ddrun.evaluate import evaluate_cmd
+
+    write_mnist_like(tmp_path, "MNIST", n_train=12, n_test=4)
+    data = [f"paths.data={tmp_path}", "dataset=mnist", "dataset.system_dirs=[]", "logger=none", "seed=3"]
+    out = distill(make_cfg(["method=dd", "ipc=2", "objective.syn_steps=2", "objective.syn_epochs=2", "debug=smoke",
+                            "beside.convnet.num_eval=0", "fetcher=fixed", "objective.batch_real=4", *data]),
+                  tmp_path / "run")
+    assert torch.load(out["synthetic"], weights_only=True)["meta"]["syn_steps"] == 2
+    res = evaluate_cmd(make_cfg([f"synthetic={out['synthetic']}", "evaluator=replay", "net=dd", "evaluator.init=fixed",
+                                 *data], config_name="evaluate"))
+    assert res["acc_mean"] == pytest.approx(out["acc_mean"]) and res["protocol_fields"]["evaluator"] == "replay"
+    with pytest.raises(ConfigError, match="evaluator.init"):
+        evaluate_cmd(make_cfg([f"synthetic={out['synthetic']}", "evaluator=replay", "net=dd", *data],
+                              config_name="evaluate"))

@@ -187,6 +187,8 @@ class Distillation:
         self.evaluator = build(cfg.evaluator)
         if self.evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
             self.evaluator = None
+        beside = {name: build(node) for name, node in (cfg.get("beside") or {}).items()}
+        self.beside = {name: ev for name, ev in beside.items() if ev.num_eval >= 1}
         self.objective = build(cfg.objective) if has_objective(cfg) else None
         self.schedule, self.param = build(cfg.schedule), build(cfg.parametrization)
         self.stages = {name: build(node) for name, node in (cfg.get("stages") or {}).items()}
@@ -217,7 +219,8 @@ class Distillation:
             syn = SyntheticSet.from_state(ckpt["syn"])
         syn.meta.update(dataset=real.name, num_classes=real.num_classes, channels=real.channels,
                         im_size=list(real.im_size), mean=list(real.mean), std=list(real.std), zca=real.zca is not None,
-                        ipc=int(cfg.ipc), method=str(cfg.preset.name), config_hash=self.chash,
+                        zca_form=getattr(real.zca, "form", None), ipc=int(cfg.ipc), method=str(cfg.preset.name),
+                        config_hash=self.chash,
                         setting_hash=setting_hash(cfg))
         syn = syn.to(self.device)
         syn.meta.update(self.param.describe(syn))
@@ -293,7 +296,8 @@ class Distillation:
                 st.result = self.evaluate(it)
             st.evaluated_at = it
             if it == self.iterations and st.result is not None and "acc_mean" in st.result:
-                st.finals.append(record.evaluation(st.result, it, self.real))
+                for res in (st.result, *st.result.get("beside", {}).values()):  # each under its own protocol
+                    st.finals.append(record.evaluation(res, it, self.real))
             self.checkpoint(it)
 
     def write_record(self) -> None:
@@ -377,13 +381,25 @@ class Distillation:
             return None
         res = self.evaluator(decoded, real, self.seed)
         line = record.evaluation(res, it, real)["protocol_line"]
-        self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra,
+        res, also = self.evaluate_beside(res, decoded, it)
+        self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra, **also,
                           "seconds": st.seconds, "per_net": res["per_net"], "protocol": line}, it)
         log.info("iteration %d: accuracy %.2f +- %.2f (%s)", it, res["acc_mean"], res["acc_std"], res["protocol"])
         if syn.lr is not None and self.evaluator.uses_learned_lr:
             log.info("iteration %d: the evaluation networks trained with S's learned step size %.4g", it,
                      float(syn.lr.detach()))
-        return {**res, **extra}
+        return {**res, **extra, **also}
+
+    def evaluate_beside(self, res: dict, decoded, it: int) -> tuple[dict, dict[str, float]]:
+        """The ``beside`` evaluators on S: ``(res with "beside": {name: result}, {"<name>/acc_mean": ..,
+        "<name>/acc_std": ..})``; each result states its own protocol."""
+        if not self.beside:
+            return res, {}
+        results = {name: ev(decoded, self.real, self.seed) for name, ev in self.beside.items()}
+        flat = {f"{name}/{k}": r[k] for name, r in results.items() for k in ("acc_mean", "acc_std")}
+        for name, r in results.items():
+            log.info("iteration %d: %s %.2f +- %.2f (%s)", it, name, r["acc_mean"], r["acc_std"], r["protocol"])
+        return {**res, "beside": results}, flat
 
     def checkpoint(self, it: int) -> None:
         """Save the run state at iteration ``it``; a failed write stops the run and leaves the previous

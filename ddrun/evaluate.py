@@ -46,6 +46,10 @@ def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
     if meta.get("zca") is not None and bool(meta["zca"]) != (real.zca is not None):
         raise ConfigError(f"{source} was made {'with' if meta['zca'] else 'without'} ZCA whitening; set the "
                           f"dataset's ZCA option the same way")
+    form = getattr(real.zca, "form", None)
+    if meta.get("zca") and meta.get("zca_form") and meta["zca_form"] != form:
+        raise ConfigError(f"{source} was whitened with the {meta['zca_form']} ZCA form, not {form}: pass "
+                          f"dataset.zca_form={meta['zca_form']}")
 
 
 def check_outside_set(d: dict, real: RealData, source: str) -> None:

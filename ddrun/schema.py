@@ -53,6 +53,7 @@ class DistillSchema(Common):
     overwrite: bool = False
     checkpoint_every: int = knob(100, 1)
     stages: Dict[str, Any] = field(default_factory=dict)
+    beside: Dict[str, Any] = field(default_factory=dict)
     preset: Any = None
     init: Any = None
     fetcher: Any = None

@@ -19,7 +19,7 @@ Layout under ``paths.buffers`` (environment ``DDRUN_BUFFERS``)::
         <item>_0007.partial/   an unfinished item's resume points (the command's own format)
         <item>_0007.lock       flock held by the job training that item (other jobs skip or wait)
 
-    dataset key   <dataset.name>[-zca[<regularization> when not 0.1]][-sub<train_subset>]   e.g. cifar10-zca
+    dataset key   <dataset.name>[-zca[rel][<regularization> when not 0.1]][-sub<train_subset>]   e.g. cifar10-zca
     net key       <class>_<arg>-<value>_... of the net config     e.g. convnet_act-relu_depth-3_..._width-128
     augment key   dsa-<strategy> | noaug
 
@@ -79,18 +79,18 @@ def setting_of(real, net_factory: Callable, augment) -> dict:
     """What a collection is keyed by: the dataset (name, training subset, ZCA, normalization, shapes), the network
     and the augmentation its items were trained with. Plain JSON types."""
     zca_reg = None if real.zca is None else float(getattr(real.zca, "regularization", 0.1))
+    zca_form = None if real.zca is None else getattr(real.zca, "form", "absolute")
     aug = {"strategy": "none"}
     if augment is not None and augment.enabled:
         aug = {"strategy": augment.strategy, **{k: float(v) for k, v in sorted(augment.p.items())}}
-    return {
-        "dataset": {"name": real.name, "train_subset": real.train_subset, "zca": real.zca is not None,
-                    "zca_regularization": zca_reg,
-                    "mean": [round(float(m), 6) for m in real.mean],
-                    "std": [round(float(s), 6) for s in real.std],
-                    "channels": real.channels, "im_size": list(real.im_size), "num_classes": real.num_classes},
-        "net": net_spec(net_factory),
-        "augment": aug,
-    }
+    dataset = {"name": real.name, "train_subset": real.train_subset, "zca": real.zca is not None,
+               "zca_regularization": zca_reg,
+               "mean": [round(float(m), 6) for m in real.mean],
+               "std": [round(float(s), 6) for s in real.std],
+               "channels": real.channels, "im_size": list(real.im_size), "num_classes": real.num_classes}
+    if zca_form == "relative":  # recorded only for the relative form: absolute-ZCA settings keep their old keys
+        dataset["zca_form"] = zca_form
+    return {"dataset": dataset, "net": net_spec(net_factory), "augment": aug}
 
 
 def collection_dir(root: str | Path, kind: str, setting: dict) -> Path:
@@ -99,7 +99,7 @@ def collection_dir(root: str | Path, kind: str, setting: dict) -> Path:
     dkey = ds["name"]
     if ds["zca"]:
         reg = ds["zca_regularization"]
-        dkey += "-zca" + ("" if reg == 0.1 else f"{reg:g}")
+        dkey += "-zca" + ("rel" if ds.get("zca_form") == "relative" else "") + ("" if reg == 0.1 else f"{reg:g}")
     if ds["train_subset"] is not None:
         dkey += f"-sub{ds['train_subset']}"
     net = setting["net"]
@@ -155,6 +155,8 @@ def command_for(kind: str, setting: dict, root: str | Path, data: str | Path | N
         args.append(f"dataset.train_subset={ds['train_subset']}")
     if ds["zca"]:
         args.append("dataset.zca=true")
+        if ds.get("zca_form") == "relative":
+            args.append("dataset.zca_form=relative")
         if ds["zca_regularization"] != 0.1:
             args.append(f"dataset.zca_regularization={ds['zca_regularization']:g}")
     choice = _net_choice(net["class"])

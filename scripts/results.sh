@@ -28,16 +28,20 @@ run dsa_ipc1 method=dsa ipc=1 iterations=100 eval_every=100 objective.batch_real
 run dc_ipc10 method=dc ipc=10 iterations=4 eval_every=4 objective.batch_real=64 schedule.inner_loop=5
 run dsa_ipc10 method=dsa ipc=10 iterations=4 eval_every=4 objective.batch_real=64 schedule.inner_loop=5
 # Performance matching (issue 4). KIP/RFAD: one random ConvNet-128 per iteration for the random-feature kernel.
+# The papers' own finite-network protocols (beside.*) are off here (CPU-sized; scripts/reproduce.sh runs them).
 KRR="objective.batch_real=50 objective.kernel.n_models=1 objective.kernel.net_kwargs.width=128"
-run kip_ipc1 method=kip ipc=1 iterations=300 eval_every=300 $KRR
-run rfad_ipc1 method=rfad ipc=1 iterations=300 eval_every=300 $KRR
-run frepo_ipc1 method=frepo ipc=1 iterations=300 eval_every=300
-run kip_ipc10 method=kip ipc=10 iterations=150 eval_every=150 $KRR
-run rfad_ipc10 method=rfad ipc=10 iterations=150 eval_every=150 $KRR
-run frepo_ipc10 method=frepo ipc=10 iterations=200 eval_every=200
-run dd_ipc1 method=dd ipc=1 iterations=150 eval_every=150 objective.batch_real=20
-run dd_ipc10 method=dd ipc=10 iterations=150 eval_every=150 objective.batch_real=20
-run dd_ipc10_real method=dd ipc=10 init=real iterations=150 eval_every=150 objective.batch_real=20
+run kip_ipc1 method=kip ipc=1 iterations=300 eval_every=300 $KRR beside.kip.num_eval=0
+run rfad_ipc1 method=rfad ipc=1 iterations=300 eval_every=300 $KRR beside.rfad.num_eval=0
+run frepo_ipc1 method=frepo ipc=1 iterations=300 eval_every=300 beside.frepo.num_eval=0
+run kip_ipc10 method=kip ipc=10 iterations=150 eval_every=150 $KRR beside.kip.num_eval=0
+run rfad_ipc10 method=rfad ipc=10 iterations=150 eval_every=150 $KRR beside.rfad.num_eval=0
+run frepo_ipc10 method=frepo ipc=10 iterations=200 eval_every=200 beside.frepo.num_eval=0
+# DD on the shared protocol's ConvNet (its own setting, LeNet + replay, is in scripts/reproduce.sh): the common
+# evaluator, the replay logged as dd_replay_acc.
+DDC="net=convnet evaluator=default objective.report_nets=1 beside.convnet.num_eval=0"
+run dd_ipc1 method=dd ipc=1 iterations=150 eval_every=150 objective.batch_real=20 $DDC
+run dd_ipc10 method=dd ipc=10 iterations=150 eval_every=150 objective.batch_real=20 $DDC
+run dd_ipc10_real method=dd ipc=10 init=real iterations=150 eval_every=150 objective.batch_real=20 $DDC
 # Trajectory matching (issue 3): a buffer of 4 experts x 10 epochs on a 300-per-class subset, then MTT.
 SUB="dataset=fashion_mnist dataset.train_subset=300"
 if [[ "$ONLY" == "  " || "$ONLY" == *" mtt_"* ]]; then

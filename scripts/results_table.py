@@ -20,13 +20,15 @@ def main(root: str) -> None:
         rec = read(run)
         if not rec["evaluations"]:
             continue
-        last = rec["evaluations"][-1]
+        last, *others = rec["evaluations"]
         init = str(rec.get("setting", {}).get("init._target_", "?")).rsplit(".", 1)[-1]
-        # the accuracy a method reports under its paper's own protocol, beside the shared evaluator's: the kernel
-        # regression prediction of the test split from S (KIP, RFAD), DD's replay of its learned steps
-        own = " ".join(f"{k.removesuffix('_acc')} {v:.2f}" for k, v in last.get("extra", {}).items()) or "-"
+        # the accuracies a method reports under its paper's own protocol, beside the shared evaluator's: the kernel
+        # regression prediction of the test split from S (KIP, RFAD), DD's replay of its learned steps, the
+        # `beside` evaluators (FRePo / KIP / RFAD's finite-network protocols)
+        own = [f"{k.removesuffix('_acc')} {v:.2f}" for k, v in last.get("extra", {}).items()]
+        own += [f"{e['protocol'].get('evaluator')} {e['acc_mean']:.2f}" for e in others]
         rows.append((rec["dataset"], rec["ipc"], rec["method"], init, rec["iterations"], last["acc_mean"],
-                     last["acc_std"], own, rec.get("seconds") or 0.0))
+                     last["acc_std"], " ".join(own) or "-", rec.get("seconds") or 0.0))
     print("| dataset | ipc | method | init | iterations | accuracy % (mean ± std) | method's own protocol % | "
           "distill seconds |")
     print("|---|---|---|---|---|---|---|---|")

@@ -261,7 +261,9 @@ KERNEL_SMALL = ["objective.kernel.n_models=1", "objective.kernel.net_kwargs.widt
 
 
 @pytest.mark.parametrize("method,extra", [("kip", KERNEL_SMALL), ("rfad", KERNEL_SMALL),
-                                          ("frepo", ["fetcher.num_models=1", "fetcher.max_online_updates=4"])])
+                                          ("frepo", ["fetcher.num_models=1", "fetcher.max_online_updates=4",
+                                                     "preset.pool_net.width=8",
+                                                     "syn_scheduler.total=6"])])  # the cosine spans the run
 def test_resume_continues_to_the_same_synthetic_set(tiny_root, tmp_path, method, extra):
     """RFAD's Platt scale and FRePo's pool are part of the checkpoint: an interrupted run ends with the same S."""
     args = [f"method={method}", "evaluator.num_eval=0", *extra]
@@ -303,11 +305,12 @@ def fmnist(root, *extra):
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("method,extra", [
-    ("kip", ["objective.lr_img=0.05", *KERNEL_SMALL[:1], "objective.kernel.net_kwargs.width=64"]),
+    ("kip", ["objective.lr_img=0.05", *KERNEL_SMALL[:1], "objective.kernel.net_kwargs.width=64",
+             "beside.kip.num_eval=0"]),
     ("rfad", ["objective.lr_img=0.05", "objective.lr_labels=0.01", *KERNEL_SMALL[:1],
-              "objective.kernel.net_kwargs.width=64"]),
+              "objective.kernel.net_kwargs.width=64", "beside.rfad.num_eval=0"]),
     ("frepo", ["objective.lr_img=0.1", "objective.lr_labels=0.01", "fetcher.num_models=4",
-               "fetcher.max_online_updates=20"]),
+               "fetcher.max_online_updates=20", "preset.pool_net.width=32", "beside.frepo.num_eval=0"]),
 ])
 def test_kernel_methods_improve_s_on_real_fashion_mnist(fmnist_root, tmp_path, method, extra):
     """From Gaussian noise, 20 iterations at ipc 1 (300 training images per class, 100 test images per class): the
@@ -328,7 +331,8 @@ def test_kernel_methods_improve_s_on_real_fashion_mnist(fmnist_root, tmp_path, m
 def test_soft_labels_round_trip_through_synthetic_pt_and_the_evaluator(fmnist_root, tmp_path):
     """Learned soft labels are saved as float logits, load back unchanged, and the evaluator trains with them:
     the same images with soft labels pointing at the wrong class give a far lower accuracy."""
-    cfg = fmnist(fmnist_root, "method=kip", "init=real", "iterations=2", "objective.batch_real=10", *KERNEL_SMALL)
+    cfg = fmnist(fmnist_root, "method=kip", "init=real", "iterations=2", "objective.batch_real=10", *KERNEL_SMALL,
+                 "beside.kip.num_eval=0")
     out = distill(cfg, tmp_path / "run")
     saved = torch.load(out["synthetic"], weights_only=True)
     assert saved["labels"].dtype == torch.float32 and saved["labels"].shape == (10, 10)

@@ -122,16 +122,20 @@ def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: i
     return torch.cat(keep).sort().values
 
 
-def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float]):
-    """``(zca object or None, mean, std)``. ``zca`` true builds :class:`~ddrun.data.zca.ZCA`; with ZCA the images
-    are only scaled to [0, 1] (mean 0, std 1), as the MTT reference (``ToTensor`` without ``Normalize`` when
-    ``--zca``), because ZCA's regularization is absolute and so depends on the input scale."""
+def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float],
+               form: str = "absolute"):
+    """``(zca object or None, mean, std)``. ``zca`` true builds :class:`~ddrun.data.zca.ZCA` of ``form``. With the
+    ``absolute`` form (MTT) the images are only scaled to [0, 1] (mean 0, std 1), as the MTT reference (``ToTensor``
+    without ``Normalize`` when ``--zca``), because an absolute regularization depends on the input scale; with the
+    ``relative`` form (KIP / RFAD / FRePo) they are mean/std normalized first, as in those references."""
     if zca is None or zca is False:
         return None, mean, std
     if zca is True:
         from ddrun.data.zca import ZCA
 
-        zca = ZCA(regularization)
+        zca = ZCA(regularization, form=form)
+    if getattr(zca, "form", "absolute") == "relative":
+        return zca, mean, std
     return zca, [0.0] * len(mean), [1.0] * len(std)
 
 
@@ -252,6 +256,7 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
                how_to_get: str = "", system_dirs: Sequence[str] = (), download: bool = False,
                dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
                test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
+               zca_form: str = "absolute",
                **_: object) -> RealData:
     """Load an MNIST-family dataset (IDX files) with ``torchvision.datasets.<torchvision_class>``.
 
@@ -259,7 +264,8 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
     decompressed into it first. ``train_subset`` / ``test_subset`` keep that many samples per class (a fixed,
     class-balanced subset for quick runs); None keeps all. ``zca`` (true, or an object with ``fit`` /
     ``__call__`` / ``inverse``) whitens both splits with a transform fitted on the full training split
-    (:mod:`ddrun.data.zca`, regularization ``zca_regularization``); the images are then not mean/std normalized.
+    (:mod:`ddrun.data.zca`, regularization ``zca_regularization`` of form ``zca_form``: ``absolute``, MTT's, the
+    images then not mean/std normalized; ``relative``, KIP / RFAD / FRePo's, on mean/std normalized images).
 
     Raises:
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
@@ -282,7 +288,7 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
         return tr, te
 
     tr, te = _load_or_name_corrupt(name, load, files, _read_idx)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
     return _finish(name, _normalize(tr.data.unsqueeze(1), mean, std), tr.targets,
                    _normalize(te.data.unsqueeze(1), mean, std), te.targets, mean, std, tr.classes,
                    dsa_strategy, train_subset, test_subset, zca)
@@ -303,6 +309,7 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
                  how_to_get: str = "", download: bool = False, verify_checksums: bool = True,
                  dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
                  test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
+                 zca_form: str = "absolute",
                  **_: object) -> RealData:
     """Load CIFAR-10 / CIFAR-100 (the python pickle batches) with ``torchvision.datasets.<torchvision_class>``.
 
@@ -330,7 +337,7 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_pickle)
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
     return _finish(name, _normalize(to_nchw(tr.data), mean, std), tr.targets,
                    _normalize(to_nchw(te.data), mean, std), te.targets, mean, std, tr.classes,
                    dsa_strategy, train_subset, test_subset, zca)
@@ -352,6 +359,7 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
                 download: bool = False, verify_checksums: bool = True,
                 dsa_strategy: str = "color_crop_cutout_scale_rotate", train_subset: int | None = None,
                 test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
+                zca_form: str = "absolute",
                 **_: object) -> RealData:
     """Load SVHN (``train_32x32.mat``, ``test_32x32.mat`` in ``root``) with ``torchvision.datasets.SVHN``.
     ``zca`` as in :func:`idx_format`.
@@ -373,7 +381,7 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
         return (_Checked(root, split="train", download=download), _Checked(root, split="test", download=download))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_mat)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
     return _finish(name, _normalize(tr.data, mean, std), tr.labels, _normalize(te.data, mean, std), te.labels,
                    mean, std, [str(i) for i in range(10)], dsa_strategy, train_subset, test_subset, zca)
 
@@ -402,7 +410,7 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
                        train_dir: str = "train", test_dir: str = "val", how_to_get: str = "",
                        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
                        test_subset: int | None = None, zca: bool | object | None = False,
-                       zca_regularization: float = 0.1, **_: object) -> RealData:
+                       zca_regularization: float = 0.1, zca_form: str = "absolute", **_: object) -> RealData:
     """Load an image-folder dataset: ``<root>/<train_dir>/<class>/**/*.{jpg,png,...}`` through
     ``torchvision.datasets.ImageFolder``, and the test split from ``<root>/<test_dir>/<class>/...`` or, in the
     Tiny ImageNet layout, from ``<root>/<test_dir>/images/*`` labelled by ``<test_dir>/val_annotations.txt``.
@@ -431,6 +439,6 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
         test_samples = test.samples
     tr_x, tr_y = _read_images(name, train.samples, im_size)
     te_x, te_y = _read_images(name, test_samples, im_size)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
     return _finish(name, _normalize(tr_x, mean, std), tr_y, _normalize(te_x, mean, std), te_y, mean, std,
                    train.classes, dsa_strategy, train_subset, test_subset, zca)

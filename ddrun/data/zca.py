@@ -1,16 +1,23 @@
-"""ZCA whitening of image datasets, as used by KIP and MTT.
+"""ZCA whitening of image datasets, in the two forms the papers use.
 
-KIP (Nguyen et al., "Dataset Distillation with Infinitely Wide Convolutional Networks", NeurIPS 2021, Sec. 3)
-and MTT (Cazenavette et al., CVPR 2022, ``--zca``; ``utils.get_dataset`` fits kornia's
-``ZCAWhitening(eps=0.1)`` on the full training set) whiten the images before distilling. For flattened images
-``X`` ``[N, D]`` (``D = C*H*W``) with mean ``mu`` and unbiased covariance ``Sigma = U diag(s) U^T``:
+For flattened images ``X`` ``[N, D]`` (``D = C*H*W``) with mean ``mu`` and unbiased covariance
+``Sigma = U diag(s) U^T``:
 
     whiten(x)  = (x - mu) @ U diag(1 / sqrt(s + eps)) U^T
     inverse(z) = z @ U diag(sqrt(s + eps)) U^T + mu
 
-``eps`` (``regularization``, 0.1 in the reference) is added to every eigenvalue; it is absolute, so it depends on
-the scale of the input, which is why the MTT reference whitens ``ToTensor`` pixels in [0, 1] without mean/std
-normalization (ddrun's loaders do the same when ``dataset.zca=true``).
+The forms differ in ``eps`` (``dataset.zca_form``):
+
+- ``absolute`` (MTT, Cazenavette et al. CVPR 2022, ``--zca``: ``utils.get_dataset`` fits kornia's
+  ``ZCAWhitening(eps=0.1)`` on the full training set): ``eps = regularization`` is added to every eigenvalue. It
+  depends on the scale of the input, which is why the MTT reference whitens ``ToTensor`` pixels in [0, 1] without
+  mean/std normalization (ddrun's loaders do the same for this form).
+- ``relative`` (KIP, Nguyen et al. ICLR 2021 / NeurIPS 2021; RFAD, Loo et al. NeurIPS 2022, ``data.get_zca_matrix``;
+  FRePo, Zhou et al. NeurIPS 2022, ``lib/dataset/ops.get_whitening_transform``): ``eps = regularization * tr(Sigma)
+  / D``, a fraction of the mean eigenvalue (0.1 in all three), so the transform does not depend on the input's
+  scale. The references whiten mean/std-normalized images (ddrun's loaders keep the normalization for this form).
+  With 3-channel 32x32 images the mean eigenvalue of [0, 1] pixels is about 0.06, so 0.1 relative is ~0.006
+  absolute: roughly 16x weaker than MTT's 0.1 on the same pixels.
 """
 
 from __future__ import annotations
@@ -24,19 +31,30 @@ class ZCA:
     """ZCA whitening fitted on a training set (module doc).
 
     Args:
-        regularization: ``eps`` added to the covariance eigenvalues (MTT / kornia: 0.1).
+        regularization: ``eps`` added to the covariance eigenvalues (``absolute``, MTT / kornia: 0.1), or its
+            fraction of the mean eigenvalue ``tr(Sigma) / D`` (``relative``, KIP / RFAD / FRePo: 0.1).
+        form: ``absolute`` or ``relative`` (module doc).
         device: where the covariance and the transforms are computed (``auto``: CUDA when available); the
             results come back on the input's device.
         chunk: rows per matrix product (bounds the extra memory to ``chunk x D`` floats).
 
     Attributes (after :meth:`fit`): ``mean`` float32 ``[D]``, ``transform`` and ``inverse_transform`` float32
-    ``[D, D]``, ``shape`` the ``(C, H, W)`` it was fitted on.
+    ``[D, D]``, ``shape`` the ``(C, H, W)`` it was fitted on, ``eps`` the absolute amount added to the
+    eigenvalues.
+
+    Raises:
+        DataError: a negative regularization or an unknown form.
     """
 
-    def __init__(self, regularization: float = 0.1, device: str = "auto", chunk: int = 4096):
+    FORMS = ("absolute", "relative")
+
+    def __init__(self, regularization: float = 0.1, device: str = "auto", chunk: int = 4096, form: str = "absolute"):
         if regularization < 0:
             raise DataError(f"dataset.zca_regularization={regularization}: must be >= 0")
-        self.regularization, self.device, self.chunk = float(regularization), device, int(chunk)
+        if form not in self.FORMS:
+            raise DataError(f"dataset.zca_form={form!r}: valid values are {list(self.FORMS)}")
+        self.regularization, self.device, self.chunk, self.form = float(regularization), device, int(chunk), form
+        self.eps: float | None = None
         self.mean = self.transform = self.inverse_transform = None
         self.shape: tuple[int, ...] | None = None
 
@@ -68,6 +86,9 @@ class ZCA:
                                 f"dataset.zca_regularization must be > 0")
             _, sv, vh = torch.linalg.svd(flat.to(dev, torch.float64) - mean, full_matrices=False)
             lam, v = sv**2 / (n - 1), vh.T
+            eps = self._eps(float(lam.sum()), d)
+            if eps <= 0:
+                raise DataError(f"ZCA: the {n} training images are all equal; nothing to whiten")
             eye = torch.eye(d, dtype=torch.float64, device=dev)
             transform = eye / eps**0.5 + (v * ((lam + eps).rsqrt() - eps**-0.5)) @ v.T
             inverse = eye * eps**0.5 + (v * ((lam + eps).sqrt() - eps**0.5)) @ v.T
@@ -77,15 +98,20 @@ class ZCA:
                 xc = flat[s:s + self.chunk].to(dev, torch.float64) - mean
                 cov += xc.T @ xc
             cov /= n - 1
+            eps = self._eps(float(torch.trace(cov)), d)
             evals, evecs = torch.linalg.eigh(cov)
             evals = evals.clamp_min(0) + eps
             if evals.min() <= 0:
                 raise DataError("ZCA: the covariance is singular and dataset.zca_regularization is 0")
             transform = (evecs * evals.rsqrt()) @ evecs.T
             inverse = (evecs * evals.sqrt()) @ evecs.T
-        self.mean = mean.float()
+        self.mean, self.eps = mean.float(), eps
         self.transform, self.inverse_transform = transform.float(), inverse.float()
         return self
+
+    def _eps(self, trace: float, d: int) -> float:
+        """The absolute amount added to the eigenvalues: ``regularization`` or ``regularization * trace / d``."""
+        return self.regularization if self.form == "absolute" else self.regularization * trace / d
 
     def _apply(self, x: torch.Tensor, matrix: torch.Tensor, before: torch.Tensor | None,
                after: torch.Tensor | None) -> torch.Tensor:

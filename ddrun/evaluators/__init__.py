@@ -2,5 +2,7 @@
 (contract: ``ddrun.contracts.Evaluator``)."""
 
 from ddrun.evaluators.default import CrossArchEvaluator, Evaluator
+from ddrun.evaluators.regression import RegressionEvaluator
+from ddrun.evaluators.replay import ReplayEvaluator
 
-__all__ = ["Evaluator", "CrossArchEvaluator"]
+__all__ = ["Evaluator", "CrossArchEvaluator", "RegressionEvaluator", "ReplayEvaluator"]

@@ -43,3 +43,37 @@ class AlexNet(FeatureClassifier):
                 h, w = h // 2, w // 2
             c = out
         self._set_head(layers, c * h * w, num_classes)
+
+
+class AlexCifarNet(FeatureClassifier):
+    """DD's AlexCifarNet (Wang et al. 2018; ssnl/dataset-distillation ``networks.AlexCifarNet``, after the
+    cuda-convnet CIFAR-10 model): conv5x5(64) -> ReLU -> maxpool3/2 -> LRN(4) -> conv5x5(64) -> ReLU -> LRN(4) ->
+    maxpool3/2 -> Linear(384) -> ReLU -> Linear(192) -> ReLU -> Linear(K); LRN is ``LocalResponseNorm(4,
+    alpha=0.001/9, beta=0.75, k=1)``, pools have padding 1. 4,096 features at 32x32.
+
+    Args:
+        channels, num_classes, im_size: input channels C, classes K, input (H, W).
+        init: ``default`` (PyTorch's) or ``xavier`` (DD's, ``ddrun.nets.lenet.xavier_init_``).
+
+    Input float32 ``[B, C, H, W]``; ``forward`` -> logits ``[B, K]``; ``embed`` -> ``[B, 192]`` (the last hidden
+    layer).
+
+    Raises:
+        ConfigError: unknown ``init``.
+    """
+
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int] = (32, 32), init: str = "default"):
+        from ddrun.nets.lenet import check_init, xavier_init_
+
+        super().__init__()
+        check_init(init)
+        lrn = lambda: nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1)  # noqa: E731
+        h, w = ((s - 1) // 2 + 1 for s in im_size)
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        layers = [nn.Conv2d(channels, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, padding=1), lrn(),
+                  nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(3, 2, padding=1),
+                  nn.Flatten(), nn.Linear(64 * h * w, 384), nn.ReLU(inplace=True), nn.Linear(384, 192),
+                  nn.ReLU(inplace=True)]
+        self._set_head(layers, 192, num_classes)
+        if init == "xavier":
+            xavier_init_(self)

@@ -60,6 +60,10 @@ class ConvNet(FeatureClassifier):
         num_classes: output logits K.
         im_size: input (H, W).
         width, depth, act, norm, pooling: see the module doc.
+        pad28: treat 28x28 single-channel inputs as 32x32 (padding 3 in the first conv: the DC reference); False
+            keeps padding 1 and 28 px (RFAD's ``ConvNet_wide`` / ``ConvNet``: 3x3 feature maps at depth 3).
+        init: ``default`` (PyTorch's) or ``gaussian`` (RFAD's ``Conv2d_gaussian`` / ``GaussianLinear``: weights
+            N(0, 2 / fan_in), biases N(0, 0.01); ``ddrun.nets.kernels.gaussian_init_``).
 
     Input float32 ``[B, C, H, W]``; ``forward`` returns logits ``[B, K]``, ``embed`` the flattened features
     before the classifier ``[B, feature_dim]`` (what DM matches).
@@ -69,19 +73,23 @@ class ConvNet(FeatureClassifier):
     """
 
     def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int] = (32, 32), width: int = 128,
-                 depth: int = 3, act: str = "relu", norm: str = "instancenorm", pooling: str = "avgpooling"):
+                 depth: int = 3, act: str = "relu", norm: str = "instancenorm", pooling: str = "avgpooling",
+                 pad28: bool = True, init: str = "default"):
         super().__init__()
         if act not in _ACTS:
             raise ConfigError(f"net.act={act!r}: valid values are {sorted(_ACTS)}")
         if pooling not in _POOLS:
             raise ConfigError(f"net.pooling={pooling!r}: valid values are {sorted(_POOLS)}")
+        if init not in ("default", "gaussian"):
+            raise ConfigError(f"net.init={init!r}: valid values are ['default', 'gaussian']")
         layers: list[nn.Module] = []
         h, w = im_size
-        if (h, w) == (28, 28):
+        pad_first = pad28 and channels == 1 and im_size[0] == 28
+        if (h, w) == (28, 28) and pad28:
             h, w = 32, 32
         c = channels
         for d in range(depth):
-            layers.append(nn.Conv2d(c, width, 3, padding=3 if channels == 1 and d == 0 and im_size[0] == 28 else 1))
+            layers.append(nn.Conv2d(c, width, 3, padding=3 if pad_first and d == 0 else 1))
             c = width
             n = _norm(norm, c, (h, w))
             if n is not None:
@@ -91,3 +99,7 @@ class ConvNet(FeatureClassifier):
                 layers.append(_POOLS[pooling]())
                 h, w = h // 2, w // 2
         self._set_head(layers, c * h * w, num_classes)
+        if init == "gaussian":
+            from ddrun.nets.kernels import gaussian_init_
+
+            gaussian_init_(self)

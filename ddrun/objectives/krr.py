@@ -11,11 +11,14 @@ system is solved by a float64 Cholesky factorization (RFAD solves in double, KIP
 still singular, or a kernel with NaN/Inf entries, raises a one-line DdrunError naming ``objective.reg``.
 
 - :class:`KIP` (Nguyen et al. ICLR 2021; "... with Infinitely Wide Convolutional Networks", NeurIPS 2021):
-  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets; the kernel is the ConvNet's NNGP estimated
-  with random finite networks (``objective/kernel=nngp``) or the empirical NTK of a small network
-  (``objective/kernel=ntk``), see ``ddrun.nets.kernels``.
+  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets. The kernel is NOT the paper's exact
+  infinite-width ConvNet NTK/NNGP (neural_tangents, JAX): it is a random-feature NNGP of 8 *finite* random
+  ConvNets redrawn every iteration (``objective/kernel=nngp``, RFAD's estimator) or the empirical NTK of one small
+  finite network (``objective/kernel=ntk``), see ``ddrun.nets.kernels``; every KIP number of ddrun is for that
+  kernel (``conf/method/kip.yaml`` says why the exact one is not offered).
 - :class:`RFAD` (Loo et al. NeurIPS 2022, Sec. 4): the random-feature NNGP with the Platt-scaled cross-entropy
-  ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0).
+  ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0), and optionally the learned linear transform of the
+  images (``transform``).
 - :class:`FRePo` (Zhou, Nezhadarya & Ba, NeurIPS 2022, Eq. 4-5): the kernel is the linear kernel of the
   penultimate features of a network from the model pool (``fetcher=pool``, trained online on S), loss
   ``sum_k (pred - Y)^2`` averaged over T plus the label margin term; flipped copies of S join the support set on
@@ -205,23 +208,54 @@ class KIP(KernelRidge):
 class RFAD(KIP):
     """RFAD (module doc): with ``platt`` the loss is ``CE(exp(k) * pred_T, y_T)`` with k learned at step size
     ``lr_platt`` (Loo et al. 2022, Sec. 4 "Platt scaling"; yolky/RFAD ``distillation.py``); without it, KIP's MSE.
+
+    With ``transform`` the images of S are ``X T``: X ``[N, D]`` (``D = C*H*W``) and a learned linear map T
+    ``[D, D]`` (initialized to the identity, step size ``lr_transform``; the reference's ``transform_mat``, lr 5e-5),
+    both the objective's own parameters (in ``checkpoint.pt``); ``syn.images`` is set to ``X T`` after every update,
+    so S itself holds the transformed images the reference saves and evaluates (``transform_data(X_coreset,
+    transform_mat)``), as DD keeps its step sizes. It applies to ``parametrization=pixels`` (X is S's pixels).
     """
 
-    def __init__(self, platt: bool = True, lr_platt: float = 0.01, **kwargs):
+    def __init__(self, platt: bool = True, lr_platt: float = 0.01, transform: bool = False,
+                 lr_transform: float = 5e-5, **kwargs):
         super().__init__(**kwargs)
         self.platt, self.lr_platt = bool(platt), float(lr_platt)
+        self.transform, self.lr_transform = bool(transform), float(lr_transform)
         self.log_scale: nn.Parameter | None = None
+        self.x_raw: nn.Parameter | None = None
+        self.t_mat: nn.Parameter | None = None
 
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
         super().prepare(syn, real)
         if self.platt:
             self.log_scale = nn.Parameter(torch.zeros((), device=syn.images.device))
+        if self.transform:
+            d = syn.images[0].numel()
+            self.x_raw = nn.Parameter(syn.images.detach().reshape(len(syn.images), d).clone())
+            self.t_mat = nn.Parameter(torch.eye(d, device=syn.images.device))
 
     def param_groups(self, syn: SyntheticSet) -> list[dict]:
         groups = super().param_groups(syn)
+        if self.x_raw is not None:  # X and T in place of S's images
+            groups = [g for g in groups if g["name"] != "images"]
+            groups += [{"params": [self.x_raw], "lr": self.lr_img, "name": "images"},
+                       {"params": [self.t_mat], "lr": self.lr_transform, "name": "transform"}]
         if self.log_scale is not None:
             groups.append({"params": [self.log_scale], "lr": self.lr_platt, "name": "platt"})
         return groups
+
+    def transformed(self, like: torch.Tensor) -> torch.Tensor:
+        """``X T`` shaped like S's images ``[N, C, H, W]`` (differentiable w.r.t. X and T)."""
+        return (self.x_raw @ self.t_mat).reshape(like.shape)
+
+    def support(self, syn):
+        x, y = super().support(syn)
+        return (x if self.x_raw is None else self.transformed(x)), y
+
+    def check(self, syn: SyntheticSet, it: int) -> None:
+        if self.x_raw is not None:
+            with torch.no_grad():
+                syn.images.copy_(self.transformed(syn.images))
 
     def loss(self, pred, y_target, syn):
         if self.log_scale is None:
@@ -229,12 +263,18 @@ class RFAD(KIP):
         return F.cross_entropy(self.log_scale.exp() * pred, y_target)
 
     def state_dict(self) -> dict:
-        return {} if self.log_scale is None else {"platt_log_scale": self.log_scale.detach().cpu()}
+        state = {} if self.log_scale is None else {"platt_log_scale": self.log_scale.detach().cpu()}
+        if self.x_raw is not None:
+            state.update(transform_x=self.x_raw.detach().cpu(), transform_t=self.t_mat.detach().cpu())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.log_scale is not None and "platt_log_scale" in state:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.log_scale is not None and "platt_log_scale" in state:
                 self.log_scale.copy_(state["platt_log_scale"])
+            if self.x_raw is not None and "transform_x" in state:
+                self.x_raw.copy_(state["transform_x"])
+                self.t_mat.copy_(state["transform_t"])
 
 
 def label_margin(y: torch.Tensor) -> torch.Tensor:

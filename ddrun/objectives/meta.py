@@ -17,9 +17,12 @@ holds; the evaluator trains with their mean, ``syn.lr``). As in the reference (s
 ``train_distilled_image.py``: ``lr = softplus(raw)``, raw optimized by the same Adam as the images), the objective
 optimizes ``raw = softplus^-1(eta)`` (its own state, saved in ``checkpoint.pt``) with step size ``lr_lr``, so eta stays
 positive and moves multiplicatively; ``syn.syn_lr`` is set to ``softplus(raw)`` after every update. The paper's own
-protocol (these exact steps replayed from theta_0) is logged as ``dd_replay_acc``.
+protocol, these exact steps replayed from theta_0 (:func:`replay`), is ``evaluator=replay``
+(``ddrun.evaluators.replay``), method=dd's headline; ``report_nets`` > 0 also logs it as ``dd_replay_acc``. S records
+``syn_steps`` in its meta, so a saved S can be replayed by ``ddrun evaluate evaluator=replay``.
 
-Reference hyperparameters (``conf/method/dd.yaml``): Adam(lr 0.01, betas (0.5, 0.999)) on the images,
+Reference hyperparameters (``conf/method/dd.yaml``): LeNet (MNIST) / AlexCifarNet (CIFAR) with xavier init
+(``net=dd``), Adam(lr 0.01, betas (0.5, 0.999)) on the images with StepLR x0.5 every 40 epochs,
 distill_lr (eta init) 0.02 (CIFAR-10 0.001), distill_steps 10, distill_epochs 3, 1 image per class per step, real
 batch 1024, 400 epochs of the real training set, images initialized as N(0, 1).
 """
@@ -38,6 +41,39 @@ from ddrun.utils import ConfigError, DdrunError
 
 KNOBS = ("objective.syn_steps / objective.syn_epochs (fewer unrolled steps), or set objective.truncate=N "
          "(back-propagate through the last N steps only)")
+
+
+def dd_steps(syn: SyntheticSet, syn_steps: int, syn_epochs: int,
+             lrs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """DD's unrolled steps ``(x_i, y_i, eta_i)``, i = 0 .. syn_steps * syn_epochs - 1 (module doc): batch
+    ``i mod syn_steps`` holds images ``[s*m, (s+1)*m)`` of every class, m = ipc / syn_steps; ``lrs`` ``[T]``."""
+    m = syn.ipc // syn_steps
+    per_class = [syn.class_slice(c) for c in range(syn.num_classes)]
+    batches = [torch.cat([idx[s * m:(s + 1) * m] for idx in per_class]) for s in range(syn_steps)]
+    return [(syn.images[batches[i % syn_steps]], syn.labels[batches[i % syn_steps]], lrs[i])
+            for i in range(syn_steps * syn_epochs)]
+
+
+def replay(net: nn.Module, syn: SyntheticSet, syn_steps: int) -> dict[str, torch.Tensor]:
+    """DD's own protocol (Wang et al. 2018, Sec. 3.2-3.3): the parameters of ``net`` (theta_0) after exactly S's
+    learned steps, ``theta_{i+1} = theta_i - eta_i * grad l(theta_i; S_{i mod syn_steps})`` with S's per-step
+    step sizes ``syn.syn_lr`` ``[syn_steps * syn_epochs]`` (detached; the network in train mode).
+
+    Raises:
+        ConfigError: S has no per-step step sizes, or their number is not a multiple of ``syn_steps``, or
+            ``syn_steps`` does not divide ipc.
+    """
+    lrs = syn.syn_lr
+    if lrs is None or lrs.dim() != 1:
+        raise ConfigError("the replay protocol needs S's learned per-step step sizes (a DD synthetic set: "
+                          "synthetic.pt 'lr' of shape [syn_steps * syn_epochs])")
+    if syn_steps < 1 or len(lrs) % syn_steps or syn.ipc % syn_steps:
+        raise ConfigError(f"syn_steps={syn_steps} does not fit S ({len(lrs)} step sizes, ipc {syn.ipc}): pass the "
+                          f"objective.syn_steps S was distilled with")
+    net.train()
+    with torch.enable_grad():
+        return unroll_steps(net, params_of(net), dd_steps(syn, syn_steps, len(lrs) // syn_steps, lrs.detach()),
+                            truncate=0)
 
 
 class DatasetDistillation(Objective):
@@ -79,6 +115,7 @@ class DatasetDistillation(Objective):
             raise ConfigError(f"objective.syn_steps={self.syn_steps} must divide ipc={syn.ipc}: DD gives every "
                               f"step its own ipc/syn_steps images of each class")
         t = self.syn_steps * self.syn_epochs
+        syn.meta["syn_steps"] = self.syn_steps  # how the per-step step sizes map to batches of S (replay)
         syn.learn_lr(self.lr_init, steps=t)
         syn.syn_lr.requires_grad_(False)  # optimized through raw_lr
         raw = torch.full((t,), self.lr_init, device=syn.images.device).expm1().log()  # softplus^-1
@@ -106,21 +143,16 @@ class DatasetDistillation(Objective):
                 self.raw_lr.copy_(state["raw_lr"])
 
     def steps(self, syn: SyntheticSet, lrs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The unrolled steps ``(x_i, y_i, eta_i)``, i = 0 .. syn_steps * syn_epochs - 1: batch ``i mod
-        syn_steps`` holds images ``[s*m, (s+1)*m)`` of every class, m = ipc / syn_steps; ``lrs`` ``[T]``."""
-        m = syn.ipc // self.syn_steps
-        per_class = [syn.class_slice(c) for c in range(syn.num_classes)]
-        batches = [torch.cat([idx[s * m:(s + 1) * m] for idx in per_class]) for s in range(self.syn_steps)]
-        return [(syn.images[batches[i % self.syn_steps]], syn.labels[batches[i % self.syn_steps]], lrs[i])
-                for i in range(self.syn_steps * self.syn_epochs)]
+        """The unrolled steps of S with step sizes ``lrs`` ``[T]`` (:func:`dd_steps`)."""
+        return dd_steps(syn, self.syn_steps, self.syn_epochs, lrs)
 
     def unroll(self, syn: SyntheticSet, net: nn.Module, graph: bool = True) -> dict[str, torch.Tensor]:
         """theta_T: the fetched network's parameters after the unrolled steps (module doc); with ``graph`` the
         step sizes are ``softplus(raw_lr)`` (differentiable), without it the stored ``syn.syn_lr``."""
         net.train()
-        steps = self.steps(syn, F.softplus(self.raw_lr) if graph else syn.syn_lr.detach())
         if not graph:
-            return unroll_steps(net, params_of(net), steps, truncate=0)
+            return replay(net, syn, self.syn_steps)
+        steps = self.steps(syn, F.softplus(self.raw_lr))
         budget = (int(self.memory_limit * 2**30) if self.memory_limit is not None
                   else available_memory(syn.images.device))
         return unroll_steps(net, params_of(net), steps, self.truncate, budget, KNOBS)

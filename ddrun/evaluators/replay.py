@@ -1,0 +1,102 @@
+"""DD's own evaluation protocol: replay the learned steps from theta_0.
+
+Wang, Zhu, Torralba & Efros, "Dataset Distillation" (2018), Sec. 3-4: a distilled set is a *training procedure*,
+the images of S in ``syn_steps`` batches and one learned step size per step; its accuracy is that of the network
+obtained by exactly those steps (``syn_steps x syn_epochs`` plain gradient steps, ``ddrun.objectives.meta.replay``)
+from the initialization it was distilled for, e.g. "10 distilled images train a fixed-init LeNet to 94%" (the
+reference README), not of a network trained on S for many epochs with another optimizer.
+
+theta_0 is drawn as the distillation's fetcher draws it (``ddrun.contracts.NET_SEED_TAG``): ``init: fixed`` is the
+fixed initialization of ``fetcher=fixed`` itself (the same network for the same ``seed``: the paper's known-init
+setting); ``init: random`` draws ``num_eval`` held-out networks from p(theta_0) that the run never trained on
+(``fetcher=random``: the unknown-init setting). ``init: auto`` picks by the run's fetcher.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ddrun.contracts import NET_SEED_TAG
+from ddrun.contracts import Evaluator as EvaluatorContract
+from ddrun.data.datasets import RealData
+from ddrun.nets import build_net
+from ddrun.nets.functional import forward
+from ddrun.objectives.meta import replay
+from ddrun.protocol import net_kwargs
+from ddrun.synthetic import SyntheticSet
+from ddrun.utils import ConfigError, derive_seed
+
+
+class ReplayEvaluator(EvaluatorContract):
+    """DD's protocol (module doc): accuracy (percent, whole real test split) of theta_0 after S's learned steps.
+
+    Args:
+        net: factory of the distilled-for network (the run's ``net``).
+        init: ``fixed``, ``random`` or ``auto`` (``fixed`` when ``fetcher`` names ``FixedFetcher``).
+        fetcher: the run's fetcher ``_target_`` (for ``init: auto``), or None.
+        num_eval: held-out networks with ``init: random`` (``fixed`` replays the one theta_0).
+        syn_steps: the batches S was split into (the DD objective's ``syn_steps``); None: read from S's meta.
+        epochs: ignored (the replay runs exactly S's steps); accepted so overrides shared by every evaluator, such
+            as ``debug=smoke``'s ``evaluator.epochs``, apply.
+        name: the architecture's name in ``per_net``.
+
+    Raises:
+        ConfigError: an unknown ``init``; ``init: auto`` without a fetcher; no ``syn_steps`` known.
+    """
+
+    def __init__(self, net: Callable[..., nn.Module], init: str = "auto", fetcher: str | None = None,
+                 num_eval: int = 1, syn_steps: int | None = None, epochs: int | None = None, name: str = "net"):
+        if init not in ("auto", "fixed", "random"):
+            raise ConfigError(f"evaluator.init={init!r}: valid values are ['auto', 'fixed', 'random']")
+        if init == "auto":
+            if fetcher is None:
+                raise ConfigError("evaluator.init=auto needs the run's fetcher: pass evaluator.init=fixed (S was "
+                                  "distilled with fetcher=fixed) or evaluator.init=random")
+            init = "fixed" if str(fetcher).endswith("FixedFetcher") else "random"
+        self.net_factory, self.init, self.name = net, init, name
+        self.num_eval = 1 if init == "fixed" and int(num_eval) > 0 else int(num_eval)
+        self.syn_steps = None if syn_steps is None else int(syn_steps)
+        self.uses_learned_lr = True
+
+    def protocol_fields(self) -> dict:
+        return {"evaluator": "replay", "archs": [self.name], "nets": {self.name: net_kwargs(self.net_factory)},
+                "num_eval": self.num_eval, "epochs": "S's learned steps", "optimizer": "gd",
+                "lr": "learned per step", "lr_schedule": "learned", "momentum": 0, "weight_decay": 0,
+                "batch": f"{self.syn_steps or 'syn_steps'} batches of S", "augment": "none", "learned_lr": True,
+                "labels": "as stored", "theta0": "the fixed theta_0 of the run" if self.init == "fixed"
+                else "held-out draws from p(theta_0)"}
+
+    def theta0(self, real: RealData, seed: int, r: int) -> nn.Module:
+        """Network ``r``: the run's fixed theta_0, or held-out draw ``r`` (``Fetcher.held_out``)."""
+        s = derive_seed(seed, NET_SEED_TAG) if self.init == "fixed" else derive_seed(seed, NET_SEED_TAG, -1 - r)
+        return build_net(self.net_factory, real, s, real.device)
+
+    def replayed(self, syn: SyntheticSet, real: RealData, net: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters of ``net`` after S's learned steps."""
+        syn_steps = self.syn_steps if self.syn_steps is not None else syn.meta.get("syn_steps")
+        if syn_steps is None:
+            raise ConfigError("S does not record how many batches its steps use: pass evaluator.syn_steps=N "
+                              "(the objective.syn_steps it was distilled with)")
+        return replay(net, syn, int(syn_steps))
+
+    @torch.no_grad()
+    def test_accuracy(self, net: nn.Module, params: dict[str, torch.Tensor], real: RealData) -> float:
+        net.eval()
+        correct = 0
+        for s in range(0, len(real.test_images), 1000):
+            out = forward(net, params, real.test_images[s:s + 1000])
+            correct += int((out.argmax(1) == real.test_labels[s:s + 1000]).sum())
+        return 100.0 * correct / max(len(real.test_images), 1)
+
+    def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
+        """Evaluate S: ``{"acc_mean", "acc_std", "per_net", "protocol", "protocol_fields"}`` (percent)."""
+        accs = []
+        for r in range(self.num_eval):
+            net = self.theta0(real, seed, r)
+            accs.append(self.test_accuracy(net, self.replayed(syn, real, net), real))
+        return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                "per_net": {self.name: accs}, "protocol": self.protocol(), "protocol_fields": self.protocol_fields()}

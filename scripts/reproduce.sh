@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Paper-budget reproductions on Fashion-MNIST (GPU work): each method at its preset's (the paper's) budget and
+# hyperparameters, evaluated by the common protocol (`evaluator`) and, where the paper has its own, by that protocol
+# beside it or as the headline. Published numbers to compare with (shared/PUBLISHED.md 1b):
+#   DC  ipc 1 / 10: 70.5 +- 0.6 / 82.3 +- 0.4      (default protocol: ConvNet-IN x5, 1000 epochs; acc_mean)
+#   DSA ipc 1 / 10: 70.6 +- 0.6 / 84.6 +- 0.3      (same protocol, DSA)
+#   KIP -> ConvNet ipc 1 / 10: 73.8 / 86.8         (KIP's finite-network transfer: kip/acc_mean; NB ddrun's KIP
+#                                                   kernel is a random-feature NNGP of finite ConvNets, not the
+#                                                   paper's exact infinite-width kernel: see conf/method/kip.yaml)
+#   KIP kernel regression ipc 1 / 10: 76.7 / 88.8  (krr_acc, with the same caveat)
+#   FRePo ipc 1 / 10: no published Fashion-MNIST number (its own protocol: frepo/acc_mean)
+#   DD fixed-init LeNet, MNIST, 10 images: 94% (README; replay protocol: acc_mean of method=dd fetcher=fixed)
+# Usage: bash scripts/reproduce.sh [OUT [NAME...]]   (e.g. `bash scripts/reproduce.sh outputs/reproduce dc_ipc1`)
+# Budgets: the presets' own (DC/DSA 1000 iterations, KIP 1000, FRePo 500,000, DD 400 epochs = 23,600 iterations).
+# Every run resumes from its checkpoint when rerun (a SLURM requeue or a second call continues it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-outputs/reproduce}
+ONLY=" ${*:2} "
+DDRUN=${DDRUN:-.venv/bin/ddrun}
+COMMON="seed=0 logger.mode=offline"   # dataset: fashion_mnist, the default
+run() {  # run NAME OVERRIDES...
+  local name=$1; shift
+  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
+  if [ -f "$OUT/$name/synthetic.pt" ]; then echo "== $name: done already"; return; fi
+  echo "== $name: $DDRUN distill $COMMON $*"
+  $DDRUN distill $COMMON "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "   failed, see $OUT/$name.log"; return 1; }
+  grep -E "final accuracy|iteration [0-9]+: (frepo|kip|rfad|convnet) |krr_acc" "$OUT/$name.log" | tail -3
+}
+mkdir -p "$OUT"
+for ipc in 1 10; do
+  run dc_ipc$ipc method=dc ipc=$ipc
+  run dsa_ipc$ipc method=dsa ipc=$ipc
+  run kip_ipc$ipc method=kip ipc=$ipc
+  run frepo_ipc$ipc method=frepo ipc=$ipc
+done
+# DD, the paper's setting: LeNet (xavier), fixed theta_0, the replay of the learned steps as the headline
+# (README: `--distill_steps 1`, 10 images). MNIST: the 5,000-image mnist_5k subset where that dataset exists.
+run dd_fixed_ipc1 method=dd ipc=1 fetcher=fixed
+if [ -f conf/dataset/mnist_5k.yaml ]; then
+  run dd_fixed_mnist5k_ipc1 method=dd ipc=1 fetcher=fixed dataset=mnist_5k
+fi
+.venv/bin/python scripts/results_table.py "$OUT"

@@ -1,0 +1,144 @@
+"""FRePo as its reference: the pool's Conv network, flax's BatchNorm convention, the cosine decay of S's step size,
+and the MSE regression protocol that evaluates learned labels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_cfg
+from ddrun.data.datasets import RealData
+from ddrun.distill import distill
+from ddrun.evaluators.regression import RegressionEvaluator, warmup_cosine
+from ddrun.nets import FRePoConv
+from ddrun.synthetic import SyntheticSet
+from ddrun.utils import build
+
+
+def reference_param_count(c: int, k: int, hw: int, width: int = 128, depth: int = 3, bn: bool = True) -> int:
+    """yongchaoz/FRePo networks.Conv: conv_i (3x3, c_in -> width*2^i, bias), BatchNorm (scale+bias) before conv_i
+    for i > 0, Dense(features -> k) with features = width*2^(depth-1) * (hw'/2^depth)^2, hw' = 32 for 28."""
+    hw = 32 if hw == 28 else hw
+    total, c_in = 0, c
+    for i in range(depth):
+        out = width * 2**i
+        total += (2 * c_in if bn and i > 0 else 0) + 9 * c_in * out + out
+        c_in = out
+    feat = c_in * (hw // 2**depth) ** 2
+    return total + feat * k + k
+
+
+@pytest.mark.parametrize("c,k,hw", [(3, 10, 32), (1, 10, 28), (3, 100, 32)])
+def test_frepo_conv_matches_the_reference_formula(c, k, hw):
+    net = FRePoConv(c, k, (hw, hw))
+    assert sum(p.numel() for p in net.parameters()) == reference_param_count(c, k, hw)
+    assert net.feature_dim == 8192 and net.embed(torch.randn(2, c, hw, hw)).shape == (2, 8192)
+    assert net(torch.randn(2, c, hw, hw)).shape == (2, k)
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [128, 256, 512]
+    kinds = [type(m).__name__ for m in net.features]  # norm *before* every conv after the first
+    assert kinds == ["Conv2d", "ReLU", "AvgPool2d", "BatchNorm2d", "Conv2d", "ReLU", "AvgPool2d", "BatchNorm2d",
+                     "Conv2d", "ReLU", "AvgPool2d"]
+    plain = FRePoConv(c, k, (hw, hw), norm="none")
+    assert sum(p.numel() for p in plain.parameters()) == reference_param_count(c, k, hw, bn=False)
+    # DC ConvNet-3 has 2,048 features: the kernel of S would be rank-limited above |S| = 2,048
+    from ddrun.nets import ConvNet
+    assert ConvNet(c, k, (hw, hw)).feature_dim == 2048
+
+
+def test_batchnorm_follows_flax_momentum_and_lecun_init():
+    net = FRePoConv(3, 10, (32, 32), width=8)
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(16, 3, 32, 32) * 3 + 1
+    net.train()
+    with torch.no_grad():
+        h = net.features[:3](x)
+        net(x)
+    batch_mean = h.mean((0, 2, 3))
+    # flax BatchNorm(momentum=0.1): running = 0.1 * running + 0.9 * batch (the newest batch weighs 90%)
+    torch.testing.assert_close(bn.running_mean, 0.9 * batch_mean, rtol=1e-5, atol=1e-6)
+    w = net.features[0].weight
+    assert w.abs().max() <= 2 * (1 / 27) ** 0.5 / 0.87962566103423978 + 1e-6  # truncated at 2 std
+    assert abs(w.std().item() - (1 / 27) ** 0.5) < 0.03 and net.features[0].bias.abs().max() == 0
+
+
+def test_frepo_preset_uses_the_reference_pool_net_schedule_zca_and_own_protocol():
+    cfg = make_cfg(["method=frepo", "dataset=cifar100", "ipc=10"])
+    assert cfg.fetcher.net._target_.endswith("FRePoConv") and cfg.fetcher.net.norm == "batchnorm"
+    assert cfg.fetcher.net.bn_momentum == 0.9 and cfg.net._target_.endswith("ConvNet")  # common evaluator: DC net
+    assert cfg.syn_scheduler._target_.endswith("cosine_lr") and cfg.syn_scheduler.final == 0.1
+    assert cfg.dataset.zca and cfg.dataset.zca_form == "relative"
+    own = cfg.beside.frepo
+    assert own._target_.endswith("RegressionEvaluator") and own.net.norm == "none" and own.optimizer == "adam"
+    assert own.lr == 3e-4 and own.warmup == 500 and own.final_lr == 0.01 and own.steps[1000] == 10000
+    assert not make_cfg(["method=frepo", "dataset=fashion_mnist"]).dataset.zca
+
+
+def test_warmup_cosine_is_optax_join_of_linear_and_cosine():
+    assert warmup_cosine(0, 1000, 500, 0.01) == 0.0 and warmup_cosine(250, 1000, 500, 0.01) == 0.5
+    assert warmup_cosine(500, 1000, 500, 0.01) == pytest.approx(1.0)
+    assert warmup_cosine(750, 1000, 500, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert warmup_cosine(1000, 1000, 500, 0.01) == pytest.approx(0.01)
+
+
+def blobs(k=3, n=40, hw=8, seed=0) -> RealData:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(k).repeat_interleave(n)
+    proto = 2 * torch.randn(k, 1, hw, hw, generator=g)
+    x = proto[y] + torch.randn(k * n, 1, hw, hw, generator=g)
+    return RealData("blobs", x, y, x[1::2].clone(), y[1::2].clone(), (0.5,), (0.25,), k, ["a", "b", "c"])
+
+
+def test_mse_label_protocol_trains_on_real_valued_targets():
+    """The regression evaluator fits S's [N, K] real-valued targets: soft labels as learned regression targets
+    are what it trains on (wrong targets give a wrong classifier), and its network regresses them."""
+    real = blobs()
+    idx = torch.arange(0, 120, 8)  # 5 images per class
+    y_hard = real.train_labels[idx]
+    g = torch.Generator().manual_seed(0)  # real-valued targets: centered one-hot plus per-image noise
+    targets = torch.nn.functional.one_hot(y_hard, 3).float() - 1 / 3 + 0.1 * torch.randn(15, 3, generator=g)
+    syn = SyntheticSet(real.train_images[idx], 10.0 * targets, 3, learn_labels=True,
+                       meta={"label_scale": 10.0})
+    assert syn.soft and syn.regression_targets().shape == (15, 3)
+    ev = RegressionEvaluator(lambda channels, num_classes, im_size: FRePoConv(channels, num_classes, im_size,
+                                                                             width=4, depth=2, norm="none"),
+                             num_eval=2, steps=150, warmup=20, lr=5e-3)
+    res = ev(syn, real, seed=0)
+    assert res["acc_mean"] > 90 and res["protocol_fields"]["evaluator"] == "regression"
+    # a real-valued target per class the network must reproduce, not only its argmax: scaled targets train the
+    # same classifier, permuted ones a wrong one
+    shuffled = SyntheticSet(syn.images, syn.labels.roll(1, dims=1), 3, learn_labels=True,
+                            meta={"label_scale": 10.0})
+    assert ev(shuffled, real, seed=0)["acc_mean"] < 10
+    net = FRePoConv(1, 3, (8, 8), width=4, depth=2, norm="none")
+    ev_one = RegressionEvaluator(lambda **kw: net, num_eval=1, steps=200, warmup=20, lr=5e-3)
+    ev_one.train_one(syn, real, seed=0)
+    with torch.no_grad():
+        err = (net(syn.images) - syn.regression_targets()).abs().max()
+    assert err < 0.25  # it regressed the real values themselves (targets span about [-0.6, 0.9])
+
+
+def tiny(root, *extra):
+    return make_cfg(["dataset=mnist", f"paths.data={root}", "dataset.system_dirs=[]", "ipc=2", "net.width=8",
+                     "debug=smoke", "logger=none", "objective.batch_real=4", *extra])
+
+
+def test_frepo_run_reports_its_own_protocol_beside_the_common_one(tiny_root, tmp_path):
+    small = ["method=frepo", "fetcher.num_models=2", "fetcher.max_online_updates=3", "preset.pool_net.width=8",
+             "beside.frepo.net.width=4", "beside.frepo.num_eval=1", "beside.frepo.epochs=3"]
+    out = distill(tiny(tiny_root, *small), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "acc_mean" in r]
+    assert evals and all("frepo/acc_mean" in r and "frepo/acc_std" in r for r in evals)
+    assert out["beside"]["frepo"]["protocol_fields"]["evaluator"] == "regression"
+    assert out["frepo/acc_mean"] == evals[-1]["frepo/acc_mean"]
+    lrs = [r for r in rows if "loss" in r]
+    assert lrs
+    # cosine decay of S's step size to 0.1x: after the run, the optimizer's step size is 0.1 x lr_img
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 1e-3)
+    cfg = tiny(tiny_root, *small)
+    assert build(cfg.fetcher)(real=build(cfg.dataset), device=torch.device("cpu"), seed=0).fetch(0).net.feature_dim \
+        == 8 * 4 * 4 * 4

@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "distill": ("ddrun.distill", "Distill a synthetic set S from a real dataset (DM, DC, DSA, ...)."),
     "buffer": ("ddrun.buffers", "Train expert networks and store their trajectories (for method=mtt)."),
+    "teacher": ("ddrun.teachers", "Train teacher networks and store them (for method=sre2l / rded / edc, evaluator=kd)."),
     "evaluate": ("ddrun.evaluate", "Evaluate a saved S (or the whole training set) on one or many architectures."),
     "report": ("ddrun.report", "Tables (Markdown, CSV) and plots from run directories and sweeps."),
 }

@@ -10,11 +10,12 @@ from torch import nn
 from ddrun.nets.alexnet import AlexNet
 from ddrun.nets.convnet import ConvNet
 from ddrun.nets.lenet import LeNet
+from ddrun.nets.light import MobileNetV2, ShuffleNetV2
 from ddrun.nets.mlp import MLP
 from ddrun.nets.resnet import ResNet18
 from ddrun.nets.vgg import VGG11
 
-__all__ = ["AlexNet", "ConvNet", "LeNet", "MLP", "ResNet18", "VGG11", "build_net"]
+__all__ = ["AlexNet", "ConvNet", "LeNet", "MLP", "MobileNetV2", "ResNet18", "ShuffleNetV2", "VGG11", "build_net"]
 
 
 def build_net(factory: Callable[..., nn.Module], shape, seed: int, device: torch.device | str | None = None,
@@ -33,3 +34,21 @@ def build_net(factory: Callable[..., nn.Module], shape, seed: int, device: torch
     net = seeded(lambda: factory(channels=shape.channels, num_classes=shape.num_classes,
                                  im_size=tuple(shape.im_size), **kwargs), seed)
     return net if device is None else net.to(device)
+
+
+# the BatchNorm configuration of each architecture (conf/net/<name>.yaml): what a message names when a network
+# without BatchNorm is given where BatchNorm statistics are needed (objective=statistics)
+BN_VARIANTS = {"ConvNet": "convnet_bn", "ResNet18": "resnet18_bn", "AlexNet": "alexnet_bn", "VGG11": "vgg11_bn",
+               "MobileNetV2": "mobilenet_v2", "ShuffleNetV2": "shufflenet_v2"}
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether ``net`` has a BatchNorm layer (running statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def bn_variant(net: nn.Module) -> str:
+    """``net=<choice>`` of the BatchNorm variant of ``net``'s architecture, or a sentence naming the BatchNorm
+    architectures when it has none (MLP, LeNet)."""
+    name = BN_VARIANTS.get(type(net).__name__)
+    return f"net={name}" if name else f"a BatchNorm architecture ({', '.join('net=' + v for v in BN_VARIANTS.values())})"

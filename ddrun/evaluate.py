@@ -87,7 +87,12 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
         syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})
         method, ipc, iteration, source = "full", "full", 0, f"the whole {real.name} training set"
     else:
-        syn = SyntheticSet.load(path)
+        if Path(path).is_dir():  # an image folder (ddrun export format=imagefolder, released sets)
+            from ddrun.imagefolder import read_imagefolder
+
+            syn = read_imagefolder(path, real)
+        else:
+            syn = SyntheticSet.load(path)
         check_compatible(syn, real, str(path))
         syn = syn.to(device)
         method = syn.meta.get("method") or "external"

@@ -280,7 +280,8 @@ class StatisticsMatching(Objective):
         if ema is not None:
             with torch.no_grad():
                 out_ema = teacher(ema)
-            kl = F.kl_div(F.log_softmax(out / self.tau, 1), F.softmax(out_ema / self.tau, 1), reduction="sum")
+            kl = F.kl_div(F.log_softmax(out / self.tau, 1), F.log_softmax(out_ema / self.tau, 1), reduction="sum",
+                          log_target=True)
             loss = loss + self.flatness * self.tau ** 2 * kl / b
             self.ema = self.ema_beta * self.ema + (1.0 - self.ema_beta) * syn.images.detach()
         return loss

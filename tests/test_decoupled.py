@@ -21,7 +21,7 @@ from ddrun.init.rded import select_crops, stitch
 from ddrun.nets import ConvNet
 from ddrun.objectives.statistics import LayerInputs, StatisticsMatching, channel_stats_grouped, real_statistics
 from ddrun.synthetic import SyntheticSet
-from ddrun.utils import ConfigError, DataError, build
+from ddrun.utils import ConfigError, DataError, build, derive_seed
 
 
 def tiny_bn_net(seed=0) -> nn.Module:
@@ -306,7 +306,6 @@ def test_edc_beats_its_real_image_initialization_under_the_kd_protocol(fmnist_ro
     initialization under one KD protocol (ConvNet-BN-16 students, 150 epochs, same 3 seeds for both sets)."""
     from ddrun.distill import distill
     from ddrun.teachers import teacher
-    from ddrun.utils import derive_seed
 
     base = ["dataset=fashion_mnist", f"paths.data={fmnist_root}", "dataset.train_subset=300",
             "dataset.test_subset=300", "net=convnet_bn", "net.width=16", f"paths.buffers={tmp_path / 'store'}"]
@@ -321,3 +320,23 @@ def test_edc_beats_its_real_image_initialization_under_the_kd_protocol(fmnist_ro
                          "evaluator.epochs=150", "evaluator.num_eval=3"]).evaluator)
     before, after = ev(init, real, 0), ev(edc, real, 0)
     assert after["acc_mean"] > before["acc_mean"] + 1.0, (before["per_net"], after["per_net"])
+
+
+def test_edc_run_resumes_to_the_same_s(tiny_root, tmp_path):
+    """EDC's run state (Adam moments, the cosine schedule, the EMA copy of the flatness term) is all in the
+    checkpoint: 3 iterations, then a rerun to 6 in the same directory, equals 6 straight iterations bitwise."""
+    from ddrun.distill import distill
+
+    make_teacher(tiny_root, tmp_path / "store")
+    args = [*tiny_args(tiny_root, tmp_path / "store"), "method=edc", "ipc=2", "objective.batch_real=4",
+            "evaluator.num_eval=0", "logger=none", "syn_scheduler.total=6", "checkpoint_every=1"]
+    straight = distill(make_cfg([*args, "iterations=6"]), tmp_path / "a")
+    distill(make_cfg([*args, "iterations=3"]), tmp_path / "b")
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["objective"]["ema"].shape == (20, 1, 28, 28)
+    resumed = distill(make_cfg([*args, "iterations=6"]), tmp_path / "b")
+    a = torch.load(straight["synthetic"], weights_only=True)["images"]
+    b = torch.load(resumed["synthetic"], weights_only=True)["images"]
+    init = build(make_cfg(args).init)(build(make_cfg(args).dataset), 2,
+                                      torch.Generator().manual_seed(derive_seed(0, 1)))
+    assert not torch.equal(a, init.images) and torch.equal(a, b)

@@ -103,7 +103,7 @@ def teacher_setup(args) -> None:
     teacher_setup.done = True
     net = [s for s in args.set if s.startswith("net")] or ["net=resnet18_bn"]
     r = subprocess.run([sys.executable, "-m", "ddrun.cli", "teacher", f"dataset={args.dataset}",
-                        f"device={args.device}", "recipe.epochs=1", *TEACHER_DATA, *net,
+                        f"device={args.device}", "recipe.epochs=1", "dataset.test_subset=10", *TEACHER_DATA, *net,
                         f"hydra.run.dir={ROOT / 'outputs' / 'bench_buffers' / 'log'}"],
                        capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:

@@ -9,9 +9,10 @@ Everything goes under ``outputs/fm`` (``--out``); each step is a plain ``ddrun``
 is skipped when its result exists, so a killed run continues. Budgets (CPU, 2 shared cores): the teacher is a
 ConvNet-BN of width 64 trained 3 epochs (not 200) on the full training set; SRe2L recovers for ``SRE2L_ITERATIONS``
 iterations (the reference: 1000); EDC and RDED run their presets' settings (EDC: 75 iterations). The one KD protocol:
-a ConvNet-BN-32 student, ``KD_EPOCHS`` epochs, the preset-free evaluator=kd defaults otherwise (AdamW 1e-3, smoothing
+a ConvNet-BN-32 student, ``KD_EPOCHS`` epochs, the evaluator=kd defaults otherwise (AdamW 1e-3, smoothing
 zeta 2, RandomResizedCrop + flip + CutMix, KL T 20, RDED's batch per ipc), the same teacher for every S; the
 hard-label protocol: ConvNet-32 (instance norm), 300 epochs, the DC protocol otherwise (evaluator=default).
+``--methods dm --ipc 10`` adds DM (200 iterations, ConvNet-32, batch_real 64) under the same two protocols.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IPCS = (1, 10, 50)
-METHODS = ("random", "rded", "sre2l", "edc")
+METHODS = ("random", "rded", "sre2l", "edc", "dm")
+# earlier methods' S evaluated by the same two protocols (`--methods dm --ipc 10`): DM at a CPU budget
+EARLIER = {"dm": ["net.width=32", "iterations=200", "objective.batch_real=64"]}
 TEACHER = ["net=convnet_bn", "net.width=64"]
 SRE2L_ITERATIONS = {1: 1000, 10: 500, 50: 200}
 KD_EPOCHS = {1: 300, 10: 300, 50: 100}
@@ -58,8 +61,8 @@ def distill(args) -> None:
             d = s_dir(args, m, ipc)
             if (d / "synthetic.pt").is_file():
                 continue
-            extra = [f"iterations={SRE2L_ITERATIONS[ipc]}"] if m == "sre2l" else []
-            net = [] if m == "random" else TEACHER
+            extra = [f"iterations={SRE2L_ITERATIONS[ipc]}"] if m == "sre2l" else EARLIER.get(m, [])
+            net = [] if m in ("random", *EARLIER) else TEACHER
             run(["distill", f"method={m}", f"ipc={ipc}", *net, *extra, "evaluator.num_eval=0",
                  f"hydra.run.dir={d}"], args)
 
@@ -99,7 +102,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "fm")
     p.add_argument("--data", default="data")
     p.add_argument("--ipc", default="1,10,50")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS[:4]))
     p.add_argument("--num-eval", type=int, default=2)
     args = p.parse_args()
     args.ipc = [int(i) for i in args.ipc.split(",")]

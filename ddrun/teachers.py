@@ -154,6 +154,8 @@ def train_teacher(index: int, store: Collection, real, net_factory: Callable, re
             test_acc = 100.0 * accuracy(net, real.test_images, real.test_labels)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{train_acc:.1f}",
                         test="-" if test_acc is None else f"{test_acc:.2f}")
+        log.info("teacher %d epoch %d/%d: loss %.4f, train accuracy %.2f%% (augmented), test accuracy %s", index,
+                 e + 1, epochs, loss, train_acc, "-" if test_acc is None else f"{test_acc:.2f}%")
         atomic_save({"epoch": e + 1, "net": net.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "seconds": seconds + time.perf_counter() - t0,
                      "test_acc": test_acc}, partial / "state.pt")

@@ -35,9 +35,9 @@ KD_EPOCHS = {1: 300, 10: 300, 50: 100}
 HARD = ["evaluator=default", "net=convnet", "net.width=32", "evaluator.epochs=300"]
 
 
-def kd_protocol(ipc: int) -> list[str]:
+def kd_protocol(ipc: int, epochs: int | None = None) -> list[str]:
     return ["evaluator=kd", *TEACHER, "net@evaluator.student=convnet_bn", "evaluator.student.width=32",
-            f"evaluator.epochs={KD_EPOCHS[ipc]}"]
+            f"evaluator.epochs={epochs or KD_EPOCHS[ipc]}"]
 
 
 def run(cmd: list[str], args) -> None:
@@ -70,7 +70,10 @@ def distill(args) -> None:
 def evaluate(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
-            for proto, over in (("kd", kd_protocol(ipc)), ("hard", HARD)):
+            protocols = [("kd", kd_protocol(ipc)), ("hard", HARD)]
+            if args.kd_epochs:  # only the KD protocol with another number of epochs, e.g. kd300
+                protocols = [(f"kd{args.kd_epochs}", kd_protocol(ipc, args.kd_epochs))]
+            for proto, over in protocols:
                 d = args.out / "eval" / f"{m}_ipc{ipc}_{proto}"
                 if (d / "results.json").is_file():
                     continue
@@ -104,6 +107,7 @@ def main() -> None:
     p.add_argument("--ipc", default="1,10,50")
     p.add_argument("--methods", default=",".join(METHODS[:4]))
     p.add_argument("--num-eval", type=int, default=2)
+    p.add_argument("--kd-epochs", type=int, help="evaluate: only the KD protocol with this many epochs (kd<N>)")
     args = p.parse_args()
     args.ipc = [int(i) for i in args.ipc.split(",")]
     args.methods = args.methods.split(",")

@@ -97,9 +97,14 @@ def load_set(cfg, real: RealData):
     from ddrun.record import read as read_record
 
     path = Path(cfg.synthetic)
-    d = load_tensors(path, "synthetic set", keys=("images", "labels"))
-    check_outside_set(d, real, str(path))
-    syn = SyntheticSet.from_state(d)
+    if path.is_dir():  # an image folder (ddrun export format=imagefolder, released sets)
+        from ddrun.imagefolder import read_imagefolder
+
+        syn = read_imagefolder(path, real)
+    else:
+        d = load_tensors(path, "synthetic set", keys=("images", "labels"))
+        check_outside_set(d, real, str(path))
+        syn = SyntheticSet.from_state(d)
     check_compatible(syn, real, str(path))
     meta = syn.meta
     source = {"path": str(path), "config_hash": meta.get("config_hash"), "setting_hash": meta.get("setting_hash")}

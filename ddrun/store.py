@@ -93,6 +93,15 @@ def setting_of(real, net_factory: Callable, augment) -> dict:
     return {"dataset": dataset, "net": net_spec(net_factory), "augment": aug}
 
 
+def teacher_setting(real, net_factory: Callable, recipe: str) -> dict:
+    """What a teacher collection is keyed by: the dataset and the network as :func:`setting_of`, and the name of
+    the training recipe (``conf/recipe/<name>.yaml``; its augmentation is part of the recipe) instead of a DSA
+    augmentation."""
+    setting = setting_of(real, net_factory, None)
+    del setting["augment"]
+    return {**setting, "recipe": str(recipe)}
+
+
 def collection_dir(root: str | Path, kind: str, setting: dict) -> Path:
     """The directory of the ``kind`` collection for ``setting`` under ``root`` (module doc)."""
     ds = setting["dataset"]
@@ -105,8 +114,11 @@ def collection_dir(root: str | Path, kind: str, setting: dict) -> Path:
     net = setting["net"]
     args = [f"{k}-{v}" for k, v in net.items() if k != "class"]
     nkey = "_".join([net["class"].rsplit(".", 1)[-1].lower(), *args])
-    aug = setting["augment"]["strategy"]
-    akey = "noaug" if aug == "none" else f"dsa-{aug}"
+    if "recipe" in setting:  # teachers: keyed by their recipe (teacher_setting)
+        akey = setting["recipe"]
+    else:
+        aug = setting["augment"]["strategy"]
+        akey = "noaug" if aug == "none" else f"dsa-{aug}"
     base = Path(root) if kind == "experts" else Path(root) / kind
     return base / dkey / nkey / akey
 
@@ -149,7 +161,7 @@ def command_for(kind: str, setting: dict, root: str | Path, data: str | Path | N
                 extra: str = "") -> str:
     """The command line (``ddrun buffer ...`` / ``ddrun teacher ...``) that creates the collection of
     ``setting``."""
-    ds, net, aug = setting["dataset"], setting["net"], setting["augment"]
+    ds, net, aug = setting["dataset"], setting["net"], setting.get("augment")
     args = [f"dataset={ds['name']}"]
     if ds["train_subset"] is not None:
         args.append(f"dataset.train_subset={ds['train_subset']}")
@@ -160,8 +172,8 @@ def command_for(kind: str, setting: dict, root: str | Path, data: str | Path | N
         if ds["zca_regularization"] != 0.1:
             args.append(f"dataset.zca_regularization={ds['zca_regularization']:g}")
     choice = _net_choice(net["class"])
-    if choice:
-        args.append(f"net={choice}")
+    if choice or kind != "experts":  # `ddrun teacher` defaults to another net than convnet: always name it
+        args.append(f"net={choice or 'convnet'}")
     try:
         import importlib
 
@@ -171,7 +183,9 @@ def command_for(kind: str, setting: dict, root: str | Path, data: str | Path | N
     except Exception:  # noqa: BLE001 - no defaults known: name every keyword
         defaults = {}
     args += [f"net.{k}={v}" for k, v in net.items() if k != "class" and defaults.get(k, object()) != v]
-    if aug["strategy"] == "none":
+    if aug is None:
+        args.append(f"recipe={setting['recipe']}")
+    elif aug["strategy"] == "none":
         args.append("augment.strategy=none")
     elif aug["strategy"] != _default_dsa_strategy(ds["name"]):
         args.append(f"augment.strategy={aug['strategy']}")

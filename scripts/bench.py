@@ -12,6 +12,7 @@ Usage:
     python scripts/bench.py --device cuda --dataset cifar10
     python scripts/bench.py --groups perf --only 'kip|rfad' --set objective.kernel.n_models=1   # some cases
     python scripts/bench.py --groups resume --ipc 1,10      # resume overhead after a kill (scripts/bench_resume.py)
+    python scripts/bench.py --groups decoupled --ipc 10,50 --set net=convnet_bn   # SRe2L / EDC recover iterations
 
 Groups are registered in ``GROUPS``: a name -> function returning a list of ``(label, overrides)``; a case may
 also name a ``setup`` callable (e.g. to build a buffer first) through ``SETUPS``.
@@ -77,7 +78,39 @@ def mtt_setup(args) -> None:
         raise SystemExit(f"mtt_setup: ddrun buffer failed: {r.stderr.strip()[-500:]}")
 
 
-GROUPS = {"basic": basic_cases, "perf": perf_matching_cases, "mtt": mtt_cases}
+TEACHER_DATA = ["dataset.train_subset=50", f"paths.buffers={MTT_BUFFERS}"]
+
+
+def decoupled_cases(args) -> list[tuple[str, list[str]]]:
+    """The recover stage of the decoupled family (issue 11): SRe2L and EDC at each ipc, seconds per recover
+    iteration (one teacher forward/backward over all of S; EDC adds the EMA copy's forward for flatness and the Conv
+    statistics) and peak memory. The teacher (the preset's net, ResNet-18-BN unless ``--set net=...``) comes from a
+    one-epoch ``ddrun teacher`` on 50 images per class that :func:`teacher_setup` makes (timing does not depend on
+    its accuracy). RDED has no recover iterations (its selection is a one-off pass of the observer)."""
+    cases = []
+    for ipc in args.ipc:
+        for m in ("sre2l", "edc"):
+            label = f"{m} ipc{ipc} recover"
+            SETUPS[label] = teacher_setup
+            cases.append((label, [f"method={m}", f"ipc={ipc}", *TEACHER_DATA]))
+    return cases
+
+
+def teacher_setup(args) -> None:
+    """``ddrun teacher`` with one teacher x 1 epoch for the benchmark's dataset and net (once per bench run)."""
+    if getattr(teacher_setup, "done", False):
+        return
+    teacher_setup.done = True
+    net = [s for s in args.set if s.startswith("net")] or ["net=resnet18_bn"]
+    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "teacher", f"dataset={args.dataset}",
+                        f"device={args.device}", "recipe.epochs=1", "dataset.test_subset=10", *TEACHER_DATA, *net,
+                        f"hydra.run.dir={ROOT / 'outputs' / 'bench_buffers' / 'log'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"teacher_setup: ddrun teacher failed: {r.stderr.strip()[-500:]}")
+
+
+GROUPS = {"basic": basic_cases, "perf": perf_matching_cases, "mtt": mtt_cases, "decoupled": decoupled_cases}
 # Groups with their own table: name -> function(args). "resume": checkpoint size, save time and the resume overhead
 # (start -> first new iteration) of a killed DM run vs a fresh start (scripts/bench_resume.py; 10 iterations first).
 TABLES = {"resume": lambda args: __import__("bench_resume").main(

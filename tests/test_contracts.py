@@ -34,7 +34,11 @@ def tiny_real(tiny_root):
     return build(tiny(tiny_root).dataset)
 
 
-@pytest.mark.parametrize("name", choices("init"))
+# components that read trained teachers from the store are checked against a real store in tests/test_teacher.py
+NEEDS_STORE = {"init": {"rded"}, "fetcher": {"checkpoints", "teachers"}}
+
+
+@pytest.mark.parametrize("name", [c for c in choices("init") if c not in NEEDS_STORE["init"]])
 def test_initializers(tiny_root, tiny_real, name):
     init = build(tiny(tiny_root, f"init={name}").init)
     assert isinstance(init, Initializer)
@@ -43,7 +47,7 @@ def test_initializers(tiny_root, tiny_real, name):
     assert syn.labels.tolist() == sorted(list(range(10)) * 2)
 
 
-@pytest.mark.parametrize("name", [c for c in choices("fetcher") if c != "checkpoints"])
+@pytest.mark.parametrize("name", [c for c in choices("fetcher") if c not in NEEDS_STORE["fetcher"]])
 def test_fetchers(tiny_root, tiny_real, name):
     fetcher = build(tiny(tiny_root, f"fetcher={name}").fetcher)(real=tiny_real, device=torch.device("cpu"), seed=0)
     assert isinstance(fetcher, Fetcher)

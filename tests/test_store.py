@@ -16,7 +16,8 @@ import torch
 from ddrun.data.datasets import RealData
 from ddrun.files import UnsafeFile
 from ddrun.nets import ConvNet, build_net
-from ddrun.store import TEACHER_KEYS, Collection, collection_dir, load_teacher, setting_of, teacher_payload
+from ddrun.store import TEACHER_KEYS, Collection, collection_dir, load_teacher, setting_of, teacher_payload, \
+    teacher_setting
 from ddrun.utils import ConfigError, DataError
 
 
@@ -33,13 +34,15 @@ def factory(**kw):
 
 
 def teachers(root, name="tiny", **kw) -> Collection:
-    return Collection(root, "teachers", setting_of(tiny_real(name), factory(**kw), None))
+    return Collection(root, "teachers", teacher_setting(tiny_real(name), factory(**kw), "sre2l"))
 
 
 def test_collections_are_keyed_by_kind_and_setting(tmp_path):
     s = setting_of(tiny_real(), factory(), None)
     assert collection_dir(tmp_path, "experts", s).relative_to(tmp_path).parts[0] == "tiny"
     assert collection_dir(tmp_path, "teachers", s).relative_to(tmp_path).parts[:2] == ("teachers", "tiny")
+    # teachers are keyed by their recipe, not by a DSA augmentation
+    assert teachers(tmp_path).dir.name == "sre2l" and teachers(tmp_path).dir.parent.name.startswith("convnet_")
     assert teachers(tmp_path).dir != teachers(tmp_path, width=8).dir
     with pytest.raises(ConfigError, match="unknown store kind 'models'"):
         Collection(tmp_path, "models", s)
@@ -69,10 +72,11 @@ def test_another_setting_or_recipe_is_refused_naming_the_difference(tmp_path):
     store.open_for_writing({"epochs": 1}, "cmd")
     with pytest.raises(ConfigError, match="epochs: 1 in the teacher collection, 2 in this run"):
         teachers(tmp_path).open_for_writing({"epochs": 2}, "cmd")
-    other = Collection(tmp_path, "teachers", setting_of(tiny_real(), factory(width=8), None), directory=store.dir)
+    other = Collection(tmp_path, "teachers", teacher_setting(tiny_real(), factory(width=8), "sre2l"),
+                       directory=store.dir)
     with pytest.raises(DataError, match="was made with another setting: net.width: 4 in the teacher collection, 8"):
         other.open_for_reading()
-    with pytest.raises(DataError, match=r"no teacher collection at .*; create it with `ddrun teacher dataset=other net.depth=1"):
+    with pytest.raises(DataError, match=r"no teacher collection at .*; create it with `ddrun teacher dataset=other net=convnet net.depth=1.* recipe=sre2l"):
         teachers(tmp_path, name="other").open_for_reading()
 
 

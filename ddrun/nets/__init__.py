@@ -11,11 +11,13 @@ from ddrun.nets.alexnet import AlexCifarNet, AlexNet
 from ddrun.nets.convnet import ConvNet
 from ddrun.nets.frepo import FRePoConv
 from ddrun.nets.lenet import LeNet
+from ddrun.nets.light import MobileNetV2, ShuffleNetV2
 from ddrun.nets.mlp import MLP
 from ddrun.nets.resnet import ResNet18
 from ddrun.nets.vgg import VGG11
 
-__all__ = ["AlexCifarNet", "AlexNet", "ConvNet", "FRePoConv", "LeNet", "MLP", "ResNet18", "VGG11", "build_net", "dd_net"]
+__all__ = ["AlexCifarNet", "AlexNet", "ConvNet", "FRePoConv", "LeNet", "MLP", "MobileNetV2", "ResNet18", "ShuffleNetV2",
+           "VGG11", "build_net", "dd_net"]
 
 
 def build_net(factory: Callable[..., nn.Module], shape, seed: int, device: torch.device | str | None = None,
@@ -43,3 +45,21 @@ def dd_net(channels: int, num_classes: int, im_size: tuple[int, int] = (32, 32),
     if channels == 1:
         return LeNet(channels, num_classes, im_size, init=init)
     return AlexCifarNet(channels, num_classes, im_size, init=init)
+
+
+# the BatchNorm configuration of each architecture (conf/net/<name>.yaml): what a message names when a network
+# without BatchNorm is given where BatchNorm statistics are needed (objective=statistics)
+BN_VARIANTS = {"ConvNet": "convnet_bn", "ResNet18": "resnet18_bn", "AlexNet": "alexnet_bn", "VGG11": "vgg11_bn",
+               "MobileNetV2": "mobilenet_v2", "ShuffleNetV2": "shufflenet_v2"}
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether ``net`` has a BatchNorm layer (running statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def bn_variant(net: nn.Module) -> str:
+    """``net=<choice>`` of the BatchNorm variant of ``net``'s architecture, or a sentence naming the BatchNorm
+    architectures when it has none (MLP, LeNet)."""
+    name = BN_VARIANTS.get(type(net).__name__)
+    return f"net={name}" if name else f"a BatchNorm architecture ({', '.join('net=' + v for v in BN_VARIANTS.values())})"

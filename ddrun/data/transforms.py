@@ -1,0 +1,132 @@
+"""Image augmentations of the decoupled family, built on ``torchvision.transforms.v2``, seeded by a generator.
+
+- :class:`Augment` (per sample, for training networks): the teachers' ``RandomCrop(size, padding) + flip``
+  (SRe2L ``squeeze_cifar.py``) or ``RandomResizedCrop(size, scale) + flip`` (torchvision's ImageNet recipe; the
+  student training of SRe2L / RDED / EDC), each image its own draw.
+- :class:`BatchAugment` (one draw for the whole batch, differentiable): the per-step augmentation of S in the
+  recover stage: ``RandomResizedCrop(size, scale) + flip`` (SRe2L ImageNet / EDC ``recover.py``), and/or a random
+  roll of up to ``roll`` pixels (SRe2L ``recover_cifar.py`` "jitter"). The flatness term of EDC augments S and its
+  EMA copy with the same draw: pass them concatenated.
+
+v2 transforms draw from torch's global generator; every call here draws a seed from the caller's CPU generator and
+runs the transform inside ``torch.random.fork_rng`` with that seed, so results depend on the caller's generator
+only (a run repeats from its seed, resumes identically) and the global random state is left untouched. Images are
+float ``[B, C, H, W]`` in any (normalized) space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from ddrun.utils import ConfigError
+
+KINDS = ("crop", "resized_crop", "none")
+
+
+@contextlib.contextmanager
+def _seeded_from(generator: torch.Generator | None):
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check(kind: str, scale: Sequence[float], where: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"{where}.kind={kind!r}: valid values are {list(KINDS)}")
+    lo, hi = float(scale[0]), float(scale[1])
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"{where}.scale={list(scale)}: must satisfy 0 < low <= high <= 1 (fractions of the area)")
+
+
+def _geometric(kind: str, size: Sequence[int], padding: int, scale: Sequence[float], flip: bool,
+               fill: Sequence[float] | float) -> v2.Compose:
+    ops = []
+    if kind == "crop":
+        ops.append(v2.RandomCrop(list(size), padding=int(padding),
+                                 fill=list(fill) if isinstance(fill, Sequence) else float(fill)))
+    elif kind == "resized_crop":
+        ops.append(v2.RandomResizedCrop(list(size), scale=(float(scale[0]), float(scale[1])), antialias=True))
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops)
+
+
+class Augment:
+    """Per-sample augmentation for training networks (teachers, KD students).
+
+    Args:
+        kind: ``crop`` (pad ``padding`` then a random crop back to the image size), ``resized_crop`` (a random
+            crop of ``scale`` of the area, resized to the image size) or ``none``.
+        padding: pixels of padding for ``crop`` (SRe2L: 4).
+        scale: the area range of ``resized_crop`` (torchvision / SRe2L: (0.08, 1); EDC CIFAR-100: (0.5, 1)).
+        flip: random horizontal flip with p = 0.5 (off for digits).
+        fill: value(s) of the padding, per channel, in the images' space (the normalized black pixel
+            ``-mean / std`` reproduces padding before normalization).
+
+    Raises:
+        ConfigError: unknown ``kind`` or a bad ``scale``.
+    """
+
+    def __init__(self, kind: str = "crop", padding: int = 4, scale: Sequence[float] = (0.08, 1.0), flip: bool = True,
+                 fill: Sequence[float] | float = 0.0):
+        _check(kind, scale, "augment")
+        self.kind, self.padding, self.scale, self.flip = kind, int(padding), tuple(map(float, scale)), bool(flip)
+        self.fill = fill
+
+    def describe(self) -> str:
+        """e.g. ``crop4+flip``, ``resized_crop0.08-1+flip``, ``none``."""
+        parts = {"crop": f"crop{self.padding}", "resized_crop": f"resized_crop{self.scale[0]:g}-{self.scale[1]:g}",
+                 "none": ""}[self.kind]
+        return "+".join(p for p in (parts, "flip" if self.flip else "") if p) or "none"
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x`` float ``[B, C, H, W]`` -> the same shape, each image its own draw (no gradient needed)."""
+        if self.kind == "none" and not self.flip:
+            return x
+        tf = _geometric(self.kind, x.shape[-2:], self.padding, self.scale, self.flip, self.fill)
+        with _seeded_from(generator):
+            return torch.stack([tf(img) for img in x])
+
+
+class BatchAugment:
+    """One random draw for the whole batch, differentiable w.r.t. the images (the recover stage's augmentation).
+
+    Args:
+        kind: ``resized_crop`` or ``none`` (``crop`` is accepted too).
+        scale: the area range of ``resized_crop``.
+        flip: random horizontal flip of the whole batch with p = 0.5.
+        roll: a random cyclic shift of up to ``roll`` pixels in each direction (SRe2L's jitter; 0: off), applied
+            before the crop.
+
+    Raises:
+        ConfigError: unknown ``kind``, a bad ``scale`` or a negative ``roll``.
+    """
+
+    def __init__(self, kind: str = "resized_crop", scale: Sequence[float] = (0.08, 1.0), flip: bool = True,
+                 roll: int = 0):
+        _check(kind, scale, "objective.augment")
+        if int(roll) < 0:
+            raise ConfigError(f"objective.augment.roll={roll}: must be >= 0 (pixels)")
+        self.kind, self.scale, self.flip, self.roll = kind, tuple(map(float, scale)), bool(flip), int(roll)
+
+    def describe(self) -> str:
+        parts = [f"roll{self.roll}" if self.roll else "",
+                 f"resized_crop{self.scale[0]:g}-{self.scale[1]:g}" if self.kind == "resized_crop" else "",
+                 "flip" if self.flip else ""]
+        return "+".join(p for p in parts if p) or "none"
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x`` float ``[B, C, H, W]`` -> the same shape; one draw for all B images; gradients flow to ``x``."""
+        if self.roll:
+            dy, dx = (int(v) for v in torch.randint(-self.roll, self.roll + 1, (2,), generator=generator))
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        if self.kind == "none" and not self.flip:
+            return x
+        tf = _geometric(self.kind, x.shape[-2:], 0, self.scale, self.flip, 0.0)
+        with _seeded_from(generator):
+            return tf(x)

@@ -1,0 +1,244 @@
+"""The knowledge-distillation evaluation protocol of the decoupled family: students trained on S with a teacher's
+soft labels computed online on every augmented batch ("relabel" + "validate").
+
+SRe2L (Yin et al., NeurIPS 2023, Sec. 3.3; ``relabel_cifar.py``), RDED (Sun et al., CVPR 2024; ``validation/
+main.py``) and EDC (Shao et al., NeurIPS 2024, Sec. 3.1-3.2; ``train/direct_train.py``) train a fresh student on S
+for ``epochs`` epochs; every minibatch is augmented per sample (RandomResizedCrop + flip), mixed with CutMix
+(Yun et al. 2019, ``torchvision.transforms.v2.CutMix``), and labelled by the frozen teacher (the mean logits of
+the pool) on exactly those images. Losses:
+
+- ``kl``: ``KL(softmax(t / T) || softmax(s / T))`` (batch mean), T = 20 with CutMix (RDED ``argument.py``;
+  SRe2L's ImageNet script 20, its CIFAR-100 script 30). No ``T^2`` factor: AdamW's steps do not depend on the
+  loss scale.
+- ``mse_ce``: ``MSE(s, t) + gamma * CE(s, y)`` with gamma 0.025 (EDC ``mse_gt``; y the CutMix-mixed hard labels).
+
+Optimizer AdamW (lr 1e-3, weight decay 0.01); step-size schedule per epoch: ``smoothing`` =
+``1/2 (1 + cos(i pi / (zeta N)))`` (EDC Sec. 3.2; zeta 2 never falls below half the base step, zeta 1 is the
+plain cosine; RDED hard-codes zeta 2), ``cosine`` (zeta 1) or ``constant``. Minibatch sizes per ipc of RDED (10 /
+50 / 100 for ipc 1 / 10 / 50 with 10 classes). EDC evaluates an EMA of the student's weights (decay 0.99,
+``torch.optim.swa_utils``); ``ema: null`` evaluates the student itself. The reported accuracy is that of the last
+epoch on the whole real test split (the references report the best check after 80 % of the epochs, i.e. select
+on the test set; we do not).
+
+The evaluator ignores S's stored labels except for the CE term (hard labels, argmax of soft ones), so it
+evaluates any S: the random real subset, every earlier method's S, an imported image folder. Teachers come from
+the store (``ddrun teacher``) through :func:`ddrun.fetchers.teachers.load_teachers`; a missing one is a one-line
+error printing the command that makes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddrun.contracts import Evaluator as EvaluatorContract
+from ddrun.data.datasets import RealData
+from ddrun.data.transforms import Augment
+from ddrun.nets import build_net
+from ddrun.protocol import net_kwargs
+from ddrun.synthetic import SyntheticSet
+from ddrun.train import accuracy
+from ddrun.utils import ConfigError, derive_seed
+
+log = logging.getLogger("ddrun.evaluate")
+
+LOSSES = ("kl", "mse_ce")
+SCHEDULES = ("smoothing", "cosine", "constant")
+MIXES = ("cutmix", "mixup", "none")
+
+
+def smoothing_factor(epoch: int, epochs: int, zeta: float) -> float:
+    """EDC's smoothing learning-rate schedule ``1/2 (1 + cos(epoch pi / (zeta epochs)))`` (EDC Sec. 3.2): 1 at
+    epoch 0; at ``epochs``: 0 for zeta 1 (cosine), 1/2 for zeta 2."""
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / (zeta * epochs)))
+
+
+def kd_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, temperature: float,
+            gamma: float) -> torch.Tensor:
+    """The student's loss on one batch (module doc): ``student`` / ``teacher`` logits float ``[B, K]``, ``target``
+    the (CutMix-mixed) label distribution float ``[B, K]``. Returns a float scalar."""
+    if kind == "kl":
+        return F.kl_div(F.log_softmax(student / temperature, 1), F.softmax(teacher / temperature, 1),
+                        reduction="batchmean")
+    return F.mse_loss(student, teacher) + gamma * -(target * F.log_softmax(student, 1)).sum(1).mean()
+
+
+@contextlib.contextmanager
+def _seeded(generator: torch.Generator):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        yield
+
+
+class KDEvaluator(EvaluatorContract):
+    """Students trained on S with online teacher soft labels (module doc).
+
+    Args:
+        student: factory of the student network (``conf/net``; ResNet-18-BN by default).
+        teacher_net: the teacher architecture (the run's ``net``); extra_teacher_nets: more architectures averaged
+            with it (EDC's ensemble), name -> net config.
+        recipe, num_teachers, buffers, data, teacher_dir: which teachers (``ddrun teacher``; see
+            :func:`~ddrun.fetchers.teachers.load_teachers`); their logits are averaged.
+        num_eval: students trained (seeds ``(seed, r)``).
+        epochs: training epochs on S.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9); lr, weight_decay: its settings.
+        schedule: ``smoothing`` (with ``zeta``), ``cosine`` or ``constant``, stepped per epoch.
+        loss: ``kl`` (with ``temperature``) or ``mse_ce`` (with ``gamma``).
+        batch_train: minibatch size (None: ``batch_by_ipc`` for S's ipc, the entry of the largest ipc <= S's).
+        augment: per-sample augmentation (RandomResizedCrop + flip).
+        mix: ``cutmix`` (RDED, EDC, SRe2L ImageNet), ``mixup`` (SRe2L CIFAR-100) or ``none``; mix_alpha: the
+            Beta(alpha, alpha) parameter (``torchvision.transforms.v2.CutMix`` / ``MixUp``).
+        ema: decay of the evaluated EMA of the student's weights (None: the student itself).
+        name: the student's name in ``per_net`` (None: its class name, lower case).
+
+    Raises:
+        ConfigError: unknown loss / schedule / optimizer, or non-positive sizes.
+    """
+
+    num_eval: int = 1
+    uses_learned_lr = False
+
+    def __init__(self, student: Callable[..., nn.Module], teacher_net: Callable[..., nn.Module],
+                 recipe: str = "sre2l", num_teachers: int | None = 1,
+                 extra_teacher_nets: Mapping[str, Callable[..., nn.Module]] | None = None, buffers: str = "buffers",
+                 data: str | None = None, teacher_dir: str | None = None, num_eval: int = 1, epochs: int = 300,
+                 optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.01, schedule: str = "smoothing",
+                 zeta: float = 2.0, loss: str = "kl", temperature: float = 20.0, gamma: float = 0.025,
+                 batch_train: int | None = None, batch_by_ipc: Mapping[int, int] | None = None,
+                 augment: Augment | None = None, mix: str = "cutmix", mix_alpha: float = 1.0, ema: float | None = None,
+                 name: str | None = None):
+        for key, value, allowed in (("loss", loss, LOSSES), ("schedule", schedule, SCHEDULES),
+                                    ("optimizer", optimizer, ("adamw", "sgd")), ("mix", mix, MIXES)):
+            if value not in allowed:
+                raise ConfigError(f"evaluator.{key}={value!r}: valid values are {list(allowed)}")
+        if int(epochs) < 1 or (batch_train is not None and int(batch_train) < 1) or float(temperature) <= 0:
+            raise ConfigError("evaluator: epochs and batch_train must be >= 1 and temperature > 0")
+        if ema is not None and not 0.0 < float(ema) < 1.0:
+            raise ConfigError(f"evaluator.ema={ema}: must be in (0, 1) or null")
+        self.student, self.teacher_nets = student, {"teacher": teacher_net, **dict(extra_teacher_nets or {})}
+        self.recipe, self.num_teachers, self.buffers, self.data = recipe, num_teachers, buffers, data
+        self.teacher_dir, self.num_eval, self.epochs = teacher_dir, int(num_eval), int(epochs)
+        self.optimizer, self.lr, self.weight_decay = optimizer, float(lr), float(weight_decay)
+        self.schedule, self.zeta, self.loss = schedule, float(zeta), loss
+        self.temperature, self.gamma = float(temperature), float(gamma)
+        self.batch_train = None if batch_train is None else int(batch_train)
+        self.batch_by_ipc = {int(k): int(v) for k, v in (batch_by_ipc or {1: 10, 10: 50, 50: 100}).items()}
+        self.augment, self.mix, self.mix_alpha = augment, mix, float(mix_alpha)
+        self.ema = None if ema is None else float(ema)
+        self.name = name
+        self._pool: list[dict] | None = None
+
+    # --- protocol --------------------------------------------------------------------------------------
+    def _name(self) -> str:
+        return self.name or getattr(self.student, "func", self.student).__name__.lower()
+
+    def protocol_fields(self) -> dict:
+        teachers = " + ".join(f"{getattr(f, 'func', f).__name__}({', '.join(f'{k} {v}' for k, v in net_kwargs(f).items())})"
+                              for f in self.teacher_nets.values())
+        teacher = f"{teachers} x{self.num_teachers or 'all'}, recipe {self.recipe}"
+        if self._pool is not None:
+            teacher += ", test acc " + "/".join(f"{m['test_acc']:.2f}" for m in self._pool)
+        fields = {"evaluator": "kd", "archs": [self._name()], "nets": {self._name(): net_kwargs(self.student)},
+                  "num_eval": self.num_eval, "epochs": self.epochs, "optimizer": self.optimizer, "lr": self.lr,
+                  "lr_schedule": self.schedule + (f" zeta {self.zeta:g}" if self.schedule == "smoothing" else ""),
+                  "momentum": 0.9 if self.optimizer == "sgd" else "betas (0.9, 0.999)", "weight_decay": self.weight_decay,
+                  "batch": self.batch_train or f"by ipc {self.batch_by_ipc}",
+                  "augment": (self.augment.describe() if self.augment else "none")
+                  + (f"+{self.mix}{self.mix_alpha:g}" if self.mix != "none" else ""),
+                  "learned_lr": False,
+                  "labels": ("teacher online: KL T " + f"{self.temperature:g}" if self.loss == "kl"
+                             else f"teacher online: MSE + {self.gamma:g} CE"),
+                  "teacher": teacher, "ema": self.ema}
+        return fields
+
+    # --- training --------------------------------------------------------------------------------------
+    def teachers(self, real: RealData) -> list[dict]:
+        """The teacher pool (loaded on first use from the store; DataError with the ``ddrun teacher`` command when
+        missing)."""
+        if self._pool is None:
+            from ddrun.fetchers.teachers import load_teachers
+
+            self._pool = load_teachers(self.teacher_nets, real, real.device, self.recipe, self.buffers, self.data,
+                                       self.num_teachers, self.teacher_dir, what="evaluator")
+        return self._pool
+
+    def batch_size(self, ipc: int, n: int) -> int:
+        """The minibatch size for S of ``ipc`` images per class and ``n`` images."""
+        if self.batch_train is not None:
+            return min(self.batch_train, n)
+        keys = [k for k in sorted(self.batch_by_ipc) if k <= ipc] or [min(self.batch_by_ipc)]
+        return min(self.batch_by_ipc[keys[-1]], n)
+
+    def _batch(self, x, y, k, g):
+        from torchvision.transforms import v2
+
+        if self.augment is not None:
+            x = self.augment(x, g)
+        target = F.one_hot(y, k).float()
+        if self.mix != "none" and len(x) > 1:
+            mixer = v2.CutMix if self.mix == "cutmix" else v2.MixUp
+            with _seeded(g):
+                x, target = mixer(alpha=self.mix_alpha, num_classes=k)(x, y)
+        return x, target
+
+    def train_one(self, syn: SyntheticSet, real: RealData, seed: int) -> float:
+        """Train one student from ``seed`` on S with the teachers' online soft labels; its test accuracy (percent),
+        of the EMA weights when ``ema`` is set."""
+        device, pool = real.device, self.teachers(real)
+        net = build_net(self.student, real, seed, device)
+        if self.optimizer == "adamw":
+            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        zeta = {"smoothing": self.zeta, "cosine": 1.0}.get(self.schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: 1.0 if zeta is None else smoothing_factor(e, self.epochs, zeta))
+        ema = None
+        if self.ema is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(self.ema), use_buffers=True)
+        images, labels = syn.images.detach().to(device), syn.hard_labels().detach().to(device)
+        batch, k = self.batch_size(len(images) // real.num_classes, len(images)), real.num_classes
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(self.epochs):
+            net.train()
+            order = torch.randperm(len(images), generator=g).to(device)
+            for start in range(0, len(order), batch):
+                idx = order[start:start + batch]
+                x, target = self._batch(images[idx], labels[idx], k, g)
+                with torch.no_grad():
+                    t = torch.stack([m["net"](x) for m in pool]).mean(0)
+                loss = kd_loss(self.loss, net(x), t, target, self.temperature, self.gamma)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if ema is not None:
+                    ema.update_parameters(net)
+            sched.step()
+        final = ema.module if ema is not None else net
+        return 100.0 * accuracy(final, real.test_images, real.test_labels)
+
+    def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
+        """Evaluate S (module doc).
+
+        Returns:
+            ``{"acc_mean", "acc_std", "per_net": {name: [acc, ...]}, "protocol", "protocol_fields"}``, percent on
+            the real test split.
+
+        Raises:
+            DataError: no teacher in the store for this setting (prints the ``ddrun teacher`` command).
+        """
+        accs = [self.train_one(syn, real, derive_seed(seed, 104729, r))
+                for r in tqdm(range(self.num_eval), desc="evaluate (kd)", leave=False, disable=None)]
+        return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                "per_net": {self._name(): accs}, "protocol": self.protocol(),
+                "protocol_fields": self.protocol_fields()}

@@ -1,0 +1,295 @@
+"""Statistics matching against trained teachers: the "recover" stage of SRe2L, G-VBSM and EDC, as one objective.
+
+For a frozen teacher f (``fetcher=teachers``, eval mode) and S split into BatchNorm batches (``ipc_per_batch``
+images of every class each, the references' recover batches), the loss of one batch B with labels y is
+
+    L(B) = ce_weight * CE(f(A(B)), y)
+         + r_bn * sum_l w_l * [ alpha * D_l(B; mu_l, var_l) + (1 - alpha) * D_l(B; mu_l^y, var_l^y) ]
+         + flatness * tau^2 * KL( softmax(f(A(B_ema)) / tau) || softmax(f(A(B)) / tau) )
+
+- SRe2L (Yin et al., NeurIPS 2023, Eq. 3-5; reference ``recover_cifar.py`` / ``utils.BNFeatureHook``): l runs over
+  the BatchNorm layers; ``D_l = ||mean(x_l) - running_mean_l||_2 + ||var(x_l) - running_var_l||_2`` with the
+  per-channel mean and biased variance of the layer's input x_l over the batch (N, H, W); ``w_1 = first_multiplier``
+  (10), 1 otherwise; alpha 1.
+- G-VBSM (Shao et al., CVPR 2024, Sec. 3.2) adds the input of every Conv layer (``conv: true``), whose targets are
+  the per-channel statistics of the real training data, computed once per teacher (``batch_real`` images per class,
+  no augmentation) and cached for the run.
+- EDC (Shao et al., NeurIPS 2024, Eq. 5, "soft category-aware matching", alpha 0.5): the second target is the
+  real statistics of the batch's classes, ``mu^y = mean_{i in B} mu_{y_i}`` over per-class statistics of the real
+  data (the reference's ``category_aware="global"``; with class-balanced batches this is the mean of the class
+  statistics); when every class has the global statistics both targets coincide. EDC Eqs. 6-7, "flatness": an EMA
+  copy of the images, ``X_ema <- beta X_ema + (1 - beta) X`` (beta 0.99) updated at every step (state of this
+  objective, saved in the checkpoint), augmented with the same draw as S; the KL at temperature tau (4) is taken on
+  the teacher's logits only (the reference ``F.kl_div(log_softmax(out / 4), softmax(ema_out / 4))``; we use the
+  batch-mean KL scaled by tau^2 instead of the element mean, and the paper's weight 0.25 (EDC Table 4)).
+
+A(.) is the per-step augmentation of S (:class:`~ddrun.data.transforms.BatchAugment`: RandomResizedCrop + flip,
+roll for SRe2L's CIFAR jitter). Every batch's loss is summed (each image's Adam update depends only on its own
+gradient, so this is the references' independent optimization of each batch, run together). After every update S is
+clamped to the valid pixel range (:meth:`check`; not under ZCA).
+
+Differences from the references, stated: G-VBSM/EDC's synthetic statistics enter as a running estimate (momentum
+0.8 with the ``x - x.detach()`` trick) and their Conv hooks add 4x4 patch statistics: both left out here; the
+class statistics are per-channel statistics over the class's images (N, H, W), where the EDC code averages
+per-image spatial variances.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddrun.contracts import Fetched, Objective
+from ddrun.data.datasets import RealData
+from ddrun.data.transforms import BatchAugment
+from ddrun.nets import bn_variant, has_batchnorm
+from ddrun.synthetic import SyntheticSet
+from ddrun.utils import ConfigError
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` float ``[N, C, H, W]`` (or ``[N, C]``) over all dimensions but
+    the channel: two float ``[C]`` tensors (what BatchNorm normalizes with in training mode)."""
+    dims = [0, *range(2, x.dim())]
+    return x.mean(dims), x.var(dims, unbiased=False)
+
+
+class LayerInputs:
+    """Records the input of each of ``layers`` during a forward pass (forward pre-hooks, removed on exit)::
+
+        with LayerInputs(layers) as rec:
+            out = net(x)
+        rec.inputs  # [tensor per layer, in the order of ``layers``]
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers, self.inputs, self._handles = layers, [], []
+
+    def __enter__(self) -> "LayerInputs":
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._make(i)))
+        self.inputs = [None] * len(self.layers)
+        return self
+
+    def _make(self, i: int):
+        def hook(_module, args):
+            self.inputs[i] = args[0]
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def matched_layers(net: nn.Module, bn: bool, conv: bool) -> list[tuple[nn.Module, str]]:
+    """``(module, kind)`` of the layers whose inputs are matched, in module order: BatchNorm layers (``bn``) and
+    Conv layers (``conv``)."""
+    out = []
+    for m in net.modules():
+        if bn and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out.append((m, "bn"))
+        elif conv and isinstance(m, nn.Conv2d):
+            out.append((m, "conv"))
+    return out
+
+
+@torch.no_grad()
+def real_statistics(net: nn.Module, layers: list[nn.Module], real: RealData, per_class: int,
+                    generator: torch.Generator, chunk: int = 256) -> list[dict]:
+    """Per-layer statistics of the real training data at the inputs of ``layers`` (eval mode): for each layer
+    ``{"mean": [C], "var": [C], "class_mean": [K, C], "class_var": [K, C]}`` over ``per_class`` random images of
+    every class (float32; global = over all of them, so classes weigh equally)."""
+    k = real.num_classes
+    sums = [None] * len(layers)
+    net.eval()
+    for c in range(k):
+        x_c = real.sample_class(c, per_class, generator)
+        for start in range(0, len(x_c), chunk):
+            with LayerInputs(layers) as rec:
+                net(x_c[start:start + chunk])
+            for i, a in enumerate(rec.inputs):
+                a = a.double().transpose(0, 1).reshape(a.shape[1], -1)  # [C, n * H * W]
+                if sums[i] is None:
+                    sums[i] = torch.zeros(3, k, a.shape[0], dtype=torch.float64, device=a.device)
+                sums[i][0, c] += a.shape[1]
+                sums[i][1, c] += a.sum(1)
+                sums[i][2, c] += (a * a).sum(1)
+    out = []
+    for s in sums:
+        n, s1, s2 = s[0], s[1], s[2]
+        cm, cv = s1 / n, s2 / n - (s1 / n) ** 2
+        gm = s1.sum(0) / n.sum(0)
+        gv = s2.sum(0) / n.sum(0) - gm ** 2
+        out.append({"mean": gm.float(), "var": gv.float(), "class_mean": cm.float(), "class_var": cv.float()})
+    return out
+
+
+def stat_distance(mean: torch.Tensor, var: torch.Tensor, t_mean: torch.Tensor, t_var: torch.Tensor) -> torch.Tensor:
+    """``||mean - t_mean||_2 + ||var - t_var||_2`` over the last dimension (SRe2L's per-layer distance); ``mean`` /
+    ``var`` ``[..., C]`` -> ``[...]``."""
+    return (mean - t_mean).norm(dim=-1) + (var - t_var).norm(dim=-1)
+
+
+class StatisticsMatching(Objective):
+    """The recover objective of SRe2L / G-VBSM / EDC (module doc).
+
+    Args:
+        lr_img: step size of the images (SRe2L CIFAR 0.25, EDC 0.05; Adam betas (0.5, 0.9) in the presets).
+        r_bn: weight of the statistics term (SRe2L 0.01; EDC ``r_loss`` 0.01).
+        first_multiplier: weight of the first matched layer (10 in SRe2L and EDC).
+        ce_weight: weight of the teacher's cross-entropy on S.
+        bn: match the BatchNorm layers' inputs against the running statistics (needs a BatchNorm teacher).
+        conv: also match every Conv layer's input against the real data's statistics (G-VBSM / EDC).
+        alpha: weight of the global target; ``1 - alpha`` goes to the class target (EDC Eq. 5: 0.5; SRe2L: 1).
+        flatness: weight of EDC's flatness term (0: off; the paper's best 0.25).
+        ema_beta: beta of the EMA copy of the images (0.99).
+        tau: temperature of the flatness KL (4).
+        ipc_per_batch: images of every class in one BatchNorm batch (1: the references' recover batch of one image
+            per class); must divide ipc.
+        augment: the per-step augmentation of S (one draw per step), or None.
+        batch_real: real images per class for the cached real statistics (``conv`` or ``alpha < 1``).
+        clamp: clamp S to the valid pixel range after every update.
+
+    ``__call__`` returns the summed loss of all batches (float scalar); gradients reach ``syn.images`` only.
+
+    Raises:
+        ConfigError: bad weights, ``ipc_per_batch`` not dividing ipc, or (at the first step) a teacher without
+            BatchNorm when ``bn`` is set (names the net and its BatchNorm variant).
+    """
+
+    def __init__(self, lr_img: float = 0.25, r_bn: float = 0.01, first_multiplier: float = 10.0,
+                 ce_weight: float = 1.0, bn: bool = True, conv: bool = False, alpha: float = 1.0,
+                 flatness: float = 0.0, ema_beta: float = 0.99, tau: float = 4.0, ipc_per_batch: int = 1,
+                 augment: BatchAugment | None = None, batch_real: int = 500, clamp: bool = True):
+        super().__init__(lr_img, batch_real=batch_real)
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"objective.alpha={alpha}: must be in [0, 1] (weight of the global statistics)")
+        if not 0.0 <= float(ema_beta) < 1.0:
+            raise ConfigError(f"objective.ema_beta={ema_beta}: must be in [0, 1)")
+        if float(tau) <= 0 or int(ipc_per_batch) < 1 or min(float(r_bn), float(flatness), float(ce_weight)) < 0:
+            raise ConfigError("objective: tau must be > 0, ipc_per_batch >= 1, and r_bn, flatness, ce_weight >= 0")
+        if not (bn or conv):
+            raise ConfigError("objective: bn=false and conv=false leave no statistics to match; set one of them")
+        self.r_bn, self.first_multiplier, self.ce_weight = float(r_bn), float(first_multiplier), float(ce_weight)
+        self.bn, self.conv, self.alpha = bool(bn), bool(conv), float(alpha)
+        self.flatness, self.ema_beta, self.tau = float(flatness), float(ema_beta), float(tau)
+        self.ipc_per_batch, self.augment, self.clamp = int(ipc_per_batch), augment, bool(clamp)
+        self.ema: torch.Tensor | None = None
+        self._teachers: dict[int, dict] = {}  # id(teacher) -> its matched layers and cached real statistics
+        self._bounds = None
+
+    # --- hooks of the loop ----------------------------------------------------------------------------
+    def prepare(self, syn: SyntheticSet, real: RealData) -> None:
+        """Start the EMA copy at S; record the valid range of the normalized pixels (for :meth:`check`)."""
+        self.ema = syn.images.detach().clone()
+        if self.clamp and real.zca is None:
+            m = torch.tensor(real.mean, device=syn.images.device).view(1, -1, 1, 1)
+            s = torch.tensor(real.std, device=syn.images.device).view(1, -1, 1, 1)
+            self._bounds = (-m / s, (1 - m) / s)
+
+    @torch.no_grad()
+    def check(self, syn: SyntheticSet, it: int) -> None:
+        """Clamp S to the valid pixel range ``[(0 - mean) / std, (1 - mean) / std]`` per channel (the references'
+        ``clip`` after every step)."""
+        if self._bounds is not None:
+            syn.images.copy_(torch.maximum(torch.minimum(syn.images, self._bounds[1]), self._bounds[0]))
+
+    def state_dict(self) -> dict:
+        return {} if self.ema is None else {"ema": self.ema.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("ema") is not None and self.ema is not None:
+            self.ema = state["ema"].to(self.ema.device)
+
+    # --- the loss -------------------------------------------------------------------------------------
+    def _teacher_entry(self, teacher: nn.Module, real: RealData, it: int) -> dict:
+        entry = self._teachers.get(id(teacher))
+        if entry is not None:
+            return entry
+        if self.bn and not has_batchnorm(teacher):
+            raise ConfigError(f"objective=statistics matches BatchNorm statistics, but the teacher "
+                              f"{type(teacher).__name__} has no BatchNorm layer: train and use {bn_variant(teacher)} "
+                              f"(or set objective.bn=false objective.conv=true)")
+        layers = matched_layers(teacher, self.bn, self.conv)
+        stats = None
+        if self.conv or self.alpha < 1.0:
+            from ddrun.utils import derive_seed
+
+            g = torch.Generator().manual_seed(derive_seed(len(self._teachers), 7039))
+            stats = real_statistics(teacher, [m for m, _ in layers], real, self.batch_real, g)
+        entry = {"teacher": teacher, "layers": layers, "stats": stats}
+        self._teachers[id(teacher)] = entry
+        return entry
+
+    def _targets(self, entry: dict, i: int, labels: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """``[(weight, mean [G, C] or [C], var)]`` of layer ``i`` for batches with ``labels`` ``[G, B]``."""
+        module, kind = entry["layers"][i]
+        stats = entry["stats"][i] if entry["stats"] is not None else None
+        if kind == "bn":
+            glob = (module.running_mean, module.running_var)
+        else:
+            glob = (stats["mean"], stats["var"])
+        out = [(self.alpha, *glob)] if self.alpha > 0 else []
+        if self.alpha < 1.0:
+            out.append((1.0 - self.alpha, stats["class_mean"][labels].mean(1), stats["class_var"][labels].mean(1)))
+        return out
+
+    def batches(self, labels: torch.Tensor) -> torch.Tensor:
+        """The order that makes S's BatchNorm batches contiguous: int64 ``[G * B]`` indices, batch g = the g-th
+        ``ipc_per_batch`` images of every class (B = ``ipc_per_batch * K``).
+
+        Raises:
+            ConfigError: the classes have unequal counts or ``ipc_per_batch`` does not divide them.
+        """
+        counts = torch.bincount(labels)
+        n = int(counts[0])
+        if bool((counts != n).any()) or n % self.ipc_per_batch:
+            raise ConfigError(f"objective.ipc_per_batch={self.ipc_per_batch} must divide the images per class of S "
+                              f"({counts.tolist()})")
+        rank = torch.empty_like(labels)
+        for c in range(len(counts)):
+            idx = torch.nonzero(labels == c).flatten()
+            rank[idx] = torch.arange(len(idx), device=labels.device)
+        group = rank // self.ipc_per_batch
+        return torch.argsort(group * len(counts) + labels, stable=True)
+
+    def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
+                 generator: torch.Generator) -> torch.Tensor:
+        teacher = fetched.teacher if fetched.teacher is not None else fetched.net
+        entry = self._teacher_entry(teacher, real, it)
+        y_all = syn.hard_labels()
+        order = self.batches(y_all)
+        x, y = syn.images[order], y_all[order]
+        b = self.ipc_per_batch * int(y_all.max() + 1)
+        g_count = len(order) // b
+        ema = self.ema[order] if self.flatness > 0 else None
+        if self.augment is not None:
+            both = self.augment(x if ema is None else torch.cat([x, ema]), generator)
+            x, ema = (both, None) if ema is None else both.split(len(x))
+        with LayerInputs([m for m, _ in entry["layers"]]) as rec:
+            out = teacher(x)
+        loss = self.ce_weight * F.cross_entropy(out, y, reduction="sum") / b
+        labels = y.view(g_count, b)
+        for i, a in enumerate(rec.inputs):
+            mean, var = channel_stats_grouped(a, g_count)
+            w = self.first_multiplier if i == 0 else 1.0
+            for weight, t_mean, t_var in self._targets(entry, i, labels):
+                loss = loss + self.r_bn * w * weight * stat_distance(mean, var, t_mean, t_var).sum()
+        if ema is not None:
+            with torch.no_grad():
+                out_ema = teacher(ema)
+            kl = F.kl_div(F.log_softmax(out / self.tau, 1), F.log_softmax(out_ema / self.tau, 1), reduction="sum",
+                          log_target=True)
+            loss = loss + self.flatness * self.tau ** 2 * kl / b
+            self.ema = self.ema_beta * self.ema + (1.0 - self.ema_beta) * syn.images.detach()
+        return loss
+
+
+def channel_stats_grouped(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch, per-channel mean and biased variance of ``x`` ``[G * B, C, ...]`` split into ``groups``
+    contiguous batches: two ``[G, C]`` tensors (:func:`channel_stats` of each batch)."""
+    xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).transpose(1, 2)  # [G, C, B, ...]
+    flat = xg.reshape(groups, x.shape[1], -1)
+    return flat.mean(2), flat.var(2, unbiased=False)

@@ -1,0 +1,153 @@
+"""``ddrun teacher`` (store layout, BatchNorm buffers, resume after a kill, shards) and ``fetcher=teachers`` (the
+pool, missing / foreign teachers), the contracts of the components that read teachers, on tiny MNIST-format data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_cfg
+from teacher_helpers import make_teacher, tiny_args
+
+from ddrun.contracts import Fetched, Fetcher
+from ddrun.files import file_digest
+from ddrun.teachers import lr_factor
+from ddrun.utils import ConfigError, DataError, build
+
+
+def test_layout_manifest_and_full_state_dict(tiny_root, tmp_path):
+    out = make_teacher(tiny_root, tmp_path / "store")
+    d = Path(out["dir"])
+    assert d.relative_to(tmp_path / "store").parts == (
+        "teachers", "mnist", "convnet_act-relu_depth-3_norm-batchnorm_pooling-avgpooling_width-8", "sre2l")
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["kind"] == "teachers" and m["setting"]["recipe"] == "sre2l" and "augment" not in m["setting"]
+    assert m["training"]["epochs"] == 2 and m["training"]["lr"] == 0.1 and m["training"]["augment"]["flip"] is False
+    assert m["command"].startswith("ddrun teacher dataset=mnist net=convnet net.norm=batchnorm net.width=8 recipe=sre2l")
+    entry = m["teachers"]["0"]
+    f = d / "teacher_0000.pt"
+    assert entry["bytes"] == f.stat().st_size and entry["sha256"] == file_digest(f) and 0 <= entry["test_acc"] <= 100
+    item = torch.load(f, weights_only=True)
+    sd = item["state_dict"]
+    assert any(k.endswith("running_mean") for k in sd) and any(k.endswith("num_batches_tracked") for k in sd)
+    bn = next(k for k in sd if k.endswith("running_var"))
+    assert not torch.equal(sd[bn], torch.ones_like(sd[bn]))  # the running statistics were trained
+    assert item["training"]["name"] == "sre2l" and item["epochs"] == 2
+    assert not list(d.glob("*.partial"))
+    again = make_teacher(tiny_root, tmp_path / "store", "teacher_offset=1")
+    assert again["trained"] == [1] and sorted(again["teachers"]) == [0, 1]
+    assert make_teacher(tiny_root, tmp_path / "store")["skipped"] == [0]
+
+
+def test_killed_teacher_resumes_to_the_same_weights(tiny_root, tmp_path, monkeypatch):
+    straight = make_teacher(tiny_root, tmp_path / "a", epochs=4)
+    import ddrun.teachers
+
+    real_epoch, calls = ddrun.teachers.train_epoch, []
+
+    def crash_in_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(ddrun.teachers, "train_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        make_teacher(tiny_root, tmp_path / "b", epochs=4)
+    partial = next((tmp_path / "b").glob("teachers/*/*/*/teacher_0000.partial"))
+    assert torch.load(partial / "state.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(ddrun.teachers, "train_epoch", real_epoch)
+    resumed = make_teacher(tiny_root, tmp_path / "b", epochs=4)
+    a = torch.load(Path(straight["dir"]) / "teacher_0000.pt", weights_only=True)["state_dict"]
+    b = torch.load(Path(resumed["dir"]) / "teacher_0000.pt", weights_only=True)["state_dict"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recipe_schedule_and_other_recipe_refused(tiny_root, tmp_path):
+    r = {"warmup_epochs": 5, "epochs": 50, "schedule": "cosine"}
+    assert [lr_factor(e, r) for e in (0, 4)] == [pytest.approx(0.2), pytest.approx(1.0)]
+    assert lr_factor(5, r) == pytest.approx(1.0) and lr_factor(50, r) == pytest.approx(0.0)
+    assert lr_factor(27, r) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 22 / 45)).item()))
+    assert lr_factor(30, {**r, "schedule": "constant"}) == 1.0
+    make_teacher(tiny_root, tmp_path / "store")
+    with pytest.raises(ConfigError, match="lr: 0.1 in the teacher collection, 0.05 in this run"):
+        make_teacher(tiny_root, tmp_path / "store", "recipe.lr=0.05", "teacher_offset=1")
+    cfg = make_cfg(["dataset=tiny_imagenet"], "teacher")  # the per-dataset table of the recipe
+    assert (cfg.recipe.lr, cfg.recipe.batch, cfg.recipe.warmup_epochs, cfg.recipe.augment.kind) == (
+        0.2, 256, 5, "resized_crop")
+    assert make_cfg(["dataset=cifar10"], "teacher").recipe.epochs == 200
+
+
+def fetcher_of(root, store, *extra, net=("net=convnet_bn", "net.width=8")):
+    args = [a for a in tiny_args(root, store) if not a.startswith("net")]
+    cfg = make_cfg([*args, "method=sre2l", *net, *extra])
+    real = build(cfg.dataset)
+    return build(cfg.fetcher)(real=real, device=torch.device("cpu"), seed=0), real
+
+
+def test_fetcher_cycles_a_frozen_pool(tiny_root, tmp_path):
+    make_teacher(tiny_root, tmp_path / "store", "num_teachers=2")
+    fetcher, real = fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=2")
+    assert isinstance(fetcher, Fetcher)
+    got = [fetcher.fetch(it) for it in range(3)]
+    assert all(isinstance(f, Fetched) and f.teacher is f.net for f in got)
+    assert [f.info["index"] for f in got] == [0, 1, 0] and got[0].teacher is got[2].teacher
+    t = got[0].teacher
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    assert t(real.train_images[:2]).shape == (2, 10)
+    sampled, _ = fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=2", "fetcher.order=sample")
+    assert {sampled.fetch(it).info["index"] for it in range(12)} == {0, 1}
+    with pytest.raises(DataError, match=r"holds 2 finished teacher\(s\) of net, 3 needed; train them with "
+                                        r"`ddrun teacher .* num_teachers=3`"):
+        fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=3")
+
+
+def test_missing_teacher_prints_the_command_that_makes_it(tiny_root, tmp_path):
+    with pytest.raises(DataError) as err:
+        fetcher_of(tiny_root, tmp_path / "store")
+    msg = str(err.value)
+    cmd = msg[msg.index("`") + 1:msg.rindex("`")]
+    assert cmd.startswith("ddrun teacher dataset=mnist net=convnet net.norm=batchnorm net.width=8 recipe=sre2l")
+    # the printed command makes exactly the teacher the fetcher wanted
+    overrides = [a for a in cmd.split()[2:]] + ["dataset.system_dirs=[]", "recipe.epochs=1", "recipe.batch=32"]
+    from ddrun.teachers import teacher
+
+    teacher(make_cfg(overrides, "teacher"))
+    fetcher, _ = fetcher_of(tiny_root, tmp_path / "store")
+    assert fetcher.fetch(0).info["arch"] == "net"
+
+
+def test_teacher_of_another_setting_is_refused_saying_what_differs(tiny_root, tmp_path):
+    out = make_teacher(tiny_root, tmp_path / "store")
+    with pytest.raises(DataError, match=r"dataset.mean: \[0.1307\] in the teacher collection, \[0.5\] in this run"):
+        fetcher_of(tiny_root, tmp_path / "store", "dataset.mean=[0.5]")
+    with pytest.raises(DataError, match=r"net.width: 8 in the teacher collection, 16 in this run"):
+        fetcher_of(tiny_root, tmp_path / "store", net=("net=convnet_bn", "net.width=16"))
+    with pytest.raises(DataError, match=r"net.class: ddrun.nets.convnet.ConvNet in the teacher collection, "
+                                        r"ddrun.nets.resnet.ResNet18 in this run"):
+        fetcher_of(tiny_root, tmp_path / "store", f"fetcher.teacher_dir={out['dir']}", net=("net=resnet18_bn",))
+
+
+def test_rded_initializer_contract(tiny_root, tmp_path):
+    make_teacher(tiny_root, tmp_path / "store")
+    cfg = make_cfg([*tiny_args(tiny_root, tmp_path / "store"), "method=rded", "init.mipc=10", "init.num_crop=2",
+                    "init.factor=2"])
+    real = build(cfg.dataset)
+    syn = build(cfg.init)(real, 2, torch.Generator().manual_seed(0))
+    assert syn.images.shape == (20, 1, 28, 28) and syn.labels.tolist() == sorted(list(range(10)) * 2)
+    with pytest.raises(ConfigError, match="fewer than ipc \\* factor\\^2 = 16"):
+        build(cfg.init)(real, 4, torch.Generator().manual_seed(0))
+
+
+def test_teacher_shards_via_the_command_line(tiny_root, tmp_path):
+    args = [*tiny_args(tiny_root, tmp_path / "store"), "recipe.epochs=1", "recipe.batch=32"]
+    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "teacher", "-m", "teacher_offset=0,1", *args,
+                        f"hydra.sweep.dir={tmp_path}/sweep"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(next((tmp_path / "store").glob("teachers/*/*/*/manifest.json")).read_text())
+    assert sorted(m["teachers"]) == ["0", "1"]
+    assert "2 teachers" in r.stdout.splitlines()[-1]

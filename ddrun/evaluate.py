@@ -47,6 +47,26 @@ def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
                           f"dataset's ZCA option the same way")
 
 
+def check_parametrization(syn: SyntheticSet, param, source: str) -> None:
+    """Refuse to evaluate a set saved by a run with another parametrization than the configured one (its stored
+    images would be trained on undecoded, or decoded twice).
+
+    Raises:
+        ConfigError: names the parametrization (and factor) S was made with and the overrides to pass.
+    """
+    from ddrun.utils import ConfigError
+
+    made = syn.meta.get("parametrization")
+    if made is None:
+        return
+    have = param.describe(syn)
+    if made != have["parametrization"] or syn.meta.get("factor") != have.get("factor"):
+        want = f"parametrization={made}" + (f" parametrization.factor={syn.meta['factor']}"
+                                            if syn.meta.get("factor") is not None else "")
+        raise ConfigError(f"{source} stores S in the {made} parametrization, not {have['parametrization']}: "
+                          f"pass {want}")
+
+
 def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     """``ddrun evaluate``: train fresh networks on a saved S (``synthetic=PATH``: a file written by ddrun, or any
     ``{images, labels}`` tensor dict with images in the dataset's normalized space) or, with ``full=true``, on the
@@ -61,7 +81,8 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
         "source"}``, accuracies in percent.
 
     Raises:
-        ConfigError: neither or both of ``synthetic`` and ``full``; S does not fit the dataset; bad evaluator.
+        ConfigError: neither or both of ``synthetic`` and ``full``; S does not fit the dataset or was stored in
+            another parametrization (``parametrization=idc`` ... decodes it); bad evaluator.
         DataError: the file or the dataset is missing or corrupt.
     """
     import json
@@ -86,13 +107,18 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     if full:
         syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})
         method, ipc, iteration, source = "full", "full", 0, f"the whole {real.name} training set"
+        stored = {}
     else:
         syn = SyntheticSet.load(path)
         check_compatible(syn, real, str(path))
+        param = build(cfg.parametrization)
+        check_parametrization(syn, param, str(path))
         syn = syn.to(device)
         method = syn.meta.get("method") or "external"
         ipc = int(syn.meta.get("ipc", len(syn.images) // real.num_classes))
         iteration, source = int(syn.meta.get("iteration", 0)), str(path)
+        stored = param.describe(syn)
+        syn = param.decode(syn)
     if cfg.label:
         method = str(cfg.label)
     res = evaluator(syn, real, seed)
@@ -100,7 +126,7 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
                                            "acc_std": statistics.pstdev(a) if len(a) > 1 else 0.0}
                                        for n, a in res["per_net"].items()}
     out = {**res, "per_arch": per_arch, "method": method, "dataset": real.name, "ipc": ipc, "iteration": iteration,
-           "source": source, "seed": seed}
+           "source": source, "seed": seed, **stored}
     if run_dir is not None:
         from ddrun.tracking import Tracker
 
@@ -110,7 +136,7 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
         try:
             if not full:
                 tracker.images(real.to_pixels(syn.images.detach()), max(len(syn.images) // real.num_classes, 1),
-                               iteration)
+                               iteration)  # what the networks trained on (decoded)
             flat = {f"{k}/{name}": v[k] for name, v in per_arch.items() for k in ("acc_mean", "acc_std")}
             tracker.log({"acc_mean": res["acc_mean"], "acc_std": res["acc_std"], "per_net": res["per_net"],
                          "method": method, "dataset": real.name, "ipc": ipc, "protocol": res["protocol"], **flat},

@@ -37,7 +37,8 @@ def check_builds(cfg) -> None:
     assert callable(build(cfg.init)) and build(cfg.evaluator).epochs > 0
     assert build(cfg.schedule).steps >= 1 and build(cfg.parametrization) is not None
     if has_objective(cfg):
-        assert build(cfg.objective).lr_img > 0 and callable(build(cfg.fetcher))
+        obj = build(cfg.objective)
+        assert (obj.lr_img > 0 or obj.lr_labels > 0) and callable(build(cfg.fetcher))  # ld: labels only
     else:
         assert cfg.iterations == 0 and cfg.get("fetcher") is None
     strategy = build(cfg.augment).strategy

@@ -43,7 +43,8 @@ def test_initializers(tiny_root, tiny_real, name):                              
     assert syn.labels.tolist() == sorted(list(range(10)) * 2)
 
 
-@pytest.mark.parametrize("name", [c for c in choices("fetcher") if c != "checkpoints"])
+@pytest.mark.parametrize("name", [c for c in choices("fetcher") if c not in ("checkpoints", "pretrained")])  # stores:
+# test_checkpoint_fetcher_contract below; pretrained: tests/test_dd_modes.py
 def test_fetchers(tiny_root, tiny_real, name):
     fetcher = build(tiny(tiny_root, f"fetcher={name}").fetcher)(real=tiny_real, device=torch.device("cpu"), seed=0)
     assert isinstance(fetcher, Fetcher)

@@ -121,14 +121,14 @@ def test_bad_factor_stops_the_run_before_any_work(tiny_root, tmp_path):
 
 @pytest.mark.realdata
 def test_idc_learns_on_real_fashion_mnist(fmnist_root, tmp_path):
-    """method=idc at ipc 1 on a 100-per-class subset of the real Fashion-MNIST, 20 iterations of 5 updates each:
-    under one evaluator (2 ConvNet-16, 60 epochs, 1000 test images) S beats its own (IDC-encoded real)
-    initialization."""
+    """method=idc at ipc 1 (4 decoded images per class) on a 100-per-class subset of the real Fashion-MNIST, 6
+    iterations of 3 updates each (a step size 30x the reference's, for this tiny budget): under one evaluator
+    (2 ConvNet-16, 40 epochs, 1000 test images) S beats its own (IDC-encoded real) initialization."""
     cfg = make_cfg(["dataset=fashion_mnist", f"paths.data={fmnist_root}", "dataset.train_subset=100",
-                    "dataset.test_subset=100", "net.width=16", "method=idc", "ipc=1", "iterations=20",
-                    "eval_every=20", "logger=none", "schedule.outer_loop=5", "schedule.n_data=100",
-                    "objective.batch_real=32", "evaluator.num_eval=2", "evaluator.epochs=60"])
+                    "dataset.test_subset=100", "net.width=16", "method=idc", "ipc=1", "iterations=6",
+                    "eval_every=6", "logger=none", "schedule.outer_loop=3", "schedule.n_data=64",
+                    "objective.lr_img=0.02", "objective.batch_real=16", "evaluator.num_eval=2", "evaluator.epochs=40"])
     distill(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["iteration"]: r["acc_mean"] for r in rows if "acc_mean" in r}
-    assert evals[20] > evals[0] + 2, evals
+    assert evals[6] > evals[0] + 1.5, evals

@@ -55,7 +55,8 @@ def check_per_ipc_tables(cfg: DictConfig) -> None:
     and how to set the key by hand."""
     raw = OmegaConf.to_container(cfg, resolve=False)
     for key, value in _leaves(raw):
-        if not (isinstance(value, str) and "ipc${ipc}" in value and value.replace(" ", "").rstrip("}").endswith(",???")):
+        compact = value.replace(" ", "").rstrip("}") if isinstance(value, str) else ""
+        if not ("ipc${ipc}" in compact and compact.endswith(",???")):
             continue
         if OmegaConf.select(cfg, key, throw_on_missing=False) not in (None, "???"):
             continue

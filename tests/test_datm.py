@@ -132,6 +132,22 @@ def test_datm_runs_learns_labels_and_gate_skips_updates(tiny_root, tmp_path):
     assert torch.equal(g["lr"], s0["lr"])
 
 
+@pytest.mark.parametrize("method", ["datm", "tesla"])
+def test_a_resumed_run_ends_with_the_same_s(tiny_root, tmp_path, method):
+    """Stopped after 2 iterations and continued to 4 (learned labels, their optimizer state, TESLA's assigned
+    labels all in checkpoint.pt): the same S as 4 iterations in one go."""
+    make_buffer(tiny_root, tmp_path / "b")
+    args = datm_args(tiny_root, tmp_path / "b")
+    if method == "tesla":
+        args = [a.replace("method=datm", "method=mtt") for a in args] + ["objective.teacher_label=true"]
+    straight = distill(make_cfg([*args, "iterations=4"]), tmp_path / "a")
+    distill(make_cfg([*args, "iterations=2"]), tmp_path / "r")
+    resumed = distill(make_cfg([*args, "iterations=4"]), tmp_path / "r")
+    a, r = (torch.load(x["synthetic"], weights_only=True) for x in (straight, resumed))
+    assert torch.equal(a["images"], r["images"]) and torch.equal(a["labels"], r["labels"])
+    assert torch.equal(a["lr"], r["lr"]) and a["labels"].dtype == torch.float32
+
+
 def test_tesla_teacher_labels_are_the_target_experts_logits(tiny_root, tmp_path):
     make_buffer(tiny_root, tmp_path / "b")
     args = tiny_args(tiny_root, tmp_path / "b", "method=mtt", "ipc=2", "logger=none", "evaluator.num_eval=0",

@@ -4,6 +4,7 @@ pretrained pool (``fetcher=pretrained``, the ``teachers`` collection of the stor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -141,13 +142,13 @@ def test_adaptation_from_another_dataset_replays_from_held_out_pretrained_nets(t
     """Networks pretrained on scikit-learn's digits (upsampled to 28x28) adapted to the (tiny) MNIST by DD's
     learned steps: the run reports the held-out networks' accuracy before and after the steps."""
     pytest.importorskip("sklearn")
-    args = ["method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store", "dataset@fetcher.source=sklearn_digits",
-            "fetcher.source.im_size=[28,28]", "objective.syn_steps=1", "objective.syn_epochs=1",
-            "objective.batch_real=4", "iterations=2", "eval_every=2", "evaluator.num_eval=0"]
+    args = ["method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store",
+            "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]", "objective.syn_steps=1",
+            "objective.syn_epochs=1", "objective.batch_real=4", "iterations=2", "eval_every=2", "evaluator.num_eval=0"]
     cfg = tiny(tiny_root, *args)
     make_pool(cfg, tmp_path / "store", 3, dataset=cfg.fetcher.source)
     out = distill(cfg, tmp_path / "run")
-    rows = [__import__("json").loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if r.get("iteration") == 2 and "dd_replay_acc" in r][0]
     assert 0 <= final["dd_replay_before_acc"] <= 100 and 0 <= final["dd_replay_acc"] <= 100
     assert Path(out["synthetic"]).is_file()

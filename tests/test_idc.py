@@ -114,6 +114,15 @@ def test_idc_option_on_dm_and_evaluate_decodes(tiny_root, tmp_path):
     assert res["decoded_images"] == 80 and res["stored_images"] == 20 and 0 <= res["acc_mean"] <= 100
 
 
+def test_a_resumed_idc_run_does_not_initialize_again_and_ends_with_the_same_s(tiny_root, tmp_path):
+    args = ["method=dm", "parametrization=idc", "evaluator.num_eval=0"]
+    straight = distill(tiny(tiny_root, *args, "iterations=3"), tmp_path / "a")
+    distill(tiny(tiny_root, *args, "iterations=1"), tmp_path / "r")
+    resumed = distill(tiny(tiny_root, *args, "iterations=3"), tmp_path / "r")
+    a, r = (torch.load(x["synthetic"], weights_only=True)["images"] for x in (straight, resumed))
+    assert torch.equal(a, r)
+
+
 def test_bad_factor_stops_the_run_before_any_work(tiny_root, tmp_path):
     with pytest.raises(ConfigError, match="parametrization.factor=5 does not divide the image size 28x28"):
         distill(tiny(tiny_root, "method=dm", "parametrization=idc", "parametrization.factor=5"), tmp_path / "run")

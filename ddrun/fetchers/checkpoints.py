@@ -95,7 +95,8 @@ class CheckpointFetcher(Fetcher):
         if hi < 1:
             raise ConfigError(f"fetcher.max_start_epoch={hi}: must be >= 1")
         if cur is not None and (end is None or int(end) < 1):
-            raise ConfigError(f"fetcher.expansion_end_epoch={'null' if end is None else end}: the growing window (fetcher.current_max_start_"
+            shown = "null" if end is None else end
+            raise ConfigError(f"fetcher.expansion_end_epoch={shown}: the growing window (fetcher.current_max_start_"
                               f"epoch={cur}) needs the iteration at which it reaches max_start_epoch, >= 1")
         first = hi if cur is None else int(cur)
         if not 0 <= lo < first <= hi:

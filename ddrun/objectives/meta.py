@@ -108,8 +108,8 @@ class DatasetDistillation(Objective):
         if a is None or b is None:
             raise ConfigError(f"objective.attack: source={a}, target={b}: set both, {valid}, or neither")
         if not (0 <= int(a) < num_classes and 0 <= int(b) < num_classes):
-            raise ConfigError(f"objective.attack: source={a}, target={b}: the dataset has classes 0..{num_classes - 1}; "
-                              f"pick {valid}")
+            raise ConfigError(f"objective.attack: source={a}, target={b}: the dataset has classes "
+                              f"0..{num_classes - 1}; pick {valid}")
         if int(a) == int(b):
             raise ConfigError(f"objective.attack: source={a} equals target={b}: pick {valid}")
         self.attack = (int(a), int(b))

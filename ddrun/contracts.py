@@ -4,10 +4,11 @@ Every component is built by Hydra from its config group (``conf/<group>/*.yaml``
 one of the contracts below; ``tests/test_contracts.py`` builds every config file of every group and checks it.
 
     S = init(real, ipc, generator)                        Initializer        conf/init/
+    param.encode_init(S, real, generator)                 Parametrization    conf/parametrization/
     for it in range(start, iterations):
         fetched = fetcher.fetch(it)                       Fetcher -> Fetched conf/fetcher/
         for step in range(schedule.steps):                Schedule           conf/schedule/ (ddrun.schedule)
-            if step: fetched = schedule.between(fetched, S, real, g)
+            if step: fetched = schedule.between(fetched, param.decode(S), real, g)
             loss = objective(param.decode(S), real, fetched, it, g)         Objective, Parametrization
             optimizer_S.step(); scheduler_S.step()
         fetcher.release(fetched, S, real, g)
@@ -222,8 +223,15 @@ class Parametrization:
     name = "pixels"
 
     def decode(self, syn: SyntheticSet) -> SyntheticSet:
-        """The training set made from S (differentiable w.r.t. S's parameters)."""
+        """The training set made from S (differentiable w.r.t. S's parameters): S itself, or an object with S's
+        read interface (``images``, ``labels``, ``lr``, ``syn_lr``, ``num_classes``, ``ipc``, ``soft``,
+        ``hard_labels()``, ``class_slice(c)``, ``regression_targets()``, ``label_scale``, ``meta``)."""
         return syn
+
+    def encode_init(self, syn: SyntheticSet, real: RealData, generator: torch.Generator) -> None:
+        """Called once by the loop right after ``init`` when a run starts fresh (never on resume): a
+        parametrization whose stored form is not pixels writes its own initialization into S in place (IDC:
+        factor^2 real images downsampled into each stored image). The base does nothing."""
 
     def describe(self, syn: SyntheticSet) -> dict:
         """``{"parametrization", "stored_images", "decoded_images"}`` for results."""

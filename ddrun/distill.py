@@ -1,10 +1,10 @@
 """``ddrun distill``: the distillation loop.
 
-    S = init(T, ipc)
+    S = init(T, ipc); param.encode_init(S, T)              # fresh runs only; pixels: nothing to do
     for it in range(start, iterations):
         fetched = fetcher.fetch(it)                         # fresh | fixed | expert segment | pool member | teacher
         for step in range(schedule.steps):                  # DC/DSA: several updates of S per network
-            if step: fetched = schedule.between(fetched, S, T, g)   # train the network on S in between
+            if step: fetched = schedule.between(fetched, param.decode(S), T, g)   # train the network on S
             loss = objective(param.decode(S), T, fetched, it, g)
             optimizer_S.step()                              # images (and learned lr / labels)
         scheduler_S.step(); fetcher.release(fetched, S, T, g)
@@ -54,12 +54,14 @@ def _leaves(node, prefix: str = ""):
 
 def check_per_ipc_tables(cfg: DictConfig) -> None:
     """The one check of the presets' per-ipc tables. A preset sets a value that the paper gives per ipc as
-    ``${oc.select:<table>.ipc${ipc}.<field>,???}``: when the table has no entry for this ipc the value is ``???``
+    ``${oc.select:<table>.ipc${ipc}.<field>,???}`` (or with a nested ``oc.select`` default ending in ``???``): when
+    the table has no entry for this ipc the value is ``???``
     (OmegaConf's "must be given"), and this raises a one-line ConfigError naming the key, the table's ipc values
     and how to set the key by hand."""
     raw = OmegaConf.to_container(cfg, resolve=False)
     for key, value in _leaves(raw):
-        if not (isinstance(value, str) and "ipc${ipc}" in value and value.replace(" ", "").endswith(",???}")):
+        compact = value.replace(" ", "").rstrip("}") if isinstance(value, str) else ""
+        if not ("ipc${ipc}" in compact and compact.endswith(",???")):
             continue
         if OmegaConf.select(cfg, key, throw_on_missing=False) not in (None, "???"):
             continue
@@ -215,6 +217,7 @@ class Distillation:
         cfg, real = self.cfg, self.real
         if ckpt is None:
             syn = build(cfg.init)(real, int(cfg.ipc), torch.Generator().manual_seed(derive_seed(self.seed, 1)))
+            self.param.encode_init(syn, real, torch.Generator().manual_seed(derive_seed(self.seed, 1, 1)))
         else:
             syn = SyntheticSet.from_state(ckpt["syn"])
         syn.meta.update(dataset=real.name, num_classes=real.num_classes, channels=real.channels,
@@ -330,7 +333,7 @@ class Distillation:
         fetched = self.fetcher.fetch(it)
         for step in range(self.schedule.steps):
             if step > 0:
-                fetched = self.schedule.between(fetched, self.syn, self.real, g)
+                fetched = self.schedule.between(fetched, self.param.decode(self.syn), self.real, g)
             loss = self.objective(self.param.decode(self.syn), self.real, fetched, it, g)
             if not torch.isfinite(loss):
                 raise DdrunError(f"the loss became {loss.item()} at iteration {it}; stopped, the last good "
@@ -382,13 +385,16 @@ class Distillation:
         res = self.evaluator(decoded, real, self.seed)
         line = record.evaluation(res, it, real)["protocol_line"]
         res, also = self.evaluate_beside(res, decoded, it)
+        stored = self.param.describe(syn)  # the storage budget and what the networks trained on
         self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra, **also,
-                          "seconds": st.seconds, "per_net": res["per_net"], "protocol": line}, it)
-        log.info("iteration %d: accuracy %.2f +- %.2f (%s)", it, res["acc_mean"], res["acc_std"], res["protocol"])
+                          "seconds": st.seconds, "per_net": res["per_net"], "protocol": line, **stored}, it)
+        log.info("iteration %d: accuracy %.2f +- %.2f (%s; S: %d stored images, %d decoded, %s)", it,
+                 res["acc_mean"], res["acc_std"], res["protocol"], stored["stored_images"],
+                 stored["decoded_images"], stored["parametrization"])
         if syn.lr is not None and self.evaluator.uses_learned_lr:
             log.info("iteration %d: the evaluation networks trained with S's learned step size %.4g", it,
                      float(syn.lr.detach()))
-        return {**res, **extra, **also}
+        return {**res, **extra, **also, **stored}
 
     def evaluate_beside(self, res: dict, decoded, it: int) -> tuple[dict, dict[str, float]]:
         """The ``beside`` evaluators on S: ``(res with "beside": {name: result}, {"<name>/acc_mean": ..,
@@ -427,8 +433,9 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict:
     and ``resume`` is true).
 
     Returns:
-        ``{"acc_mean", "acc_std", "per_net", "protocol", "protocol_fields", "run_dir", "synthetic"}`` of the final
-        evaluation (accuracies in percent), or without the accuracies when ``evaluator.num_eval=0``.
+        ``{"acc_mean", "acc_std", "per_net", "protocol", "protocol_fields", "parametrization", "stored_images",
+        "decoded_images", "run_dir", "synthetic"}`` of the final evaluation (accuracies in percent; the storage
+        budget of S and the count its parametrization decodes), or without them when ``evaluator.num_eval=0``.
 
     Resume (``ddrun/checkpoint.py``): ``checkpoint.pt`` is written atomically every ``checkpoint_every``
     iterations, before and after every evaluation, after every post-distillation stage, and at the next iteration

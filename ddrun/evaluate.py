@@ -118,6 +118,26 @@ def load_set(cfg, real: RealData):
     return syn, identity
 
 
+def check_parametrization(syn: SyntheticSet, param, source: str) -> None:
+    """Refuse to evaluate a set saved by a run with another parametrization than the configured one (its stored
+    images would be trained on undecoded, or decoded twice).
+
+    Raises:
+        ConfigError: names the parametrization (and factor) S was made with and the overrides to pass.
+    """
+    from ddrun.utils import ConfigError
+
+    made = syn.meta.get("parametrization")
+    if made is None:
+        return
+    have = param.describe(syn)
+    if made != have["parametrization"] or syn.meta.get("factor") != have.get("factor"):
+        want = f"parametrization={made}" + (f" parametrization.factor={syn.meta['factor']}"
+                                            if syn.meta.get("factor") is not None else "")
+        raise ConfigError(f"{source} stores S in the {made} parametrization, not {have['parametrization']}: "
+                          f"pass {want}")
+
+
 def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     """``ddrun evaluate``: train fresh networks on a saved S (``synthetic=PATH``: a file written by ddrun, or any
     ``{images, labels}`` tensor dict with images in the dataset's normalized space) or, with ``full=true``, on the
@@ -132,7 +152,8 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
         "source"}``, accuracies in percent.
 
     Raises:
-        ConfigError: neither or both of ``synthetic`` and ``full``; a bad set or knob (one line).
+        ConfigError: neither or both of ``synthetic`` and ``full``; a bad set or knob; S does not fit the dataset or
+            was stored in another parametrization (``parametrization=idc`` ... decodes it) (one line).
         DataError: the file or the dataset is missing, corrupt or refused.
     """
     import types
@@ -157,19 +178,24 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
                     "source": {"path": f"the whole {real.name} training set"}}
     else:
         syn, identity = load_set(cfg, real)
-        syn = syn.to(device)
+        param = build(cfg.parametrization)
+        check_parametrization(syn, param, identity["source"]["path"])
+        stored = syn.to(device)
+        identity["stored"] = param.describe(stored)
+        syn = param.decode(stored)  # what the networks train on
     if cfg.label:
         identity["method"] = str(cfg.label)
     res = evaluator(syn, real, seed)
-    out = {**res, **identity, "dataset": real.name, "iteration": identity["iterations"] or 0, "seed": seed,
-           "per_arch": record.evaluation(res, 0, real)["per_arch"]}
+    out = {**res, **identity, **identity.pop("stored", {}), "dataset": real.name,
+           "iteration": identity["iterations"] or 0, "seed": seed, "per_arch": record.evaluation(res, 0, real)["per_arch"]}
     if run_dir is not None:
-        _write_outputs(cfg, run_dir, syn, real, out, device, full)
+        _write_outputs(cfg, run_dir, None if full else (stored, syn), real, out, device)
     return out
 
 
-def _write_outputs(cfg, run_dir, syn, real, out: dict, device, full: bool) -> None:
-    """``metrics.jsonl``, the image grid and ``results.json`` of an evaluate run."""
+def _write_outputs(cfg, run_dir, sets, real, out: dict, device) -> None:
+    """``metrics.jsonl``, the image grid (of the images the networks trained on) and ``results.json`` of an
+    evaluate run; ``sets`` is ``(stored S, decoded S)``, None for ``full=true``."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -181,8 +207,9 @@ def _write_outputs(cfg, run_dir, syn, real, out: dict, device, full: bool) -> No
                                                                                                       resolve=True))
     evaluation = record.evaluation(out, out["iteration"], real)
     try:
-        if not full:
-            tracker.images(real.to_pixels(syn.images.detach(), clamp=False), max(len(syn.images) // real.num_classes, 1),
+        if sets is not None:
+            shown = sets[1].images.detach()
+            tracker.images(real.to_pixels(shown, clamp=False), max(len(shown) // real.num_classes, 1),
                            out["iteration"], class_names=real.class_names)
         flat = {f"{k}/{name}": v[k] for name, v in evaluation["per_arch"].items() for k in ("acc_mean", "acc_std")}
         tracker.log({"acc_mean": out["acc_mean"], "acc_std": out["acc_std"], "per_net": out["per_net"],
@@ -190,12 +217,11 @@ def _write_outputs(cfg, run_dir, syn, real, out: dict, device, full: bool) -> No
                      "protocol": evaluation["protocol_line"], **flat}, out["iteration"])
     finally:
         tracker.close()
-    describe = {"parametrization": syn.meta.get("parametrization", "pixels"), "stored_images": len(syn.images),
-                "decoded_images": syn.meta.get("decoded_images", len(syn.images))}
+    describe = {k: out[k] for k in ("parametrization", "factor", "stored_images", "decoded_images") if k in out}
     rec = {"command": "evaluate", "run_dir": str(run_dir), "method": out["method"], "dataset": real.name,
            "ipc": out["ipc"], "seed": out["seed"], "iterations": out["iterations"], "source": out["source"],
            "setting": {"source.setting_hash": out["source"].get("setting_hash")},
-           "synthetic": None if full else record.synthetic_info(syn, out["source"]["path"], describe),
+           "synthetic": None if sets is None else record.synthetic_info(sets[0], out["source"]["path"], describe),
            "evaluations": [evaluation], "device": record.device_name(device), "best": None}
     record.write(run_dir, rec)
 

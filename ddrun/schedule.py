@@ -67,6 +67,45 @@ class Schedule:
         return fetched
 
 
+class RealDataSchedule(Schedule):
+    """IDC's schedule: the network is trained on *real* data between updates of S.
+
+    Kim et al., "Dataset Condensation via Efficient Synthetic-Data Parameterization", ICML 2022, Algorithm 1 (and
+    the reference ``condense.py``): each fetched network serves ``outer_loop`` updates of S (the reference's
+    ``inner_loop`` 100); between two of them it trains ``inner_loop`` epochs (the reference's ``net_epoch`` 1)
+    over ``n_data`` random real training images (500; CIFAR-10 2000), SGD ``lr_net`` 0.01, momentum 0.9, weight
+    decay 5e-4, minibatch ``batch_train`` 64, per-sample augmentation ``augment``. The SGD state (momentum) lives
+    as long as the network. Not reproduced: the reference's CutMix on these batches.
+
+    Args: as :class:`Schedule`, plus ``n_data``, ``momentum``, ``weight_decay``.
+
+    Raises:
+        ConfigError: a count out of range.
+    """
+
+    def __init__(self, outer_loop: int = 100, inner_loop: int = 1, lr_net: float = 0.01, batch_train: int = 64,
+                 n_data: int = 500, momentum: float = 0.9, weight_decay: float = 5e-4, augment: DSA | None = None):
+        super().__init__(outer_loop, inner_loop, lr_net, batch_train, augment)
+        if int(n_data) < 1:
+            raise ConfigError(f"schedule.n_data={n_data}: must be >= 1 (real images per network update)")
+        self.n_data, self.momentum, self.weight_decay = int(n_data), float(momentum), float(weight_decay)
+        self._net = self._opt = None
+
+    def between(self, fetched: Fetched, syn: SyntheticSet, real: RealData, generator: torch.Generator) -> Fetched:
+        """Train ``fetched.net`` ``inner_loop`` epochs over ``n_data`` random real images, in place."""
+        net = fetched.net
+        if net is not self._net:  # a new network: a new optimizer (its momentum belongs to that network)
+            self._net = net
+            self._opt = torch.optim.SGD(net.parameters(), lr=self.lr_net, momentum=self.momentum,
+                                        weight_decay=self.weight_decay)
+        net.requires_grad_(True)
+        for _ in range(self.inner_loop):
+            idx = torch.randperm(len(real.train_images), generator=generator)[:self.n_data].to(real.device)
+            train_epoch(net, real.train_images[idx], real.train_labels[idx], self._opt, self.batch_train,
+                        self.augment, generator)
+        return fetched
+
+
 def cosine_lr(optimizer: torch.optim.Optimizer, total: int, final: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay of every parameter group's step size from its initial value to ``final`` x that value over
     ``total`` scheduler steps (``torch.optim.lr_scheduler.LambdaLR``): factor ``final + (1 - final) (1 + cos(pi t /

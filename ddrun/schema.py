@@ -69,6 +69,7 @@ class EvaluateSchema(Common):
     synthetic: Optional[str] = None
     full: bool = False
     label: Optional[str] = None
+    parametrization: Any = None
 
 
 @dataclass

@@ -61,13 +61,16 @@ class SyntheticSet(nn.Module):
         self.syn_lr = nn.Parameter(torch.full(shape, float(init), dtype=torch.float32, device=self.images.device))
 
     def learn_labels(self, scale: float = 1.0) -> None:
-        """Replace hard labels by learnable soft labels: float ``[N, K]`` logits, ``scale`` x one-hot
-        (Sucholutsky & Schonlau 2021; KIP / FRePo learn labels this way)."""
-        hard = self.hard_labels()
-        onehot = torch.nn.functional.one_hot(hard, self.num_classes).float() * scale
+        """Make the labels learnable: hard labels become float ``[N, K]`` logits ``scale`` x one-hot (Sucholutsky &
+        Schonlau 2021; KIP / FRePo learn labels this way; ``scale`` 0: uniform, Bohdal et al. 2020); soft labels
+        already there (e.g. DATM's expert logits) are kept as they are and become learnable."""
+        if self.soft:
+            logits = self.labels.detach().clone().float()
+        else:
+            logits = torch.nn.functional.one_hot(self.labels, self.num_classes).float() * scale
         if "labels" in self._buffers:
             del self._buffers["labels"]
-        self.labels = nn.Parameter(onehot.to(self.images.device))
+        self.labels = nn.Parameter(logits.to(self.images.device))
 
     @property
     def soft(self) -> bool:
@@ -89,8 +92,11 @@ class SyntheticSet(nn.Module):
         return torch.nonzero(self.hard_labels() == c).flatten()
 
     def param_groups(self, lr_img: float, lr_lr: float | None = None, lr_labels: float | None = None) -> list[dict]:
-        """Optimizer parameter groups: the images, and the learned step size / labels where they are learned."""
-        groups = [{"params": [self.images], "lr": lr_img, "name": "images"}]
+        """Optimizer parameter groups: the images, and the learned step size / labels where they are learned.
+        ``lr_img`` 0 freezes the images: they get no group and no gradient (learned labels on fixed images,
+        Bohdal et al. 2020)."""
+        groups = [{"params": [self.images], "lr": lr_img, "name": "images"}] if lr_img else []
+        self.images.requires_grad_(bool(lr_img))
         if self.syn_lr is not None and lr_lr:
             groups.append({"params": [self.syn_lr], "lr": lr_lr, "name": "lr"})
         if isinstance(self.labels, nn.Parameter) and lr_labels:

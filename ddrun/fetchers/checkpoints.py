@@ -1,10 +1,17 @@
-"""The checkpoint fetcher: segments of expert trajectories for trajectory matching (MTT).
+"""The checkpoint fetcher: segments of expert trajectories for trajectory matching (MTT, DATM).
 
 Cazenavette et al., CVPR 2022, Sec. 3 and the reference ``distill.py``: every iteration samples an expert
 trajectory and a start epoch ``t < max_start_epoch`` uniformly, and hands the objective the expert's parameters
 after epoch ``t`` (the student's start) and after epoch ``t + expert_epochs`` (the target). The experts are the
-``experts`` collection of the artefact store that ``ddrun buffer`` writes (:mod:`ddrun.store`); they are memory-mapped, so only the two rows
-of one expert are read per iteration and no expert is held in memory.
+``experts`` collection of the artefact store that ``ddrun buffer`` writes (:mod:`ddrun.store`); they are
+memory-mapped, so only the two rows of one expert are read per iteration and no expert is held in memory.
+
+DATM's difficulty-aligned window (Guo et al., "Towards Lossless Dataset Distillation via Difficulty-Aligned
+Trajectory Matching", ICLR 2024, Sec. 4.2; reference ``distill/DATM.py`` ``Sequential_Generation``): the start
+epoch is drawn from ``[min_start_epoch, U(it))`` with the upper bound growing linearly from
+``current_max_start_epoch`` at iteration 0 to ``max_start_epoch`` at ``expansion_end_epoch`` (an iteration
+count, despite its name), ``U(it) = min(cur + floor((max - cur) * it / expansion_end_epoch), max)``; without
+``current_max_start_epoch`` the window is fixed at ``[min_start_epoch, max_start_epoch)``.
 """
 
 from __future__ import annotations
@@ -38,28 +45,33 @@ class CheckpointFetcher(Fetcher):
         data: ``paths.data`` (only to print the ``ddrun buffer`` command of a missing buffer).
         buffer_dir: an explicit buffer directory instead of the keyed one (its settings must still match).
         expert_epochs: epochs between start and target (the paper's M).
-        max_start_epoch: start epochs are drawn from ``[0, max_start_epoch)`` (the paper's T+).
+        max_start_epoch: start epochs are drawn from ``[min_start_epoch, max_start_epoch)`` (the paper's T+).
+        min_start_epoch: the window's lower end (DATM; MTT: 0).
+        current_max_start_epoch: DATM's growing window: the upper end at iteration 0 (None: no growth).
+        expansion_end_epoch: the iteration at which the upper end reaches ``max_start_epoch``.
         max_experts: use only the experts with the lowest indices, at most this many (None: all).
         verify_checksums: check each expert file's sha256 against the manifest the first time it is used.
 
     Raises:
         DataError: no buffer for this setting (names the path and the ``ddrun buffer`` command that makes it),
             a buffer made with another setting (says what differs), or no usable expert file.
-        ConfigError: ``max_start_epoch + expert_epochs - 1`` exceeds the buffer's epochs, or bad values.
+        ConfigError: ``max_start_epoch + expert_epochs - 1`` exceeds the buffer's epochs (names the epochs
+            needed and the command making such a buffer), or bad values (an empty window, ...).
     """
 
     def __init__(self, net: Callable[..., nn.Module], real: RealData, device: torch.device, seed: int,
                  augment: DSA | None = None, buffers: str = "buffers", data: str | None = None,
                  buffer_dir: str | None = None, expert_epochs: int = 3, max_start_epoch: int = 25,
-                 max_experts: int | None = None, verify_checksums: bool = True):
+                 min_start_epoch: int = 0, current_max_start_epoch: int | None = None,
+                 expansion_end_epoch: int | None = None, max_experts: int | None = None,
+                 verify_checksums: bool = True):
         super().__init__(net, real, device, seed)
         if int(expert_epochs) < 1:
             raise ConfigError(f"fetcher.expert_epochs={expert_epochs}: must be >= 1")
-        if int(max_start_epoch) < 1:
-            raise ConfigError(f"fetcher.max_start_epoch={max_start_epoch}: must be >= 1")
         if max_experts is not None and int(max_experts) < 1:
             raise ConfigError(f"fetcher.max_experts={max_experts}: must be >= 1 or null")
-        self.expert_epochs, self.max_start_epoch = int(expert_epochs), int(max_start_epoch)
+        self.expert_epochs = int(expert_epochs)
+        self._check_window(int(min_start_epoch), current_max_start_epoch, int(max_start_epoch), expansion_end_epoch)
         self.verify_checksums, self.data = verify_checksums, data
         self.net = self.fresh(derive_seed(seed, NET_SEED_TAG))
         self.store = Collection(buffers, "experts", setting_of(real, net, augment), buffer_dir)
@@ -69,7 +81,8 @@ class CheckpointFetcher(Fetcher):
         if last > self.epochs:
             raise ConfigError(f"fetcher.max_start_epoch={self.max_start_epoch} + fetcher.expert_epochs="
                               f"{self.expert_epochs} reach epoch {last}, but the experts in {self.store.dir} were "
-                              f"trained {self.epochs} epochs; lower them or make a buffer with train_epochs>={last}")
+                              f"trained {self.epochs} epochs: this needs experts of >= {last} epochs; lower them "
+                              f"or make such a buffer: `{self._command(f'train_epochs={last}')}`")
         self.usable = self.store.usable(max_experts)
         if not self.usable:
             raise DataError(f"no usable expert file in {self.store.dir}; run `{self._command()}` again to "
@@ -78,8 +91,31 @@ class CheckpointFetcher(Fetcher):
         log.info("expert buffer %s: %d usable experts, %d epochs each", self.store.dir, len(self.usable),
                  self.epochs)
 
-    def _command(self) -> str:
-        return command_for("experts", self.store.setting, self.store.root, self.data)
+    def _check_window(self, lo: int, cur: int | None, hi: int, end: int | None) -> None:
+        if hi < 1:
+            raise ConfigError(f"fetcher.max_start_epoch={hi}: must be >= 1")
+        if cur is not None and (end is None or int(end) < 1):
+            shown = "null" if end is None else end
+            raise ConfigError(f"fetcher.expansion_end_epoch={shown}: the growing window (fetcher.current_max_start_"
+                              f"epoch={cur}) needs the iteration at which it reaches max_start_epoch, >= 1")
+        first = hi if cur is None else int(cur)
+        if not 0 <= lo < first <= hi:
+            raise ConfigError(f"fetcher start window: need 0 <= min_start_epoch ({lo}) < current_max_start_epoch "
+                              f"({cur}) <= max_start_epoch ({hi})" if cur is not None else
+                              f"fetcher start window: need 0 <= min_start_epoch ({lo}) < max_start_epoch ({hi})")
+        self.min_start_epoch, self.max_start_epoch = lo, hi
+        self.current_max_start_epoch = None if cur is None else int(cur)
+        self.expansion_end_epoch = None if end is None else int(end)
+
+    def start_window(self, it: int) -> tuple[int, int]:
+        """``(lo, hi)``: iteration ``it`` draws its start epoch uniformly from ``[lo, hi)`` (module doc)."""
+        if self.current_max_start_epoch is None:
+            return self.min_start_epoch, self.max_start_epoch
+        cur, hi = self.current_max_start_epoch, self.max_start_epoch
+        return self.min_start_epoch, min(cur + (hi - cur) * int(it) // self.expansion_end_epoch, hi)
+
+    def _command(self, extra: str = "") -> str:
+        return command_for("experts", self.store.setting, self.store.root, self.data, extra)
 
     def _load(self, index: int) -> torch.Tensor:
         """The memory-mapped ``[epochs + 1, P]`` trajectory of expert ``index``; raises DataError if unusable."""
@@ -97,7 +133,8 @@ class CheckpointFetcher(Fetcher):
         g = torch.Generator().manual_seed(derive_seed(self.seed, 104723, it))
         while True:
             index = self.usable[int(torch.randint(len(self.usable), (1,), generator=g))]
-            start = int(torch.randint(self.max_start_epoch, (1,), generator=g))
+            lo, hi = self.start_window(it)
+            start = int(torch.randint(lo, hi, (1,), generator=g))
             try:
                 traj = self._load(index)
                 break

@@ -127,3 +127,57 @@ def herding(real: RealData, ipc: int, generator: torch.Generator, net: Callable[
     real images per class, class by class, hard labels."""
     return _per_class_selection(real, ipc, generator, net, train_epochs, lr, batch_size, max_candidates,
                                 herding_select)
+
+
+def adapt_images(images: torch.Tensor, source: RealData, target: RealData) -> torch.Tensor:
+    """Images of ``source`` (its normalized space) in ``target``'s form: mapped to pixels, resized to the target's
+    image size (bilinear, antialiased), channels repeated (1 -> 3) or averaged (3 -> 1), then normalized (and
+    ZCA-whitened) as the target's images. Returns float ``[N, C_target, H_target, W_target]``.
+
+    Raises:
+        ConfigError: channel counts other than equal, 1 -> C or C -> 1.
+    """
+    from ddrun.utils import ConfigError
+
+    x = source.to_pixels(images.float())
+    if tuple(x.shape[2:]) != tuple(target.im_size):
+        x = torch.nn.functional.interpolate(x, size=tuple(target.im_size), mode="bilinear", antialias=True,
+                                            align_corners=False).clamp(0, 1)
+    c_in, c_out = x.shape[1], target.channels
+    if c_in != c_out:
+        if c_in == 1:
+            x = x.repeat(1, c_out, 1, 1)
+        elif c_out == 1:
+            x = x.mean(1, keepdim=True)
+        else:
+            raise ConfigError(f"cannot map {c_in}-channel images of {source.name} to {c_out} channels of {target.name}")
+    mean = torch.tensor(target.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(target.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    return target.zca(x) if target.zca is not None else x
+
+
+def base_images(real: RealData, ipc: int, generator: torch.Generator, base: RealData,
+                balanced: bool = True) -> SyntheticSet:
+    """Base images from a second dataset for labels learned on ``real`` (label distillation across datasets,
+    Bohdal, Yang & Hospedales, "Flexible Dataset Distillation: Learn Labels Instead of Images", 2020, Sec. 3.3 /
+    4.3: e.g. EMNIST letters labelled for MNIST): ``ipc x K`` random training images of ``base`` (balanced over
+    ``base``'s own classes when ``balanced``; the reference's cross-dataset runs draw them at random), adapted
+    to ``real``'s image size, channels and normalization (:func:`adapt_images`).
+
+    The returned labels are placeholders, ``ipc`` per class of ``real`` in order (the objective learns the real
+    labels, ``objective.learn_labels=true``, from uniform ones, ``objective.label_init=uniform``).
+    """
+    k, n, dataset = real.num_classes, ipc * real.num_classes, base
+    if balanced:
+        per = [n // dataset.num_classes + (c < n % dataset.num_classes) for c in range(dataset.num_classes)]
+        picks = torch.cat([dataset.sample_class(c, m, generator).cpu() for c, m in enumerate(per) if m])
+        picks = picks[torch.randperm(len(picks), generator=generator)]
+    else:
+        picks = dataset.train_images[torch.randperm(len(dataset.train_images), generator=generator)[:n]].cpu()
+    if len(picks) < n:
+        from ddrun.utils import DataError
+
+        raise DataError(f"the base dataset {dataset.name} has {len(picks)} training images, fewer than ipc x K = {n}")
+    return SyntheticSet(adapt_images(picks, dataset, real), _labels(real, ipc), k,
+                        meta={"base_dataset": dataset.name})

@@ -10,6 +10,10 @@ the synthetic batch (``augment`` set).
 Reference hyperparameters (``conf/method/dc.yaml`` / ``dsa.yaml``): lr_img 0.1 (SGD, momentum 0.5), lr_net 0.01,
 batch_real 256 per class, 1000 iterations, (outer_loop, inner_loop) per ipc: 1 -> (1, 1), 10 -> (10, 50),
 50 -> (50, 10).
+
+IDC's matching (Kim et al., ICML 2022, Sec. 3.3; reference ``condense.py`` ``matchloss`` / ``dist``) is the same
+loss with ``metric='l1'`` (sum of absolute differences; or ``mse``, sum of squares) over the convolution kernels
+only (``layers='conv'``: the reference's ``bias=False, fc=False`` skip 1-D and 2-D gradients), ``conf/method/idc.yaml``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from ddrun.synthetic import SyntheticSet
 from ddrun.losses import soft_cross_entropy
 from ddrun.utils import ConfigError
 
-METRICS = ("ours", "mse", "cos")
+METRICS = ("ours", "mse", "cos", "l1")
+LAYERS = ("all", "conv")
 
 
 def layer_distance(gs: torch.Tensor, gr: torch.Tensor) -> torch.Tensor:
@@ -37,8 +42,8 @@ def layer_distance(gs: torch.Tensor, gr: torch.Tensor) -> torch.Tensor:
 def match_loss(g_syn: list[torch.Tensor], g_real: list[torch.Tensor], metric: str = "ours") -> torch.Tensor:
     """Distance between two lists of per-parameter gradients.
 
-    ``ours``: sum of :func:`layer_distance`; ``mse``: squared distance of the flattened gradients; ``cos``:
-    1 - cosine of the flattened gradients.
+    ``ours``: sum of :func:`layer_distance`; ``mse``: squared distance of the flattened gradients; ``l1``: their
+    absolute distance (IDC); ``cos``: 1 - cosine of the flattened gradients.
     """
     if metric == "ours":
         return sum(layer_distance(s, r) for s, r in zip(g_syn, g_real))
@@ -46,28 +51,37 @@ def match_loss(g_syn: list[torch.Tensor], g_real: list[torch.Tensor], metric: st
     gr = torch.cat([g.flatten() for g in g_real])
     if metric == "mse":
         return ((gs - gr) ** 2).sum()
+    if metric == "l1":
+        return (gs - gr).abs().sum()
     return 1 - (gs * gr).sum() / (gs.norm() * gr.norm() + 1e-6)
 
 
 class GradientMatching(Objective):
-    """DC / DSA loss (module doc). ``metric``: one of ``ours``, ``mse``, ``cos``.
+    """DC / DSA / IDC loss (module doc).
+
+    Args:
+        metric: ``ours`` (DC's layer-wise distance), ``mse``, ``l1``, ``cos``.
+        layers: ``all`` parameters, or ``conv``: only the convolution kernels (tensors of 3 or more dimensions,
+            IDC).
 
     Raises:
-        ConfigError: unknown metric.
+        ConfigError: unknown metric or layers.
     """
 
-    def __init__(self, metric: str = "ours", **kwargs):
+    def __init__(self, metric: str = "ours", layers: str = "all", **kwargs):
         super().__init__(**kwargs)
         if metric not in METRICS:
             raise ConfigError(f"objective.metric={metric!r}: valid values are {list(METRICS)}")
-        self.metric = metric
+        if layers not in LAYERS:
+            raise ConfigError(f"objective.layers={layers!r}: valid values are {list(LAYERS)}")
+        self.metric, self.layers = metric, layers
 
     def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
                  generator: torch.Generator) -> torch.Tensor:
         net = fetched.net
         net.train()
         net.requires_grad_(True)
-        params = [p for p in net.parameters()]
+        params = [p for p in net.parameters() if self.layers == "all" or p.dim() > 2]
         loss = syn.images.new_zeros(())
         for c, r, s, idx in self.class_pairs(syn, real, generator):
             y_real = torch.full((len(r),), c, dtype=torch.long, device=r.device)

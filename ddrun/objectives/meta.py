@@ -25,6 +25,21 @@ Reference hyperparameters (``conf/method/dd.yaml``): LeNet (MNIST) / AlexCifarNe
 (``net=dd``), Adam(lr 0.01, betas (0.5, 0.999)) on the images with StepLR x0.5 every 40 epochs,
 distill_lr (eta init) 0.02 (CIFAR-10 0.001), distill_steps 10, distill_epochs 3, 1 image per class per step, real
 batch 1024, 400 epochs of the real training set, images initialized as N(0, 1).
+
+The other modes of the paper and its successors, as options:
+
+- DD's poisoning (Wang et al. 2018, Sec. 3.5 / 4.2; reference ``basics.py`` ``final_objective_loss`` with
+  ``--mode distill_attack``), ``attack.source=a attack.target=b``: the final loss relabels every real example of
+  class a as class b, so the learned steps make well-trained networks (``fetcher=pretrained`` on the same
+  dataset) misclassify a as b and keep the other classes; :meth:`DatasetDistillation.report` adds the fraction
+  of the test images of class a predicted as b (``dd_attack_success``) before and after the steps.
+- DD's adaptation (Sec. 3.4 / 4.3, ``--mode distill_adapt``): nothing here, ``fetcher=pretrained`` hands
+  theta_0 from networks pretrained on a source dataset; :meth:`report` gives the held-out networks' test
+  accuracy before (``dd_replay_before_acc``) and after (``dd_replay_acc``) the learned steps.
+- Learned labels on fixed images (Bohdal, Yang & Hospedales, "Flexible Dataset Distillation: Learn Labels
+  Instead of Images", 2020, Sec. 3.2; reference ondrejbohdal/label-distillation ``label_distillation_or2.py``):
+  ``learn_labels=true`` with ``label_init=uniform`` (the reference starts at 1/K everywhere) and ``lr_img=0``
+  (the images leave the optimizer), ``conf/method/ld.yaml``.
 """
 
 from __future__ import annotations
@@ -46,9 +61,11 @@ KNOBS = ("objective.syn_steps / objective.syn_epochs (fewer unrolled steps), or 
 def dd_steps(syn: SyntheticSet, syn_steps: int, syn_epochs: int,
              lrs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """DD's unrolled steps ``(x_i, y_i, eta_i)``, i = 0 .. syn_steps * syn_epochs - 1 (module doc): batch
-    ``i mod syn_steps`` holds images ``[s*m, (s+1)*m)`` of every class, m = ipc / syn_steps; ``lrs`` ``[T]``."""
-    m = syn.ipc // syn_steps
-    per_class = [syn.class_slice(c) for c in range(syn.num_classes)]
+    ``i mod syn_steps`` holds images ``[s*m, (s+1)*m)`` of every class, m = ipc / syn_steps; ``lrs`` ``[T]``. The
+    classes are S's blocks of ``ipc`` images (S is stored class by class), so the batches stay the same while
+    learned labels change (label distillation)."""
+    m, ipc = syn.ipc // syn_steps, syn.ipc
+    per_class = [torch.arange(c * ipc, (c + 1) * ipc, device=syn.images.device) for c in range(syn.num_classes)]
     batches = [torch.cat([idx[s * m:(s + 1) * m] for idx in per_class]) for s in range(syn_steps)]
     return [(syn.images[batches[i % syn_steps]], syn.labels[batches[i % syn_steps]], lrs[i])
             for i in range(syn_steps * syn_epochs)]
@@ -88,17 +105,28 @@ class DatasetDistillation(Objective):
         memory_limit: GiB an unroll may keep for back-propagation (None: what the device has free); a larger
             unroll stops with an error naming the knobs that shrink it.
         report_nets: networks the learned steps are replayed on for ``dd_replay_acc`` (0: not reported).
+        learn_labels: learn S's labels as soft labels (with ``lr_labels``).
+        label_init: their start: ``onehot`` (the labels S has) or ``uniform`` (all logits 0, Bohdal et al.).
+        attack: ``{"source": a, "target": b}``: DD's poisoning (module doc); both None: off.
         Others: :class:`~ddrun.contracts.Objective` (``batch_real`` per class; ``lr_lr``: step size of
-            ``softplus^-1`` of the step sizes, the reference's Adam lr 0.01; 0 or null keeps them fixed).
+            ``softplus^-1`` of the step sizes, the reference's Adam lr 0.01; 0 or null keeps them fixed;
+            ``lr_img`` 0 freezes the images).
 
     Raises:
-        ConfigError: a non-positive count or step size; ``syn_steps`` not dividing ipc (at ``prepare``).
+        ConfigError: a non-positive count or step size; ``syn_steps`` not dividing ipc (at ``prepare``); an attack
+            with only one class, the same class twice or a class the dataset does not have (at ``prepare``).
         DdrunError: the unroll would not fit in memory; a learned step size became NaN.
     """
 
     def __init__(self, syn_steps: int = 10, syn_epochs: int = 3, lr_init: float = 0.02, truncate: int | None = None,
-                 memory_limit: float | None = None, report_nets: int = 1, **kwargs):
+                 memory_limit: float | None = None, report_nets: int = 1, learn_labels: bool = False,
+                 label_init: str = "onehot", attack: dict | None = None, **kwargs):
         super().__init__(**kwargs)
+        if label_init not in ("onehot", "uniform"):
+            raise ConfigError(f"objective.label_init={label_init!r}: valid values are ['onehot', 'uniform']")
+        attack = dict(attack or {})
+        self.attack = (attack.get("source"), attack.get("target"))
+        self.learn_labels, self.label_init = bool(learn_labels), label_init
         for key, val in (("syn_steps", syn_steps), ("syn_epochs", syn_epochs)):
             if val is None or int(val) < 1:
                 raise ConfigError(f"objective.{key}={val}: must be >= 1")
@@ -110,10 +138,31 @@ class DatasetDistillation(Objective):
         self.truncate = None if truncate is None else int(truncate)
         self.memory_limit, self.report_nets = memory_limit, int(report_nets)
 
+    def _check_attack(self, num_classes: int) -> None:
+        a, b = self.attack
+        if a is None and b is None:
+            return
+        valid = f"two different classes in 0..{num_classes - 1}"
+        if a is None or b is None:
+            raise ConfigError(f"objective.attack: source={a}, target={b}: set both, {valid}, or neither")
+        if not (0 <= int(a) < num_classes and 0 <= int(b) < num_classes):
+            raise ConfigError(f"objective.attack: source={a}, target={b}: the dataset has classes "
+                              f"0..{num_classes - 1}; pick {valid}")
+        if int(a) == int(b):
+            raise ConfigError(f"objective.attack: source={a} equals target={b}: pick {valid}")
+        self.attack = (int(a), int(b))
+
+    @property
+    def attacking(self) -> bool:
+        return self.attack[0] is not None
+
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
+        self._check_attack(real.num_classes)
         if syn.ipc % self.syn_steps:
             raise ConfigError(f"objective.syn_steps={self.syn_steps} must divide ipc={syn.ipc}: DD gives every "
                               f"step its own ipc/syn_steps images of each class")
+        if self.learn_labels:
+            syn.learn_labels(scale=0.0 if self.label_init == "uniform" else 1.0)
         t = self.syn_steps * self.syn_epochs
         syn.meta["syn_steps"] = self.syn_steps  # how the per-step step sizes map to batches of S (replay)
         syn.learn_lr(self.lr_init, steps=t)
@@ -161,6 +210,8 @@ class DatasetDistillation(Objective):
                  generator: torch.Generator) -> torch.Tensor:
         net = fetched.net
         x_real, y_real = self.real_batch(real, generator)
+        if self.attacking:  # poisoning: the steps should make class a look like class b
+            y_real = torch.where(y_real == self.attack[0], torch.full_like(y_real, self.attack[1]), y_real)
         params = self.unroll(syn, net)
         net.eval()
         loss = F.cross_entropy(forward(net, params, x_real), y_real)
@@ -168,23 +219,42 @@ class DatasetDistillation(Objective):
         return loss
 
     @torch.no_grad()
-    def replay_accuracy(self, syn: SyntheticSet, real: RealData, net: nn.Module) -> float:
-        """Test accuracy (percent, whole real test split) of ``net`` trained by exactly the learned steps (the
-        paper's evaluation: e.g. "10 distilled images train a fixed-init LeNet to 94%")."""
-        with torch.enable_grad():
-            params = self.unroll(syn, net, graph=False)
+    def predictions(self, net: nn.Module, params: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """int64 ``[N]``: the classes ``net`` with ``params`` (eval mode) predicts for ``images``."""
         net.eval()
-        correct = 0
-        for s in range(0, len(real.test_images), 1000):
-            out = forward(net, params, real.test_images[s:s + 1000])
-            correct += int((out.argmax(1) == real.test_labels[s:s + 1000]).sum())
+        out = torch.cat([forward(net, params, images[s:s + 1000]).argmax(1) for s in range(0, len(images), 1000)])
         net.train()
-        return 100.0 * correct / max(len(real.test_images), 1)
+        return out
+
+    def replay(self, syn: SyntheticSet, real: RealData, net: nn.Module) -> dict[str, float]:
+        """The paper's evaluation of one network: test accuracy (percent, whole real test split) before and after
+        exactly the learned steps (``dd_replay_before_acc``, ``dd_replay_acc``; e.g. "10 distilled images train a
+        fixed-init LeNet from 12.9% to 94%"); with an attack, the percentage of the test images of class a
+        predicted as b, before and after (``dd_attack_before``, ``dd_attack_success``)."""
+        with torch.enable_grad():
+            after = self.unroll(syn, net, graph=False)
+        y = real.test_labels
+        out = {}
+        for tag, params in (("before", params_of(net)), ("after", after)):
+            pred = self.predictions(net, params, real.test_images)
+            out["dd_replay_acc" if tag == "after" else "dd_replay_before_acc"] = \
+                100.0 * float((pred == y).float().mean()) if len(y) else 0.0
+            if self.attacking:
+                a, b = self.attack
+                of_a = pred[y == a]
+                out["dd_attack_success" if tag == "after" else "dd_attack_before"] = \
+                    100.0 * float((of_a == b).float().mean()) if len(of_a) else 0.0
+        return out
+
+    def replay_accuracy(self, syn: SyntheticSet, real: RealData, net: nn.Module) -> float:
+        """Test accuracy (percent) of ``net`` trained by exactly the learned steps (:meth:`replay`)."""
+        return self.replay(syn, real, net)["dd_replay_acc"]
 
     def report(self, syn: SyntheticSet, real: RealData, fetcher: Fetcher, seed: int) -> dict[str, float]:
-        """``dd_replay_acc``: the learned steps replayed from ``report_nets`` initializations the run never trained
-        on (``fetcher.held_out(r)``; with ``fetcher=fixed``, the fixed theta_0 itself)."""
+        """:meth:`replay` averaged over ``report_nets`` networks the run never trained on (``fetcher.held_out(r)``:
+        fresh initializations, the fixed theta_0 itself with ``fetcher=fixed``, held-out pretrained networks with
+        ``fetcher=pretrained``)."""
         if self.report_nets < 1:
             return {}
-        accs = [self.replay_accuracy(syn, real, fetcher.held_out(r)) for r in range(self.report_nets)]
-        return {"dd_replay_acc": sum(accs) / len(accs)}
+        runs = [self.replay(syn, real, fetcher.held_out(r)) for r in range(self.report_nets)]
+        return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}

@@ -1,0 +1,194 @@
+"""DD's other modes and learned labels on real images: poisoning (``objective.attack``), adaptation from a
+pretrained pool (``fetcher=pretrained``, the ``teachers`` collection of the store), label distillation
+(``method=ld``, images frozen) within and across datasets (``init=base``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_cfg
+from ddrun.distill import distill
+from ddrun.nets.functional import forward
+from ddrun.objectives.meta import DatasetDistillation
+from ddrun.store import Collection, setting_of, teacher_payload
+from ddrun.synthetic import SyntheticSet
+from ddrun.utils import ConfigError, DataError, build
+
+
+def tiny(root, *extra):
+    width = [] if "method=ld" in extra else ["net.width=8"]  # method=ld trains LeNets (no width)
+    return make_cfg(["dataset=mnist", f"paths.data={root}", "dataset.system_dirs=[]", "ipc=2", *width,
+                     "logger=none", *extra])
+
+
+def make_pool(cfg, buffers: Path, n: int, epochs: int = 1, dataset=None) -> Collection:
+    """``n`` networks of ``cfg.net`` trained ``epochs`` epochs (SGD 0.01, momentum 0.9, batch 64) on ``dataset``
+    (default ``cfg.dataset``) and stored as the teachers collection, in the format ``ddrun teacher`` writes
+    (:func:`ddrun.store.teacher_payload` through :meth:`Collection.put`)."""
+    from ddrun.nets import build_net
+    from ddrun.train import accuracy, train_epoch
+
+    real = build(dataset if dataset is not None else cfg.dataset)
+    net_factory, augment = build(cfg.net), build(cfg.augment)
+    store = Collection(buffers, "teachers", setting_of(real, net_factory, augment))
+    training = {"epochs": epochs, "lr": 0.01, "momentum": 0.9, "batch": 64, "seed": 0}
+    store.open_for_writing(training, "tests/test_dd_modes.py make_pool")
+    for i in range(n):
+        net = build_net(net_factory, real, 1000 + i)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        for e in range(epochs):
+            train_epoch(net, real.train_images, real.train_labels, opt, 64, None, torch.Generator().manual_seed(e))
+        acc = 100.0 * accuracy(net, real.test_images, real.test_labels)
+        store.put(i, teacher_payload(net, i, epochs, acc, store.setting, training), {"test_acc": acc})
+    return store
+
+
+# ---------------------------------------------------------------------------------------------------------
+# poisoning
+# ---------------------------------------------------------------------------------------------------------
+
+def test_attack_loss_relabels_exactly_the_source_class(tiny_root):
+    cfg = tiny(tiny_root, "method=dd", "objective.syn_steps=1", "objective.batch_real=3",
+               "objective.attack.source=0", "objective.attack.target=1")
+    real = build(cfg.dataset)
+    obj = build(cfg.objective)
+    syn = SyntheticSet(real.train_images[::6][:20].clone(), torch.arange(10).repeat_interleave(2), 10)
+    obj.prepare(syn, real)
+    net = build(cfg.fetcher)(real=real, device=torch.device("cpu"), seed=0).fetch(0).net
+    x, y = obj.real_batch(real, torch.Generator().manual_seed(5))
+    y_attack = torch.where(y == 0, torch.ones_like(y), y)
+    assert (y != y_attack).sum() == 3 and set(y_attack[y == 0].tolist()) == {1}   # the 3 zeros, and only them
+    assert torch.equal(y_attack[y != 0], y[y != 0])
+    params = obj.unroll(syn, net)
+    net.eval()
+    want = F.cross_entropy(forward(net, params, x), y_attack)
+    clean = F.cross_entropy(forward(net, params, x), y)
+    got = obj(syn, real, type("F", (), {"net": net})(), 0, torch.Generator().manual_seed(5))
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, clean, atol=1e-4)
+
+
+@pytest.mark.parametrize("attack,message", [
+    ((3, 3), "source=3 equals target=3: pick two different classes in 0..9"),
+    ((0, 10), "source=0, target=10: the dataset has classes 0..9"),
+    ((2, None), "source=2, target=None: set both"),
+])
+def test_bad_attacks_are_one_line(tiny_root, tmp_path, attack, message):
+    a, b = ("null" if v is None else v for v in attack)
+    cfg = tiny(tiny_root, "method=dd", "objective.syn_steps=1", f"objective.attack.source={a}",
+               f"objective.attack.target={b}", "iterations=1", "evaluator.num_eval=0")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distill(cfg, tmp_path / "run")
+
+
+def test_replay_reports_attack_success_before_and_after(tiny_root):
+    cfg = tiny(tiny_root, "method=dd", "objective.syn_steps=1", "objective.attack.source=0",
+               "objective.attack.target=1")
+    real = build(cfg.dataset)
+    obj = build(cfg.objective)
+    syn = SyntheticSet(real.train_images[::6][:20].clone(), torch.arange(10).repeat_interleave(2), 10)
+    obj.prepare(syn, real)
+    fetcher = build(cfg.fetcher)(real=real, device=torch.device("cpu"), seed=0)
+    rep = obj.report(syn, real, fetcher, 0)
+    assert set(rep) == {"dd_replay_acc", "dd_replay_before_acc", "dd_attack_success", "dd_attack_before"}
+    net = fetcher.held_out(0)
+    pred = obj.predictions(net, dict(net.named_parameters()), real.test_images)
+    want = 100.0 * float((pred[real.test_labels == 0] == 1).float().mean())
+    assert rep["dd_attack_before"] == pytest.approx(want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pretrained pool: fetcher=pretrained
+# ---------------------------------------------------------------------------------------------------------
+
+def test_pretrained_fetcher_draws_stored_networks_and_holds_some_out(tiny_root, tmp_path):
+    cfg = tiny(tiny_root, "method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store", "fetcher.held_out=1")
+    store = make_pool(cfg, tmp_path / "store", 3)
+    real = build(cfg.dataset)
+    fetcher = build(cfg.fetcher)(real=real, device=torch.device("cpu"), seed=0)
+    assert fetcher.train_ids == [0, 1] and fetcher.held_ids == [2]
+    stored = {i: store.load(i, ("state_dict",))["state_dict"] for i in range(3)}
+    seen = set()
+    for it in range(12):
+        f = fetcher.fetch(it)
+        i = f.info["teacher"]
+        seen.add(i)
+        assert all(torch.equal(v, stored[i][k]) for k, v in f.net.state_dict().items())
+        assert all(p.requires_grad for p in f.net.parameters())
+    assert seen == {0, 1}  # drawn from the training part only
+    held = fetcher.held_out(0)
+    assert all(torch.equal(v, stored[2][k]) for k, v in held.state_dict().items())
+
+
+def test_missing_pool_prints_the_ddrun_teacher_command(tiny_root, tmp_path):
+    cfg = tiny(tiny_root, "method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store",
+               "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]")
+    real = build(cfg.dataset)
+    with pytest.raises(DataError, match=r"no teacher collection at .*teachers/sklearn_digits/.*; create it with "
+                                        r"`ddrun teacher dataset=sklearn_digits .*paths.buffers=.*store`"):
+        build(cfg.fetcher)(real=real, device=torch.device("cpu"), seed=0)
+    small = tiny(tiny_root, "method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store",
+                 "dataset@fetcher.source=sklearn_digits")
+    with pytest.raises(ConfigError, match=r"the source dataset sklearn_digits has .* \(1, \(8, 8\), 10\), the "
+                                          r"distilled dataset mnist \(1, \(28, 28\), 10\)"):
+        build(small.fetcher)(real=real, device=torch.device("cpu"), seed=0)
+
+
+def test_adaptation_from_another_dataset_replays_from_held_out_pretrained_nets(tiny_root, tmp_path):
+    """Networks pretrained on scikit-learn's digits (upsampled to 28x28) adapted to the (tiny) MNIST by DD's
+    learned steps: the run reports the held-out networks' accuracy before and after the steps."""
+    pytest.importorskip("sklearn")
+    args = ["method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store",
+            "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]", "objective.syn_steps=1",
+            "objective.syn_epochs=1", "objective.batch_real=4", "iterations=2", "eval_every=2", "evaluator.num_eval=0"]
+    cfg = tiny(tiny_root, *args)
+    make_pool(cfg, tmp_path / "store", 3, dataset=cfg.fetcher.source)
+    out = distill(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r.get("iteration") == 2 and "dd_replay_acc" in r][0]
+    assert 0 <= final["dd_replay_before_acc"] <= 100 and 0 <= final["dd_replay_acc"] <= 100
+    assert Path(out["synthetic"]).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# learned labels on real images (method=ld)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_label_only_mode_leaves_images_untouched(tiny_root, tmp_path):
+    args = ["method=ld", "objective.batch_real=4", "evaluator.num_eval=0", "objective.lr_labels=0.1"]
+    init = distill(tiny(tiny_root, *args, "iterations=0"), tmp_path / "init")
+    out = distill(tiny(tiny_root, *args, "iterations=3", "eval_every=3"), tmp_path / "run")
+    s0 = torch.load(init["synthetic"], weights_only=True)
+    s = torch.load(out["synthetic"], weights_only=True)
+    assert torch.equal(s["images"], s0["images"])                 # bitwise: the images never moved
+    assert s0["labels"].shape == (20, 10) and torch.equal(s0["labels"], torch.zeros(20, 10))  # uniform start
+    assert s["labels"].abs().sum() > 0                            # the labels were learned
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["labels"]  # no images in the optimizer
+    obj = DatasetDistillation(lr_img=0.0, lr_labels=0.1, learn_labels=True, syn_steps=1)
+    syn = SyntheticSet(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), 2)
+    obj.prepare(syn, build(tiny(tiny_root).dataset))
+    assert [g["name"] for g in obj.param_groups(syn)] == ["labels"] and not syn.images.requires_grad
+
+
+def test_base_images_from_another_dataset_are_adapted(tiny_root):
+    pytest.importorskip("sklearn")
+    cfg = tiny(tiny_root, "method=ld", "init=base", "dataset@init.base=sklearn_digits")
+    real = build(cfg.dataset)
+    syn = build(cfg.init)(real, 2, torch.Generator().manual_seed(0))
+    assert syn.images.shape == (20, 1, 28, 28) and syn.meta["base_dataset"] == "sklearn_digits"
+    base = build(cfg.init.base)
+    # the 8x8 digits, upsampled to 28x28 and normalized as (tiny) MNIST: back in pixels they match base images
+    pixels = real.to_pixels(syn.images)
+    small = torch.nn.functional.interpolate(pixels, size=(8, 8), mode="area")
+    base_px = base.to_pixels(base.train_images)
+    nearest = torch.cdist(small.flatten(1), base_px.flatten(1)).min(1).values
+    far = torch.cdist(small.flatten(1), base_px.flatten(1)).median(1).values
+    assert (nearest < 0.5 * far).all()
+    balanced = torch.stack([(torch.cdist(small.flatten(1), base_px[base.train_labels == c].flatten(1)).min(1).values
+                             == nearest) for c in range(10)]).sum(1)
+    assert balanced.tolist() == [2] * 10  # 20 base images, 2 of each of the base dataset's classes

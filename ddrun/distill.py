@@ -30,6 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ddrun import speed
 from ddrun.checkpoint import RunLock, RunState, StopSignals, set_rng_state
 from ddrun.contracts import Parametrization
 from ddrun.utils import ConfigError, DdrunError, build, command_errors, derive_seed, resolve_device, seed_everything
@@ -89,7 +90,7 @@ def config_hash(cfg: DictConfig) -> str:
     """A short hash of everything that determines S (not paths, logging or evaluation settings)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_every", "iterations", "resume",
-              "device", "hydra", "checkpoint_every"):
+              "device", "hydra", "checkpoint_every", "speed", "deterministic"):
         c.pop(k, None)
     # sorted keys: the hash must not depend on the order in which the config files list them
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -106,6 +107,7 @@ class Distillation:
         self.device, self.seed = resolve_device(cfg.device), int(cfg.seed)
         self.iterations, self.eval_every = int(cfg.iterations), int(cfg.eval_every)
         seed_everything(self.seed)
+        speed.configure(cfg.get("speed"), bool(cfg.get("deterministic", False)))
         self.chash = config_hash(cfg)
         self.ckpt_path = run_dir / "checkpoint.pt"
         restored = RunState.load(self.ckpt_path) if cfg.resume else None

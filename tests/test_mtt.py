@@ -52,11 +52,16 @@ def _loss_and_grads(fetched, syn, memory_efficient, dtype, seed=3):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("soft", [False, True])
-def test_memory_efficient_gradient_equals_plain(dtype, soft):
+@pytest.mark.parametrize("cpu_chunk", [32, 3])
+def test_memory_efficient_gradient_equals_plain(dtype, soft, cpu_chunk):
+    """Also with the memory-efficient replay cut into chunks of 3 images (``speed.cpu_chunk``; on the CPU)."""
+    from ddrun import speed
+
     net, syn = _problem(dtype, soft)
     lp, gp = _loss_and_grads(net, syn, False, dtype)
     net, syn = _problem(dtype, soft)
-    lm, gm = _loss_and_grads(net, syn, True, dtype)
+    with speed.using(cpu_chunk=cpu_chunk):
+        lm, gm = _loss_and_grads(net, syn, True, dtype)
     tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-14)
     assert float(lp.detach()) == pytest.approx(float(lm.detach()), rel=tol["rtol"])
     for a, b in zip(gp, gm):

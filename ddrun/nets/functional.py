@@ -64,10 +64,14 @@ def minibatches(n: int, batch_size: int | None, steps: int, generator: torch.Gen
 def sgd_step(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor | float,
              create_graph: bool = True) -> Params:
     """One plain SGD step ``theta - lr * grad l(theta; x, y)`` (soft or hard labels), differentiable w.r.t.
-    ``params``, ``x``, ``y`` and ``lr`` when ``create_graph``."""
+    ``params``, ``x``, ``y`` and ``lr`` when ``create_graph``. On the CPU the gradient is accumulated over
+    cache-sized chunks of the batch (:func:`_chunks`)."""
     params = {k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()}
-    loss = soft_cross_entropy(forward(net, params, x), y)
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+    grads = None
+    for xc, yc, w in _chunks(net, x, y):  # cache-sized pieces on the CPU (the same gradient up to rounding)
+        loss = soft_cross_entropy(forward(net, params, xc), yc)
+        gs = torch.autograd.grad(loss * w if w != 1.0 else loss, list(params.values()), create_graph=create_graph)
+        grads = gs if grads is None else [a + b for a, b in zip(grads, gs)]
     return {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
 
 

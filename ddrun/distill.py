@@ -244,7 +244,8 @@ class Distillation:
         for step in range(self.schedule.steps):
             if step > 0:
                 fetched = self.schedule.between(fetched, self.syn, self.real, g)
-            loss = self.objective(self.param.decode(self.syn), self.real, fetched, it, g)
+            with speed.autocast(self.device):
+                loss = self.objective(self.param.decode(self.syn), self.real, fetched, it, g)
             if not torch.isfinite(loss):
                 raise DdrunError(f"the loss became {loss.item()} at iteration {it}; stopped, the last good "
                                  f"checkpoint (iteration {self.state.saved_at}) is kept at {self.ckpt_path}")
@@ -291,7 +292,8 @@ class Distillation:
             if extra or st.loss is not None:
                 self.tracker.log({"loss": st.loss, **extra, "seconds": st.seconds}, it)
             return None
-        res = self.evaluator(decoded, real, self.seed)
+        with speed.autocast(self.device):
+            res = self.evaluator(decoded, real, self.seed)
         self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra,
                           "seconds": st.seconds, "per_net": res["per_net"]}, it)
         log.info("iteration %d: accuracy %.2f +- %.2f (%s)", it, res["acc_mean"], res["acc_std"], res["protocol"])

@@ -76,9 +76,12 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     if full == (path is not None):
         raise ConfigError("pass synthetic=PATH (a saved synthetic set) or full=true (the whole training set), "
                           "not both" if full else "pass synthetic=PATH (a saved synthetic set) or full=true")
+    from ddrun import speed
+
     device = resolve_device(cfg.device)
     seed = int(cfg.seed)
     seed_everything(seed)
+    speed.configure(cfg.get("speed"), bool(cfg.get("deterministic", False)))
     real = build(cfg.dataset).to(device)
     evaluator = build(cfg.evaluator)
     if evaluator.num_eval < 1:

@@ -17,7 +17,8 @@ Settings (``conf/speed/default.yaml`` documents the defaults and why):
         (``auto``: on CUDA, where one class at a time is launch-bound; ``true`` / ``false`` force it).
     compile: ``torch.compile`` the evaluator's training step (off by default: compilation takes longer than the
         short default protocols save on the CPU, and needs a C++ compiler / Triton).
-    matmul_precision: ``highest`` (float32), ``high`` (TF32 matmuls and convolutions on Ampere+ GPUs).
+    tf32: TensorFloat-32 on Ampere+ GPUs: ``default`` (torch's: cuDNN convolutions in TF32, matmuls in float32),
+        ``true`` (both), ``false`` (neither: float32 throughout, what the GPU variants of the equality tests use).
     autocast: ``none`` | ``bf16``: bfloat16 autocast of the distillation step and the evaluation on CUDA.
     deterministic: ``torch.use_deterministic_algorithms`` (warn-only for ops without a deterministic kernel),
         ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, cuDNN deterministic and not benchmarking: the same seed gives the same
@@ -36,7 +37,7 @@ from torch import nn
 
 from ddrun.utils import ConfigError
 
-_CHOICES = {"batched_classes": ("auto", True, False), "matmul_precision": ("highest", "high"),
+_CHOICES = {"batched_classes": ("auto", True, False), "tf32": ("default", True, False),
             "autocast": ("none", "bf16")}
 
 
@@ -48,7 +49,7 @@ class Speed:
     cpu_chunk: int = 32
     batched_classes: str | bool = "auto"
     compile: bool = False
-    matmul_precision: str = "highest"
+    tf32: str | bool = "default"
     autocast: str = "none"
     deterministic: bool = False
 
@@ -75,8 +76,8 @@ def _checked(values: Mapping) -> Speed:
 
 
 def _apply(s: Speed) -> None:
-    torch.set_float32_matmul_precision(s.matmul_precision)
-    torch.backends.cudnn.allow_tf32 = s.matmul_precision != "highest"
+    torch.backends.cuda.matmul.allow_tf32 = s.tf32 is True
+    torch.backends.cudnn.allow_tf32 = s.tf32 is not False
     if s.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(s.deterministic, warn_only=True)

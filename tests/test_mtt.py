@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import CUDA, assert_same_s, make_cfg
 from formats import write_cifar, write_mnist_like
 from test_buffer import make_buffer, tiny_args
 from ddrun.data.augment import DSA
@@ -229,11 +229,13 @@ def test_buffer_distill_evaluate_end_to_end(tiny_root, tmp_path):
 def test_same_seed_same_result_and_modes_agree(tiny_root, tmp_path):
     make_buffer(tiny_root, tmp_path / "buffers")
     runs = {}
+    fp32 = ["speed.tf32=false"] if CUDA else []  # the plain-vs-memory-efficient tolerance is float32 rounding's
     for name, extra in (("a", []), ("b", []), ("me", ["objective.memory_efficient=true"])):
         out = distill(make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "evaluator.num_eval=0", "iterations=2",
-                                        *extra)), tmp_path / name)
+                                        *fp32, *extra)), tmp_path / name)
         runs[name] = torch.load(out["synthetic"], weights_only=True)
-    assert torch.equal(runs["a"]["images"], runs["b"]["images"]) and torch.equal(runs["a"]["lr"], runs["b"]["lr"])
+    assert_same_s(runs["a"]["images"], runs["b"]["images"])
+    assert_same_s(runs["a"]["lr"], runs["b"]["lr"])
     # two updates of S (lr_img 1000 amplifies float rounding quickly on this tiny problem, so no more)
     torch.testing.assert_close(runs["a"]["images"], runs["me"]["images"], rtol=0, atol=1e-4)
     torch.testing.assert_close(runs["a"]["lr"], runs["me"]["lr"], rtol=1e-5, atol=0)

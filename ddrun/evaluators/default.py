@@ -83,6 +83,8 @@ class Evaluator(EvaluatorContract):
         device = real.device
         net = speed.layout(build_net(self.net_factory, real, seed, device))
         opt, sched = self._optimizer(net.parameters(), syn)
+        if speed.current().compile:
+            net = torch.compile(net)  # the same parameters: the optimizer above steps them
         images, labels = syn.images.detach().to(device), syn.labels.detach().to(device)
         g = torch.Generator().manual_seed(seed)
         for _ in range(self.epochs):

@@ -182,3 +182,13 @@ def test_deterministic_repeats_s_exactly(tiny_root, tmp_path, device):
     a = deterministic_run(tiny_root, tmp_path / "a", f"device={device}")
     b = deterministic_run(tiny_root, tmp_path / "b", f"device={device}")
     assert torch.equal(a, b)
+
+
+def test_speed_settings_are_not_part_of_the_configuration_hash():
+    """Like ``device``, the speed settings change how S is computed, not what: a run resumes under other ones."""
+    from ddrun.distill import config_hash
+
+    base = config_hash(make_cfg(["method=dsa", "ipc=1"]))
+    assert base == config_hash(make_cfg(["method=dsa", "ipc=1", "speed.channels_last=false", "deterministic=true",
+                                         "speed.batched_classes=true", "speed.cpu_chunk=8"]))
+    assert base != config_hash(make_cfg(["method=dsa", "ipc=1", "objective.lr_img=0.2"]))

@@ -30,7 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddrun import record
+from ddrun import record, speed
 from ddrun.checkpoint import RunLock, RunState, StopSignals, set_rng_state
 from ddrun.contracts import Parametrization
 from ddrun.progress import Progress
@@ -94,7 +94,7 @@ def validate(cfg: DictConfig) -> None:
 
 # top-level keys that do not change S: left out of the config hash and of the "what differs" of a refused rerun
 NOT_S = ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_every", "iterations", "resume",
-         "overwrite", "device", "hydra", "checkpoint_every", "progress_every")
+         "overwrite", "device", "hydra", "checkpoint_every", "progress_every", "beside", "speed", "deterministic")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -126,6 +126,7 @@ class Distillation:
         self.device, self.seed = resolve_device(cfg.device), int(cfg.seed)
         self.iterations, self.eval_every = int(cfg.iterations), int(cfg.eval_every)
         seed_everything(self.seed)
+        speed.configure(cfg.get("speed"), bool(cfg.get("deterministic", False)))
         self.chash = config_hash(cfg)
         self.ckpt_path = run_dir / "checkpoint.pt"
         self.provenance = Provenance(run_dir)
@@ -334,7 +335,8 @@ class Distillation:
         for step in range(self.schedule.steps):
             if step > 0:
                 fetched = self.schedule.between(fetched, self.param.decode(self.syn), self.real, g)
-            loss = self.objective(self.param.decode(self.syn), self.real, fetched, it, g)
+            with speed.autocast(self.device):
+                loss = self.objective(self.param.decode(self.syn), self.real, fetched, it, g)
             if not torch.isfinite(loss):
                 raise DdrunError(f"the loss became {loss.item()} at iteration {it}; stopped, the last good "
                                  f"checkpoint (iteration {self.state.saved_at}) is kept at {self.ckpt_path}")
@@ -382,7 +384,8 @@ class Distillation:
             if extra or st.loss is not None:
                 self.tracker.log({"loss": st.loss, **extra, "seconds": st.seconds}, it)
             return None
-        res = self.evaluator(decoded, real, self.seed)
+        with speed.autocast(self.device):
+            res = self.evaluator(decoded, real, self.seed)
         line = record.evaluation(res, it, real)["protocol_line"]
         res, also = self.evaluate_beside(res, decoded, it)
         stored = self.param.describe(syn)  # the storage budget and what the networks trained on

@@ -158,6 +158,7 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     """
     import types
 
+    from ddrun import speed
     from ddrun.schema import check_common
     from ddrun.utils import ConfigError, build, resolve_device, seed_everything
 
@@ -171,6 +172,7 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
         raise ConfigError(f"evaluator.num_eval={evaluator.num_eval}: must be >= 1")
     device, seed = resolve_device(cfg.device), int(cfg.seed)
     seed_everything(seed)
+    speed.configure(cfg.get("speed"), bool(cfg.get("deterministic", False)))
     real = build(cfg.dataset).to(device)
     if full:
         syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})

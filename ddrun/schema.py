@@ -62,6 +62,8 @@ class DistillSchema(Common):
     parametrization: Any = None
     syn_optimizer: Any = None
     syn_scheduler: Any = None
+    speed: Any = None
+    deterministic: bool = False
 
 
 @dataclass
@@ -70,6 +72,8 @@ class EvaluateSchema(Common):
     full: bool = False
     label: Optional[str] = None
     parametrization: Any = None
+    speed: Any = None
+    deterministic: bool = False
 
 
 @dataclass

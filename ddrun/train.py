@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ddrun import speed
 from ddrun.data.augment import DSA
 from ddrun.losses import soft_cross_entropy
 
@@ -36,8 +37,10 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
 
 @torch.no_grad()
 def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of ``net`` on ``(images, labels)`` in eval mode."""
+    """Top-1 accuracy (fraction in [0, 1]) of ``net`` on ``(images, labels)`` in eval mode (batches of
+    ``batch_size``, or of :func:`ddrun.speed.chunk_size` on the CPU: in eval mode every output is per sample)."""
     net.eval()
+    batch_size = speed.chunk_size(images) or batch_size
     correct = 0
     for start in range(0, len(images), batch_size):
         correct += int((net(images[start:start + batch_size]).argmax(1) == labels[start:start + batch_size]).sum())
@@ -49,3 +52,74 @@ def embed(net: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch
     """``net.embed`` of ``images`` in batches, eval mode: float ``[N, D]``."""
     net.eval()
     return torch.cat([net.embed(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
+
+
+class Ensemble:
+    """Networks of one architecture trained together as one stacked model (``torch.func.stack_module_state`` +
+    ``functional_call`` under ``vmap``): member ``e`` keeps its own parameters, buffers (BatchNorm running
+    statistics included), batches and augmentation draws, so it trains as it would alone, up to float rounding
+    (a vmapped convolution is a grouped one, with another summation order).
+
+    Args:
+        nets: the members, identical architectures (e.g. ``build_net`` with different seeds), on one device.
+
+    Attributes:
+        params: ``{name: float [E, *shape]}`` leaf tensors (what an optimizer steps).
+        buffers: ``{name: [E, *shape]}``.
+    """
+
+    def __init__(self, nets: list[nn.Module]):
+        import copy
+
+        from torch.func import stack_module_state
+
+        self.size = len(nets)
+        self.params, self.buffers = stack_module_state(nets)
+        self.base = copy.deepcopy(nets[0]).to("meta")
+
+    def _call(self, params, buffers, x):
+        from torch.func import functional_call
+
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sum over members of each member's mean loss on its own batch: ``x`` float ``[E, B, C, H, W]``, ``y``
+        int64 ``[E, B]`` or soft logits ``[E, B, K]`` (the gradient of member e's parameters is that of its loss)."""
+        self.base.train()
+        losses = torch.func.vmap(lambda p, b, xe, ye: soft_cross_entropy(self._call(p, b, xe), ye))(
+            self.params, self.buffers, x, y)
+        return losses.sum()
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> list[float]:
+        """Top-1 accuracy (fraction) of each member on ``(images, labels)`` in eval mode (one shared batch per
+        step, ``batch_size // E`` images, so the activations match the sequential evaluation's)."""
+        self.base.eval()
+        correct = torch.zeros(self.size, dtype=torch.long, device=images.device)
+        step = max(1, batch_size // self.size)
+        fn = torch.func.vmap(self._call, in_dims=(0, 0, None))
+        for start in range(0, len(images), step):
+            pred = fn(self.params, self.buffers, images[start:start + step]).argmax(-1)
+            correct += (pred == labels[start:start + step]).sum(-1)
+        return [int(c) / max(len(images), 1) for c in correct]
+
+
+def train_epoch_ensemble(ens: Ensemble, images: torch.Tensor, labels: torch.Tensor,
+                         optimizer: torch.optim.Optimizer, generators: list[torch.Generator], batch_size: int = 256,
+                         augment: DSA | None = None) -> None:
+    """One epoch of :func:`train_epoch` for every member of ``ens`` at once: member e shuffles and augments with
+    ``generators[e]`` exactly as :func:`train_epoch` would with that generator, so each member sees the batches
+    and DSA draws of its sequential run."""
+    n = len(images)
+    orders = [torch.randperm(n, generator=g).to(images.device) for g in generators]
+    for start in range(0, n, batch_size):
+        xs, ys = [], []
+        for order, g in zip(orders, generators):
+            idx = order[start:start + batch_size]
+            x = images[idx]
+            xs.append(augment(x, g) if augment is not None else x)
+            ys.append(labels[idx])
+        loss = ens.loss(torch.stack(xs), torch.stack(ys))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()

@@ -13,9 +13,21 @@ Usage:
     python scripts/bench.py --groups perf --only 'kip|rfad' --set objective.kernel.n_models=1   # some cases
     python scripts/bench.py --groups resume --ipc 1,10      # resume overhead after a kill (scripts/bench_resume.py)
     python scripts/bench.py --groups decoupled --ipc 10,50 --set net=convnet_bn   # SRe2L / EDC recover iterations
+    python scripts/bench.py --groups eval --eval-epochs 300  # 5 ConvNets at ipc 10: one after the other vs stacked
+    python scripts/bench.py --save base.json                # on one commit ...
+    python scripts/bench.py --compare base.json             # ... then on another: speed ratio of every case
 
 Groups are registered in ``GROUPS``: a name -> function returning a list of ``(label, overrides)``; a case may
-also name a ``setup`` callable (e.g. to build a buffer first) through ``SETUPS``.
+also name a ``setup`` callable (e.g. to build a buffer first) through ``SETUPS``. The ``eval`` group times the
+evaluator instead of the loop (``EVAL_GROUPS``): ``num_eval`` ConvNets x ``--eval-epochs`` epochs on the real
+initialization of S at ipc 10 (the evaluation protocol of DC/DSA/DM), sequential (``evaluator.ensemble=false``)
+against stacked (``true``), with the accuracies, so the two protocols can be compared (they agree up to float
+rounding carried through training).
+
+``--save FILE`` writes every case's result (JSON, with the commit); ``--compare FILE`` adds a column with the
+speed ratio ``baseline seconds / seconds`` of each case found in FILE (> 1: this commit is faster). Speed settings
+(``conf/speed``: ``speed.channels_last``, ``speed.batched_classes`` ...) and ``deterministic=true`` are overrides
+like any other (``--set speed.channels_last=false``).
 """
 
 from __future__ import annotations
@@ -110,7 +122,19 @@ def teacher_setup(args) -> None:
         raise SystemExit(f"teacher_setup: ddrun teacher failed: {r.stderr.strip()[-500:]}")
 
 
-GROUPS = {"basic": basic_cases, "perf": perf_matching_cases, "mtt": mtt_cases, "decoupled": decoupled_cases}
+
+
+def eval_cases(args) -> list[tuple[str, list[str]]]:
+    """The evaluation protocol: ``num_eval`` ConvNets x ``--eval-epochs`` epochs on S at ipc 10 (its real
+    initialization), trained one after the other vs stacked (``evaluator.ensemble``)."""
+    return [(f"eval 5 convnets x {args.eval_epochs} epochs ipc10 {'stacked' if ens else 'sequential'}",
+             ["method=dm", "ipc=10", "evaluator.num_eval=5", f"evaluator.epochs={args.eval_epochs}",
+              f"evaluator.ensemble={str(ens).lower()}"]) for ens in (False, True)]
+
+
+GROUPS = {"basic": basic_cases, "perf": perf_matching_cases, "mtt": mtt_cases, "decoupled": decoupled_cases,
+          "eval": eval_cases}
+EVAL_GROUPS = {"eval"}
 # Groups with their own table: name -> function(args). "resume": checkpoint size, save time and the resume overhead
 # (start -> first new iteration) of a killed DM run vs a fresh start (scripts/bench_resume.py; 10 iterations first).
 TABLES = {"resume": lambda args: __import__("bench_resume").main(
@@ -187,9 +211,69 @@ def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
             "gpu": torch.cuda.get_device_name(device) if cuda else None}
 
 
+def run_eval_case(overrides: list[str]) -> dict:
+    """Time one evaluation (``cfg.evaluator`` on S from ``cfg.init``) as ``ddrun distill`` builds it."""
+    import statistics
+
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from ddrun import speed
+    from ddrun.utils import build, derive_seed, resolve_device
+
+    with initialize_config_module("ddrun.conf", version_base="1.3"):
+        cfg = compose("distill", overrides=[*overrides, "logger=none"])
+    speed.configure(cfg.speed, bool(cfg.deterministic))
+    device = resolve_device(cfg.device)
+    real = build(cfg.dataset).to(device)
+    syn = build(cfg.init)(real, int(cfg.ipc), torch.Generator().manual_seed(derive_seed(int(cfg.seed), 1))).to(device)
+    evaluator = build(cfg.evaluator)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with RssPeak() as mem:
+        base = RssPeak.rss()
+        t0 = time.perf_counter()
+        res = evaluator(syn, real, int(cfg.seed))
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    accs = res["per_net"][next(iter(res["per_net"]))]
+    peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - base
+    return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": "-",
+            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "acc": f"{statistics.fmean(accs):.2f} ± {statistics.pstdev(accs):.2f}"}
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return r.stdout.strip() or "unknown"
+
+
+def row(label: str, res: dict, baseline: dict | None) -> str:
+    dev = res["gpu"] or f"{res['device']} ({res['threads']} threads)"
+    cells = [label, str(res["outer_loop"]), f"{res['seconds']:.3f}", f"{res['peak_mb']:.0f}", dev]
+    if "acc" in res:
+        cells.insert(3, res["acc"])
+    if baseline is not None:
+        old = baseline.get(label)
+        cells.append(f"{old['seconds'] / res['seconds']:.2f}x ({old['seconds']:.3f})" if old else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+def header(eval_table: bool, baseline: dict | None) -> str:
+    cols = ["case", "outer_loop", "s / evaluation" if eval_table else "s / outer iteration", "peak memory MB",
+            "device"]
+    if eval_table:
+        cols.insert(3, "accuracy % (mean ± std)")
+    if baseline is not None:
+        cols.append(f"speed vs {baseline.get('_commit', 'baseline')} (its s)")
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {[*GROUPS, *TABLES]}")
+    p.add_argument("--groups", default="basic,perf,mtt", help=f"comma-separated, from {[*GROUPS, *TABLES]}")
     p.add_argument("--ipc", default="1,10", help="comma-separated ipc values")
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--device", default="auto")
@@ -197,11 +281,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every case (state them in reports)")
     p.add_argument("--only", help="regular expression: run only the cases whose label matches, e.g. 'kip|rfad'")
+    p.add_argument("--eval-epochs", type=int, default=300, help="epochs of each network in the eval group")
+    p.add_argument("--save", help="write every case's result to this JSON file (a baseline for --compare)")
+    p.add_argument("--compare", help="a JSON file written by --save: add the speed ratio of every case to it")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         spec = json.loads(args.one)
-        print(json.dumps(run_case(spec["overrides"], spec["warmup"], spec["iters"])))
+        out = run_eval_case(spec["overrides"]) if spec.get("eval") else \
+            run_case(spec["overrides"], spec["warmup"], spec["iters"])
+        print(json.dumps(out))
         return
     args.ipc = [int(i) for i in args.ipc.split(",")]
     groups = args.groups.split(",")
@@ -209,27 +298,31 @@ def main() -> None:
     if unknown:
         p.error(f"unknown group(s) {unknown}; choose from {[*GROUPS, *TABLES]}")
     common = [f"dataset={args.dataset}", f"device={args.device}", "logger=none", *args.set]
-    print(f"# scripts/bench.py  dataset={args.dataset}  iters={args.iters} (+{args.warmup} warm-up)  "
-          f"extra overrides: {' '.join(args.set) or '(none: the papers settings)'}")
-    if any(g in GROUPS for g in groups):
-        print("| case | outer_loop | s / outer iteration | peak memory MB | device |")
-        print("|---|---|---|---|---|")
-    for group in (g for g in groups if g in GROUPS):
-        for label, overrides in GROUPS[group](args):
-            if args.only and not re.search(args.only, label):
-                continue
-            if label in SETUPS:
-                SETUPS[label](args)
-            spec = json.dumps({"overrides": [*common, *overrides], "warmup": args.warmup, "iters": args.iters})
-            r = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, cwd=ROOT)
-            if r.returncode != 0:
-                msg = (r.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {label} | - | failed: {msg[:80]} | - | - |", flush=True)
-                continue
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            dev = res["gpu"] or f"{res['device']} ({res['threads']} threads)"
-            print(f"| {label} | {res['outer_loop']} | {res['seconds']:.3f} | {res['peak_mb']:.0f} | {dev} |",
-                  flush=True)
+    baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
+    print(f"# scripts/bench.py  commit {commit()}  dataset={args.dataset}  iters={args.iters} (+{args.warmup} warm-up)"
+          f"  extra overrides: {' '.join(args.set) or '(none: the papers settings)'}")
+    results: dict = {"_commit": commit(), "_args": vars(args)}
+    for eval_table in (False, True):
+        chosen = [g for g in groups if g in GROUPS and (g in EVAL_GROUPS) == eval_table]
+        if chosen:
+            print(header(eval_table, baseline), flush=True)
+        for group in chosen:
+            for label, overrides in GROUPS[group](args):
+                if args.only and not re.search(args.only, label):
+                    continue
+                if label in SETUPS:
+                    SETUPS[label](args)
+                spec = json.dumps({"overrides": [*common, *overrides], "warmup": args.warmup, "iters": args.iters,
+                                   "eval": eval_table})
+                r = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, cwd=ROOT)
+                if r.returncode != 0:
+                    msg = (r.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"| {label} | - | failed: {msg[:80]} | - | - |", flush=True)
+                    continue
+                results[label] = json.loads(r.stdout.strip().splitlines()[-1])
+                print(row(label, results[label], baseline), flush=True)
+    if args.save:
+        Path(args.save).write_text(json.dumps(results, indent=1))
     for group in (g for g in groups if g in TABLES):
         print(flush=True)
         TABLES[group](args)

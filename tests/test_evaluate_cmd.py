@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_cfg
+from conftest import CUDA, make_cfg
 from formats import write_mnist_like
 from ddrun.distill import distill
 from ddrun.evaluate import evaluate_cmd
@@ -44,7 +44,11 @@ def test_saved_synthetic_set_gives_the_runs_own_accuracy(root, distilled, tmp_pa
     """Same evaluator, same seed: ``ddrun evaluate`` reproduces the distill run's final accuracy exactly, and
     records what ``ddrun report`` needs."""
     out = evaluate_cmd(ev(root, f"synthetic={distilled['synthetic']}"), tmp_path)
-    assert out["acc_mean"] == distilled["acc_mean"] and out["per_net"] == distilled["per_net"]
+    if CUDA:  # GPU training is not bitwise repeatable (conftest.GPU_TOL): one test image per network may flip
+        flip = 100.0 / 40 + 1e-9  # 4 test images x 10 classes
+        assert all(abs(a - b) <= flip for a, b in zip(out["per_net"]["convnet"], distilled["per_net"]["convnet"]))
+    else:
+        assert out["acc_mean"] == distilled["acc_mean"] and out["per_net"] == distilled["per_net"]
     assert (out["method"], out["dataset"], out["ipc"], out["iteration"]) == ("dm", "mnist", 2, 4)
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["iteration"] == 4 and row["method"] == "dm" and row["per_net"] == {"convnet": out["per_net"]["convnet"]}

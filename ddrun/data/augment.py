@@ -96,10 +96,15 @@ class DSA:
         mask = self._rand(n, g, x) < self.p["flip"]
         return torch.where(mask, x.flip(3), x)
 
-    def _affine(self, x, theta):
+    def _affine(self, x, theta, gather: bool | None = None):
+        """Bilinear resampling of ``x`` by the affine maps ``theta`` ``[n, 2, 3]`` (zeros outside, corners aligned):
+        ``F.grid_sample``, or with ``gather`` (default: on CUDA under ``torch.use_deterministic_algorithms``,
+        where grid_sample's backward has no deterministic kernel) the same interpolation written with gathers."""
         theta = theta.to(device=x.device, dtype=x.dtype).expand(x.shape[0], 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=True)
-        return F.grid_sample(x, grid, align_corners=True)
+        if gather is None:
+            gather = x.is_cuda and torch.are_deterministic_algorithms_enabled()
+        return _bilinear_gather(x, grid) if gather else F.grid_sample(x, grid, align_corners=True)
 
     def _scale(self, x, n, g):
         r = self.p["scale"]
@@ -140,3 +145,20 @@ class DSA:
         in_x = (xs >= cx - cw // 2) & (xs < cx - cw // 2 + cw)
         mask = ~(in_y.view(B, H, 1) & in_x.view(B, 1, W))
         return x * mask.unsqueeze(1).to(x.dtype)
+
+
+def _bilinear_gather(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``F.grid_sample(x, grid, align_corners=True)`` (bilinear, zero padding) by gathering the four neighbours:
+    ``x`` ``[B, C, H, W]``, ``grid`` ``[B, Ho, Wo, 2]`` in [-1, 1]; differentiable w.r.t. ``x`` (not ``grid``)."""
+    B, C, H, W = x.shape
+    gx = ((grid[..., 0] + 1) * (W - 1) / 2).detach()
+    gy = ((grid[..., 1] + 1) * (H - 1) / 2).detach()
+    x0, y0 = gx.floor(), gy.floor()
+    flat = x.reshape(B, C, H * W)
+    out = x.new_zeros(B, C, *gx.shape[1:])
+    for yy, wy in ((y0, 1 - (gy - y0)), (y0 + 1, gy - y0)):
+        for xx, wx in ((x0, 1 - (gx - x0)), (x0 + 1, gx - x0)):
+            inside = ((xx >= 0) & (xx <= W - 1) & (yy >= 0) & (yy <= H - 1)).to(x.dtype)
+            idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).long().view(B, 1, -1).expand(B, C, -1)
+            out = out + flat.gather(2, idx).view_as(out) * (wx * wy * inside).unsqueeze(1)
+    return out

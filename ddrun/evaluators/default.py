@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddrun import speed
 from ddrun.contracts import Evaluator as EvaluatorContract
 from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
@@ -25,7 +26,7 @@ from ddrun.nets import build_net
 from ddrun.progress import Progress
 from ddrun.protocol import net_kwargs
 from ddrun.synthetic import SyntheticSet
-from ddrun.train import accuracy, train_epoch
+from ddrun.train import Ensemble, accuracy, train_epoch, train_epoch_ensemble
 from ddrun.utils import ConfigError, derive_seed
 
 log = logging.getLogger("ddrun.evaluate")
@@ -61,15 +62,27 @@ class Evaluator(EvaluatorContract):
         augment: per-sample DSA during training, or None.
         use_learned_lr: train with S's learned step size when it has one (attribute ``uses_learned_lr``).
         name: the architecture's name in ``per_net``.
+        ensemble: train the ``num_eval`` networks together as one stacked model (:class:`ddrun.train.Ensemble`):
+            ``true``, ``false`` (one after the other), ``auto`` (stacked on a GPU, where one small network at a
+            time leaves it idle; one after the other on the CPU, where stacking was not faster: ``scripts/bench.py
+            --groups eval``). Each network gets the same initialization, batches and DSA draws either way; the
+            accuracies agree up to float rounding carried through training.
+
+    Raises:
+        ConfigError: ``ensemble`` not one of auto, true, false.
     """
 
     def __init__(self, net: Callable[..., nn.Module], num_eval: int = 5, epochs: int = 1000, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, batch_train: int = 256,
-                 augment: DSA | None = None, use_learned_lr: bool = True, name: str = "convnet"):
+                 augment: DSA | None = None, use_learned_lr: bool = True, name: str = "convnet",
+                 ensemble: str | bool = "auto"):
         check_training_knobs(num_eval, epochs, lr, momentum, weight_decay, batch_train)
+        if ensemble not in ("auto", True, False):
+            raise ConfigError(f"evaluator.ensemble={ensemble!r}: valid values are auto, true, false")
         self.net_factory, self.num_eval, self.epochs = net, int(num_eval), int(epochs)
         self.lr, self.momentum, self.weight_decay, self.batch_train = lr, momentum, weight_decay, int(batch_train)
         self.augment, self.uses_learned_lr, self.name = augment, bool(use_learned_lr), name
+        self.ensemble = ensemble
 
     def protocol_fields(self) -> dict:
         aug = self.augment.strategy if self.augment is not None and self.augment.enabled else "none"
@@ -79,19 +92,44 @@ class Evaluator(EvaluatorContract):
                 "batch": self.batch_train, "augment": aug, "learned_lr": self.uses_learned_lr,
                 "labels": "as stored"}
 
+    def _optimizer(self, params, syn: SyntheticSet):
+        lr = float(syn.lr.detach()) if (self.uses_learned_lr and syn.lr is not None) else self.lr
+        opt = torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(self.epochs // 2, 1)], gamma=0.1)
+
     def train_one(self, syn: SyntheticSet, real: RealData, seed: int) -> float:
         """Train one network from ``seed`` on S; return its test accuracy in percent."""
         device = real.device
-        net = build_net(self.net_factory, real, seed, device)
-        lr = float(syn.lr.detach()) if (self.uses_learned_lr and syn.lr is not None) else self.lr
-        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(self.epochs // 2, 1)], gamma=0.1)
+        net = speed.layout(build_net(self.net_factory, real, seed, device))
+        opt, sched = self._optimizer(net.parameters(), syn)
+        if speed.current().compile:
+            net = torch.compile(net)  # the same parameters: the optimizer above steps them
         images, labels = syn.images.detach().to(device), syn.labels.detach().to(device)
         g = torch.Generator().manual_seed(seed)
         for _ in range(self.epochs):
             train_epoch(net, images, labels, opt, self.batch_train, self.augment, g)
             sched.step()
         return 100.0 * accuracy(net, real.test_images, real.test_labels)
+
+    def train_ensemble(self, syn: SyntheticSet, real: RealData, seeds: list[int]) -> list[float]:
+        """:meth:`train_one` for every seed at once (:class:`ddrun.train.Ensemble`); test accuracies in percent."""
+        device = real.device
+        ens = Ensemble([speed.layout(build_net(self.net_factory, real, s, device)) for s in seeds])
+        opt, sched = self._optimizer(list(ens.params.values()), syn)
+        images, labels = syn.images.detach().to(device), syn.labels.detach().to(device)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        for _ in range(self.epochs):
+            train_epoch_ensemble(ens, images, labels, opt, gens, self.batch_train, self.augment)
+            sched.step()
+        chunk = speed.chunk_size(real.test_images)
+        accs = ens.accuracy(real.test_images, real.test_labels, 1024 if chunk is None else chunk * len(seeds))
+        return [100.0 * a for a in accs]
+
+    def stacked(self, device: torch.device) -> bool:
+        """Whether :meth:`__call__` trains the networks as one :class:`~ddrun.train.Ensemble` (``ensemble``)."""
+        if self.ensemble == "auto":
+            return torch.device(device).type == "cuda" and self.num_eval > 1
+        return bool(self.ensemble)
 
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
         """Evaluate S.
@@ -101,12 +139,16 @@ class Evaluator(EvaluatorContract):
             "protocol_fields": dict}``, accuracies in percent on the real test split (std is the population std
             over the ``num_eval`` runs).
         """
-        bar = Progress(self.num_eval, 0, f"evaluate {self.name}", 60.0, log, unit="net")
-        accs = []
-        for r in range(self.num_eval):
-            accs.append(self.train_one(syn, real, derive_seed(seed, 104729, r)))
-            bar.update(1, acc=round(accs[-1], 2))
-        bar.close()
+        seeds = [derive_seed(seed, 104729, r) for r in range(self.num_eval)]
+        if self.stacked(real.device):
+            accs = self.train_ensemble(syn, real, seeds)
+        else:
+            bar = Progress(self.num_eval, 0, f"evaluate {self.name}", 60.0, log, unit="net")
+            accs = []
+            for s in seeds:
+                accs.append(self.train_one(syn, real, s))
+                bar.update(1, acc=round(accs[-1], 2))
+            bar.close()
         return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                 "per_net": {self.name: accs}, "protocol": self.protocol(), "protocol_fields": self.protocol_fields()}
 
@@ -121,7 +163,8 @@ class CrossArchEvaluator(EvaluatorContract):
     Args:
         nets: architecture name -> factory ``(channels, num_classes, im_size) -> nn.Module`` (``conf/net/*``).
         archs: the names to evaluate, in order (default: all of ``nets``).
-        num_eval, epochs, lr, momentum, weight_decay, batch_train, augment, use_learned_lr: as :class:`Evaluator`.
+        num_eval, epochs, lr, momentum, weight_decay, batch_train, augment, use_learned_lr, ensemble: as
+            :class:`Evaluator` (``ensemble`` stacks the ``num_eval`` networks of each architecture).
 
     Raises:
         ConfigError: an entry of ``archs`` is not in ``nets`` (names the valid ones).
@@ -129,7 +172,8 @@ class CrossArchEvaluator(EvaluatorContract):
 
     def __init__(self, nets: dict[str, Callable[..., nn.Module]], archs: list[str] | None = None, num_eval: int = 5,
                  epochs: int = 1000, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 batch_train: int = 256, augment: DSA | None = None, use_learned_lr: bool = True):
+                 batch_train: int = 256, augment: DSA | None = None, use_learned_lr: bool = True,
+                 ensemble: str | bool = "auto"):
         check_training_knobs(num_eval, epochs, lr, momentum, weight_decay, batch_train)
         archs = list(nets) if archs is None else list(archs)
         unknown = [a for a in archs if a not in nets]
@@ -137,7 +181,7 @@ class CrossArchEvaluator(EvaluatorContract):
             raise ConfigError(f"evaluator.archs={archs}: unknown {unknown}; valid architectures: {sorted(nets)}")
         self.num_eval, self.epochs, self.uses_learned_lr = num_eval, epochs, bool(use_learned_lr)
         self.evaluators = {a: Evaluator(nets[a], num_eval, epochs, lr, momentum, weight_decay, batch_train, augment,
-                                        use_learned_lr, name=a) for a in archs}
+                                        use_learned_lr, name=a, ensemble=ensemble) for a in archs}
 
     def protocol_fields(self) -> dict:
         fields = dict(next(iter(self.evaluators.values())).protocol_fields())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ddrun import speed
 from ddrun.data.augment import DSA
 from ddrun.losses import soft_cross_entropy
 
@@ -63,10 +64,14 @@ def minibatches(n: int, batch_size: int | None, steps: int, generator: torch.Gen
 def sgd_step(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor | float,
              create_graph: bool = True) -> Params:
     """One plain SGD step ``theta - lr * grad l(theta; x, y)`` (soft or hard labels), differentiable w.r.t.
-    ``params``, ``x``, ``y`` and ``lr`` when ``create_graph``."""
+    ``params``, ``x``, ``y`` and ``lr`` when ``create_graph``. On the CPU the gradient is accumulated over
+    cache-sized chunks of the batch (:func:`_chunks`)."""
     params = {k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()}
-    loss = soft_cross_entropy(forward(net, params, x), y)
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+    grads = None
+    for xc, yc, w in _chunks(net, x, y):  # cache-sized pieces on the CPU (the same gradient up to rounding)
+        loss = soft_cross_entropy(forward(net, params, xc), yc)
+        gs = torch.autograd.grad(loss * w if w != 1.0 else loss, list(params.values()), create_graph=create_graph)
+        grads = gs if grads is None else [a + b for a, b in zip(grads, gs)]
     return {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
 
 
@@ -143,28 +148,78 @@ def unroll_sgd_memory_efficient(net: nn.Module, params: Params, images: torch.Te
     return dict(zip(names, out))
 
 
+def _chunks(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """``(x_c, y_c, len(x_c) / len(x))`` pieces of one step's batch: cache-sized on the CPU for a batch-independent
+    ``net`` (:func:`ddrun.speed.chunk_size`), else the whole batch. The step's mean loss is the weighted sum of the
+    pieces' mean losses, so its gradient is too."""
+    n = speed.chunk_size(x)
+    if n is None or n >= len(x) or not speed.batch_independent(net):
+        return [(x, y, 1.0)]
+    return [(xc, yc, len(xc) / len(x)) for xc, yc in zip(x.split(n), y.split(n))]
+
+
 class _ReplayedSGD(torch.autograd.Function):
-    """Autograd node of :func:`unroll_sgd_memory_efficient` (forward without graph, backward by replay)."""
+    """Autograd node of :func:`unroll_sgd_memory_efficient` (forward without graph, backward by replay). Each step's
+    work runs in :func:`_chunks` of its batch; the backward replays one chunk at a time (the adjoint's update is a
+    sum over chunks), so its peak memory is one chunk's double-backward graph."""
 
     @staticmethod
-    def _step_grads(net, names, theta, x, y, create_graph):
+    def _chunk_grads(net, names, theta, x, y, weight, create_graph):
         loss = soft_cross_entropy(forward(net, dict(zip(names, theta)), x), y)
-        return torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
+        return torch.autograd.grad(loss * weight if weight != 1.0 else loss, theta, create_graph=create_graph,
+                                   allow_unused=True)
 
     @staticmethod
     def forward(ctx, net, plan, augment, names, images, labels, lr, *params0):
         theta = [p.detach() for p in params0]
         thetas = []
+        lr_d = lr.detach()
         with torch.enable_grad():
             for idx, seed in plan:
                 thetas.append(theta)
                 x, y = plan_batch(images.detach(), labels.detach(), idx, seed, augment)
-                t = [p.requires_grad_(True) for p in (q.detach() for q in theta)]
-                grads = _ReplayedSGD._step_grads(net, names, t, x, y, False)
-                theta = [p.detach() - (0 if g is None else lr.detach() * g) for p, g in zip(t, grads)]
+                t = [p.detach().requires_grad_(True) for p in theta]
+                grads = None
+                for xc, yc, w in _chunks(net, x, y):
+                    gs = _ReplayedSGD._chunk_grads(net, names, t, xc, yc, w, False)
+                    grads = gs if grads is None else [a if b is None else (b if a is None else a + b)
+                                                      for a, b in zip(grads, gs)]
+                theta = [p.detach() if g is None else p.detach() - lr_d * g for p, g in zip(t, grads)]
         ctx.net, ctx.plan, ctx.augment, ctx.names, ctx.thetas = net, plan, augment, names, thetas
         ctx.save_for_backward(images, labels, lr)
         return tuple(theta)
+
+    @staticmethod
+    def _replay_step(ctx, theta, a, idx, seed, need_img, need_lab, images, labels):
+        """One step of the backward: ``(a . g_i, d(a . g_i)/dtheta_i, d/dimages, d/dlabels)``. Each chunk's
+        double-backward reaches its piece of the (augmented) batch; the augmentation is differentiated once."""
+        with torch.enable_grad():
+            img = images.detach().requires_grad_(bool(need_img))
+            lab = labels.detach().requires_grad_(bool(need_lab))
+            x, y = plan_batch(img, lab, idx, seed, ctx.augment)
+            t = [p.detach().requires_grad_(True) for p in theta]
+            dot_total, h_total, gx, gy = 0.0, [None] * len(t), [], []
+            for xc, yc, w in _chunks(ctx.net, x, y):
+                grads = _ReplayedSGD._chunk_grads(ctx.net, ctx.names, t, xc, yc, w, True)
+                dot = sum((g * ai).sum() for g, ai in zip(grads, a) if g is not None)
+                inputs = t + ([xc] if need_img else []) + ([yc] if need_lab else [])
+                vjp = torch.autograd.grad(dot, inputs, allow_unused=True, retain_graph=need_img or need_lab)
+                dot_total = dot_total + dot.detach()
+                h_total = [u if v is None else (v if u is None else u + v) for u, v in zip(h_total, vjp)]
+                rest = list(vjp[len(t):])
+                if need_img:
+                    v = rest.pop(0)
+                    gx.append(torch.zeros_like(xc) if v is None else v)
+                if need_lab:
+                    v = rest.pop(0)
+                    gy.append(torch.zeros_like(yc) if v is None else v)
+            outs = ([x] if need_img else []) + ([y] if need_lab else [])
+            wrt = ([img] if need_img else []) + ([lab] if need_lab else [])
+            back = list(torch.autograd.grad(outs, wrt, [torch.cat(g) for g in (gx, gy) if g], allow_unused=True)) \
+                if outs else []
+        g_img = back.pop(0) if need_img else None
+        g_lab = back.pop(0) if need_lab else None
+        return dot_total, h_total, g_img, g_lab
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -178,25 +233,14 @@ class _ReplayedSGD(torch.autograd.Function):
         g_lab = torch.zeros_like(labels) if need_lab else None
         g_lr = torch.zeros_like(lr_d)
         for (idx, seed), theta in zip(reversed(ctx.plan), reversed(ctx.thetas)):
-            with torch.enable_grad():
-                img = images.detach().requires_grad_(bool(need_img))
-                lab = labels.detach().requires_grad_(bool(need_lab))
-                x, y = plan_batch(img, lab, idx, seed, ctx.augment)
-                t = [p.detach().requires_grad_(True) for p in theta]
-                grads = _ReplayedSGD._step_grads(ctx.net, ctx.names, t, x, y, True)
-                used = [(g, ai) for g, ai in zip(grads, a) if g is not None]
-                dot = sum((g * ai).sum() for g, ai in used)
-                inputs = t + ([img] if need_img else []) + ([lab] if need_lab else [])
-                vjp = torch.autograd.grad(dot, inputs, allow_unused=True)
-            g_lr -= dot.detach()
-            a = [ai if h is None else ai - lr_d * h for ai, h in zip(a, vjp[:len(t)])]
-            rest = list(vjp[len(t):])
-            if need_img and rest[0] is not None:
-                g_img -= lr_d * rest.pop(0)
-            elif need_img:
-                rest.pop(0)
-            if need_lab and rest and rest[0] is not None:
-                g_lab -= lr_d * rest[0]
+            dot, h, d_img, d_lab = _ReplayedSGD._replay_step(ctx, theta, a, idx, seed, need_img, need_lab, images,
+                                                              labels)
+            g_lr -= dot
+            a = [ai if hi is None else ai - lr_d * hi for ai, hi in zip(a, h)]
+            if d_img is not None:
+                g_img -= lr_d * d_img
+            if d_lab is not None:
+                g_lab -= lr_d * d_lab
         params_grads = [ai if need else None for ai, need in zip(a, ctx.needs_input_grad[7:])]
         return (None, None, None, None, g_img, g_lab, g_lr if need_lr else None, *params_grads)
 

@@ -1,0 +1,165 @@
+"""Speed settings: how the work is laid out on the device, never what is computed.
+
+The ``speed`` config group (``conf/speed/default.yaml``) and the top-level ``deterministic`` key. The commands
+(``ddrun distill``, ``ddrun evaluate``) apply them once per process with :func:`configure`, the way torch's own
+backend flags work (``torch.backends.cudnn.benchmark`` ...): they select memory layouts, batch sizes of passes
+whose results do not depend on the batch, and kernels, so S and the accuracies change at most by float rounding
+(``deterministic=true`` aside, which only removes run-to-run differences on a GPU). Components read them with
+:func:`current`; tests and the benchmark switch them with :func:`using`.
+
+Settings (``conf/speed/default.yaml`` documents the defaults and why):
+    channels_last: NHWC memory layout for the networks of the batched paths (DM's embeddings, DC/DSA's matching,
+        the evaluator ensembles): oneDNN's and cuDNN's fast convolution layout.
+    cpu_chunk: on the CPU, forward passes of batch-independent networks (no BatchNorm in training mode) run in
+        chunks of this many 32x32 images (scaled by image area), so the activations stay in the caches and below
+        the allocator's mmap threshold; on a GPU batches stay whole.
+    batched_classes: DC/DSA compute the per-class gradients of all classes in one ``torch.func.vmap`` pass
+        (``auto``: on CUDA, where one class at a time is launch-bound; ``true`` / ``false`` force it).
+    compile: ``torch.compile`` the evaluator's training step (off by default: compilation takes longer than the
+        short default protocols save on the CPU, and needs a C++ compiler / Triton).
+    tf32: TensorFloat-32 on Ampere+ GPUs: ``default`` (torch's: cuDNN convolutions in TF32, matmuls in float32),
+        ``true`` (both), ``false`` (neither: float32 throughout, what the GPU variants of the equality tests use).
+    autocast: ``none`` | ``bf16``: bfloat16 autocast of the distillation step and the evaluation on CUDA.
+    deterministic: ``torch.use_deterministic_algorithms`` (warn-only for ops without a deterministic kernel),
+        ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, cuDNN deterministic and not benchmarking: the same seed gives the same
+        S on a GPU too (DSA's bilinear resampling switches to a gather-based form whose gradient is deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ddrun.utils import ConfigError
+
+_CHOICES = {"batched_classes": ("auto", True, False), "tf32": ("default", True, False),
+            "autocast": ("none", "bf16")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """The process's speed settings (module doc)."""
+
+    channels_last: bool = True
+    cpu_chunk: int = 32
+    batched_classes: str | bool = "auto"
+    compile: bool = False
+    tf32: str | bool = "default"
+    autocast: str = "none"
+    deterministic: bool = False
+
+
+_current = Speed()
+
+
+def current() -> Speed:
+    """The settings :func:`configure` applied last (the defaults before)."""
+    return _current
+
+
+def _checked(values: Mapping) -> Speed:
+    fields = {f.name for f in dataclasses.fields(Speed)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"speed.{unknown[0]}: unknown setting; valid settings are {sorted(fields - {'deterministic'})}")
+    for key, allowed in _CHOICES.items():
+        if key in values and values[key] not in allowed:
+            raise ConfigError(f"speed.{key}={values[key]!r}: valid values are {list(allowed)}")
+    if "cpu_chunk" in values and int(values["cpu_chunk"]) < 1:
+        raise ConfigError(f"speed.cpu_chunk={values['cpu_chunk']}: must be >= 1 (images per forward pass)")
+    return Speed(**{**dataclasses.asdict(_current), **values})
+
+
+def _apply(s: Speed) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = s.tf32 is True
+    torch.backends.cudnn.allow_tf32 = s.tf32 is not False
+    if s.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(s.deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = s.deterministic
+    torch.backends.cudnn.benchmark = False
+
+
+def configure(speed: Mapping | None = None, deterministic: bool = False) -> Speed:
+    """Apply the ``speed`` config node and ``deterministic`` to this process (torch's flags and :func:`current`).
+
+    Raises:
+        ConfigError: an unknown setting or value (names the key and the valid values).
+    """
+    global _current
+    values = {k: v for k, v in dict(speed or {}).items()}
+    values["deterministic"] = bool(deterministic)
+    s = _checked(values)
+    _apply(s)
+    _current = s
+    return s
+
+
+@contextlib.contextmanager
+def using(**changes) -> Iterator[Speed]:
+    """Temporarily change some settings (tests, ``scripts/bench.py``); the previous ones come back after."""
+    global _current
+    before = _current
+    _current = _checked(changes)
+    _apply(_current)
+    try:
+        yield _current
+    finally:
+        _current = before
+        _apply(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers of the batched paths
+
+
+def batch_independent(net: nn.Module) -> bool:
+    """Whether each sample's output of ``net`` is independent of the rest of its batch: no BatchNorm layer in
+    training mode (those normalize with the batch's statistics and update running buffers)."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())
+
+
+def chunk_size(x: torch.Tensor) -> int | None:
+    """Images per forward pass for the batch ``x`` float ``[B, C, H, W]``: None (the whole batch) on a GPU, else
+    ``cpu_chunk`` scaled by ``32 * 32 / (H * W)`` (at least 1)."""
+    if x.device.type != "cpu":
+        return None
+    area = max(1, int(x.shape[-1]) * int(x.shape[-2]))
+    return max(1, _current.cpu_chunk * 1024 // max(area, 1024))
+
+
+def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    """``fn(x)`` computed as ``cat(fn(chunk) for chunk in x)`` (:func:`chunk_size`) when ``net`` is
+    :func:`batch_independent`, whole otherwise (the same values up to float rounding)."""
+    n = chunk_size(x)
+    if n is None or n >= len(x) or not batch_independent(net):
+        return fn(x)
+    return torch.cat([fn(c) for c in x.split(n)])
+
+
+def layout(net: nn.Module) -> nn.Module:
+    """``net`` converted in place to the channels-last memory format when ``channels_last`` is set (a network
+    without 4-D parameters is unchanged); returns it."""
+    if _current.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def classes_batched(net: nn.Module, device: torch.device) -> bool:
+    """Whether DC/DSA's per-class gradients run as one vmapped pass: ``batched_classes`` (``auto``: on CUDA),
+    and only for :func:`batch_independent` networks."""
+    want = _current.batched_classes
+    want = torch.device(device).type == "cuda" if want == "auto" else bool(want)
+    return want and batch_independent(net)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The ``autocast`` context for work on ``device`` (bfloat16 on CUDA when ``autocast=bf16``, else nothing)."""
+    if _current.autocast == "bf16" and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -85,10 +85,11 @@ def table(args) -> None:
     rows, protocols = {}, {}
     for f in sorted((args.out / "eval").glob("*/results.json")):
         r = json.loads(f.read_text())
+        r = r["evaluations"][-1] if "evaluations" in r else r  # the run record (ddrun.record), or an older result
         m, ipc, proto = f.parent.name.rsplit("_", 2)
         rows.setdefault((proto, m), {})[int(ipc.removeprefix("ipc"))] = (r["acc_mean"], r["acc_std"],
                                                                         len(next(iter(r["per_net"].values()))))
-        protocols[(proto, int(ipc.removeprefix("ipc")))] = r["protocol"]
+        protocols[(proto, int(ipc.removeprefix("ipc")))] = r.get("protocol_line") or r["protocol"]
     print("| protocol | method | " + " | ".join(f"ipc {i}" for i in IPCS) + " |")
     print("|---|---|" + "---|" * len(IPCS))
     for (proto, m), by_ipc in sorted(rows.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))):

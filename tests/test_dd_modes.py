@@ -15,13 +15,14 @@ from conftest import make_cfg
 from ddrun.distill import distill
 from ddrun.nets.functional import forward
 from ddrun.objectives.meta import DatasetDistillation
-from ddrun.store import Collection, setting_of, teacher_payload
+from ddrun.store import Collection, teacher_payload, teacher_setting
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DataError, build
 
 
 def tiny(root, *extra):
-    width = [] if "method=ld" in extra else ["net.width=8"]  # method=ld trains LeNets (no width)
+    # method=ld and method=dd distill with LeNet on MNIST (net=dd / lenet: no width)
+    width = [] if {"method=ld", "method=dd"} & set(extra) else ["net.width=8"]
     return make_cfg(["dataset=mnist", f"paths.data={root}", "dataset.system_dirs=[]", "ipc=2", *width,
                      "logger=none", *extra])
 
@@ -34,8 +35,8 @@ def make_pool(cfg, buffers: Path, n: int, epochs: int = 1, dataset=None) -> Coll
     from ddrun.train import accuracy, train_epoch
 
     real = build(dataset if dataset is not None else cfg.dataset)
-    net_factory, augment = build(cfg.net), build(cfg.augment)
-    store = Collection(buffers, "teachers", setting_of(real, net_factory, augment))
+    net_factory = build(cfg.net)
+    store = Collection(buffers, "teachers", teacher_setting(real, net_factory, "sre2l"))
     training = {"epochs": epochs, "lr": 0.01, "momentum": 0.9, "batch": 64, "seed": 0}
     store.open_for_writing(training, "tests/test_dd_modes.py make_pool")
     for i in range(n):
@@ -87,7 +88,7 @@ def test_bad_attacks_are_one_line(tiny_root, tmp_path, attack, message):
 
 def test_replay_reports_attack_success_before_and_after(tiny_root):
     cfg = tiny(tiny_root, "method=dd", "objective.syn_steps=1", "objective.attack.source=0",
-               "objective.attack.target=1")
+               "objective.attack.target=1", "objective.report_nets=1")
     real = build(cfg.dataset)
     obj = build(cfg.objective)
     syn = SyntheticSet(real.train_images[::6][:20].clone(), torch.arange(10).repeat_interleave(2), 10)
@@ -142,7 +143,7 @@ def test_adaptation_from_another_dataset_replays_from_held_out_pretrained_nets(t
     """Networks pretrained on scikit-learn's digits (upsampled to 28x28) adapted to the (tiny) MNIST by DD's
     learned steps: the run reports the held-out networks' accuracy before and after the steps."""
     pytest.importorskip("sklearn")
-    args = ["method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store",
+    args = ["method=dd", "fetcher=pretrained", "objective.report_nets=1", f"paths.buffers={tmp_path}/store",
             "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]", "objective.syn_steps=1",
             "objective.syn_epochs=1", "objective.batch_real=4", "iterations=2", "eval_every=2", "evaluator.num_eval=0"]
     cfg = tiny(tiny_root, *args)

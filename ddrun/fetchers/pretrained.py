@@ -8,7 +8,7 @@ dataset itself for poisoning) provides theta_0; every iteration starts the learn
 learned steps are evaluated by replaying them from pretrained networks held out of training (20 in the paper).
 
 The pool is the ``teachers`` collection of the artefact store (:mod:`ddrun.store`) for the source dataset's
-setting (dataset, network, augmentation), written by ``ddrun teacher``: each item a full ``state_dict``
+setting (dataset, network, recipe), written by ``ddrun teacher``: each item a full ``state_dict``
 (:func:`ddrun.store.teacher_payload`), read with ``weights_only=True`` (:func:`ddrun.store.load_teacher`). The
 last ``held_out`` teachers of the collection are kept for :meth:`PretrainedFetcher.held_out`; the others are
 drawn uniformly, iteration ``it`` from ``(seed, it)``.
@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from ddrun.contracts import Fetched, Fetcher
-from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
-from ddrun.store import Collection, load_teacher, setting_of
+from ddrun.store import Collection, load_teacher, teacher_setting
 from ddrun.utils import ConfigError, DataError, derive_seed
 
 log = logging.getLogger("ddrun.fetchers.pretrained")
@@ -41,7 +40,8 @@ class PretrainedFetcher(Fetcher):
         seed: the run's seed.
         source: the dataset the networks were pretrained on (a dataset config built by Hydra), or None: ``real``
             itself (poisoning; adaptation from a model fixed on the target).
-        augment: the augmentation the networks were trained with (part of the key).
+        recipe: the ``ddrun teacher`` recipe the networks were trained with (part of the key, as for
+            ``fetcher=teachers``).
         buffers: ``paths.buffers``, the root of the store.
         data: ``paths.data`` (only to print the ``ddrun teacher`` command of a missing pool).
         collection_dir: an explicit directory instead of the keyed one (its setting must still match).
@@ -56,7 +56,7 @@ class PretrainedFetcher(Fetcher):
     """
 
     def __init__(self, net: Callable[..., nn.Module], real: RealData, device: torch.device, seed: int,
-                 source: RealData | None = None, augment: DSA | None = None, buffers: str = "buffers",
+                 source: RealData | None = None, recipe: str = "sre2l", buffers: str = "buffers",
                  data: str | None = None, collection_dir: str | None = None, held_out: int = 1,
                  max_teachers: int | None = None):
         super().__init__(net, real, device, seed)
@@ -64,7 +64,7 @@ class PretrainedFetcher(Fetcher):
         self._check_shapes(self.source, real)
         if int(held_out) < 1:
             raise ConfigError(f"fetcher.held_out={held_out}: must be >= 1 (networks kept to evaluate the steps)")
-        self.store = Collection(buffers, "teachers", setting_of(self.source, net, augment), collection_dir)
+        self.store = Collection(buffers, "teachers", teacher_setting(self.source, net, recipe), collection_dir)
         self.store.open_for_reading(data)
         usable = self.store.usable(max_teachers)
         if len(usable) < int(held_out) + 1:

@@ -40,6 +40,7 @@ from ddrun.utils import (ConfigError, DdrunError, build, command_errors, derive_
                          seed_everything)
 
 log = logging.getLogger("ddrun.distill")
+BEST_FILE = "synthetic_best.pt"  # keep_best: S at its best evaluation
 
 
 def _leaves(node, prefix: str = ""):
@@ -94,7 +95,8 @@ def validate(cfg: DictConfig) -> None:
 
 # top-level keys that do not change S: left out of the config hash and of the "what differs" of a refused rerun
 NOT_S = ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_every", "iterations", "resume",
-         "overwrite", "device", "hydra", "checkpoint_every", "progress_every", "beside", "speed", "deterministic")
+         "overwrite", "device", "hydra", "checkpoint_every", "progress_every", "beside", "speed", "deterministic",
+         "keep_best")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -299,17 +301,45 @@ class Distillation:
             with stop.interruptible(it, self.ckpt_path):  # the checkpoint is current: a signal stops at once
                 st.result = self.evaluate(it)
             st.evaluated_at = it
+            if self.cfg.get("keep_best"):
+                self.keep_if_best(it)
             if it == self.iterations and st.result is not None and "acc_mean" in st.result:
                 for res in (st.result, *st.result.get("beside", {}).values()):  # each under its own protocol
                     st.finals.append(record.evaluation(res, it, self.real))
             self.checkpoint(it)
 
+    def best_row(self, before: int | None = None) -> dict | None:
+        """The metrics row of the best evaluation under the current protocol (the last evaluation's), among the
+        evaluations before iteration ``before`` (all when None)."""
+        rows = [r for r in self.tracker.rows if "acc_mean" in r and (before is None or r["iteration"] < before)]
+        if not rows:
+            return None
+        last = [r for r in self.tracker.rows if "acc_mean" in r][-1].get("protocol")
+        return max((r for r in rows if r.get("protocol") == last), key=lambda r: r["acc_mean"], default=None)
+
+    def keep_if_best(self, it: int) -> None:
+        """``keep_best``: write S to ``synthetic_best.pt`` when the evaluation of iteration ``it`` is the best so
+        far under the current protocol. The selection uses the evaluator's test accuracy (as FRePo's reference keeps
+        its ``best_ckpt`` and MTT's papers report the best evaluation): a number chosen on the test split, which
+        the record labels as such."""
+        r = self.state.result
+        if r is None or "acc_mean" not in r:
+            return
+        prior = self.best_row(before=it)
+        if prior is None or r["acc_mean"] > prior["acc_mean"]:
+            best = self.syn.state()
+            best["meta"] = {**best["meta"], "iteration": it, "selected_by": "best test accuracy over the evaluations "
+                            f"({r['protocol']})"}
+            from ddrun.files import atomic_save
+
+            atomic_save(best, self.run_dir / BEST_FILE)
+            log.info("iteration %d: best evaluation so far, S kept in %s", it, self.run_dir / BEST_FILE)
+
     def write_record(self) -> None:
         """``results.json`` (``ddrun.record``): the run's identity, setting, S's digest and its final evaluations."""
-        rows = [r for r in self.state.metrics if "acc_mean" in r]
         last = self.state.finals[-1]["protocol_line"] if self.state.finals else None
-        same = [r for r in rows if r.get("protocol") == last]
-        best = max(same, key=lambda r: r["acc_mean"], default=None)
+        best = self.best_row() if last is not None else None
+        kept = self.run_dir / BEST_FILE
         config = OmegaConf.to_container(self.cfg, resolve=True)
         rec = {"command": "distill", "run_dir": str(self.run_dir), "method": str(self.cfg.preset.name),
                "dataset": self.real.name, "ipc": int(self.cfg.ipc), "seed": self.seed, "iterations": self.iterations,
@@ -320,7 +350,9 @@ class Distillation:
                "evaluations": self.state.finals, "device": record.device_name(self.device),
                "seconds": round(self.state.seconds, 2),
                "best": None if best is None else {"iteration": best["iteration"], "acc_mean": best["acc_mean"],
-                                                  "acc_std": best.get("acc_std"), "protocol_line": last}}
+                                                  "acc_std": best.get("acc_std"), "protocol_line": last,
+                                                  "selected_on": "the evaluator's test split",
+                                                  "synthetic": str(kept) if kept.is_file() else None}}
         try:
             record.write(self.run_dir, rec)
         except OSError as exc:

@@ -54,6 +54,7 @@ class DistillSchema(Common):
     checkpoint_every: int = knob(100, 1)
     stages: Dict[str, Any] = field(default_factory=dict)
     beside: Dict[str, Any] = field(default_factory=dict)
+    keep_best: bool = False
     preset: Any = None
     init: Any = None
     fetcher: Any = None

@@ -272,3 +272,30 @@ def test_image_grid_is_readable_and_says_when_pixels_were_clipped(tiny_root, tmp
     png = Image.open(sorted((Path(out["run_dir"]) / "images").glob("*.png"))[-1])
     assert png.height >= 10 * 64  # one row per class, each at least 64 px at ipc 1
     assert 0.0 <= float(png.text["clipped"]) <= 1.0 and "one row per class" in png.text["description"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keep_best
+
+
+def test_keep_best_keeps_the_s_of_the_best_evaluation_and_the_record_says_how_it_was_chosen(tiny_root, tmp_path):
+    """keep_best=true: synthetic_best.pt holds S as it was at the evaluation with the highest accuracy (the same
+    images as a run stopped at that iteration), and results.json's best names that iteration, the file and that
+    it was selected on the test split; without keep_best no such file is written."""
+    from ddrun.synthetic import SyntheticSet
+
+    args = [f"paths.data={tiny_root}", "method=dm", "ipc=2", *TINY, "objective.lr_img=50", "eval_every=1",
+            "evaluator.epochs=4"]
+    out = distill(make_cfg([*args, "iterations=4", "keep_best=true"]), tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    accs = {r["iteration"]: r["acc_mean"] for r in rows if "acc_mean" in r}
+    best_it = min(i for i, a in accs.items() if a == max(accs.values()))  # the first evaluation reaching the max
+    assert rec["best"]["iteration"] == best_it and rec["best"]["acc_mean"] == accs[best_it]
+    assert rec["best"]["selected_on"] == "the evaluator's test split"
+    kept = SyntheticSet.load(rec["best"]["synthetic"])
+    assert kept.meta["iteration"] == best_it and "best test accuracy" in kept.meta["selected_by"]
+    short = distill(make_cfg([*args, f"iterations={best_it}"]), tmp_path / "short")  # S at that iteration
+    assert torch.equal(kept.images, SyntheticSet.load(short["synthetic"]).images)
+    assert not (tmp_path / "short" / "synthetic_best.pt").exists()
+    assert out["synthetic"].endswith("synthetic.pt")

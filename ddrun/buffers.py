@@ -155,22 +155,6 @@ def _register_existing(store: Collection, index: int, epochs: int) -> bool:
     return True
 
 
-def _ensure(store: Collection, index: int, epochs: int, train: Callable[[int], dict], wait: bool) -> str:
-    """Make expert ``index`` exist: ``"skipped"`` (already there), ``"trained"``, or ``"busy"`` (another job holds
-    it and ``wait`` is false)."""
-    if store.is_done(index):
-        return "skipped"
-    with store.claim(index, wait=wait) as held:
-        if not held:
-            return "busy"
-        if store.is_done(index):  # finished by the job that held it
-            return "skipped"
-        if store.item_path(index).is_file() and _register_existing(store, index, epochs):
-            return "skipped"
-        train(index)
-        return "trained"
-
-
 def buffer(cfg: DictConfig) -> dict:
     """Train and store the experts ``expert_offset .. expert_offset + num_experts - 1`` of the buffer that
     ``cfg`` describes (module doc); finished experts are skipped, half-trained ones resumed, experts another job
@@ -198,17 +182,11 @@ def buffer(cfg: DictConfig) -> dict:
     indices = list(range(int(cfg.expert_offset), int(cfg.expert_offset) + int(cfg.num_experts)))
     log.info("buffer %s: experts %d..%d, %d epochs each", store.dir, indices[0], indices[-1],
              training["train_epochs"])
-    from tqdm.auto import tqdm
 
     def train(index: int) -> dict:
         return train_expert(index, store, real, net_factory, augment, training, device, float(cfg.progress_every))
 
-    done: dict[str, list[int]] = {"trained": [], "skipped": [], "busy": []}
-    for index in tqdm(indices, desc="experts", position=0, disable=None):
-        done[_ensure(store, index, training["train_epochs"], train, wait=False)].append(index)
-    for index in done.pop("busy"):  # held by another job: wait for it, train it if that job died
-        log.info("expert %d is being trained by another job; waiting for it", index)
-        done[_ensure(store, index, training["train_epochs"], train, wait=True)].append(index)
+    done = store.fill(indices, train, adopt=lambda index: _register_existing(store, index, training["train_epochs"]))
     return {"dir": str(store.dir), "trained": done["trained"], "skipped": done["skipped"],
             "experts": store.entries()}
 

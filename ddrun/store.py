@@ -337,6 +337,31 @@ class Collection:
         with locked(self.dir / f"{self.prefix}_{index:04d}.lock", blocking=wait) as held:
             yield held
 
+    def fill(self, indices: list[int], train: Callable[[int], object],
+             adopt: Callable[[int], bool] | None = None) -> dict[str, list[int]]:
+        """Make every item of ``indices`` exist, as one shard of a job array: items already in the manifest are
+        skipped; the others are claimed and trained with ``train(index)`` (``adopt(index)`` may first register a
+        finished file the manifest misses, returning True); items another job holds are waited for at the end
+        and trained here if that job died. Returns ``{"trained": [indices], "skipped": [indices]}``."""
+        def ensure(index: int, wait: bool) -> str:
+            if self.is_done(index):
+                return "skipped"
+            with self.claim(index, wait=wait) as held:
+                if not held:
+                    return "busy"
+                if self.is_done(index) or (adopt is not None and self.item_path(index).is_file() and adopt(index)):
+                    return "skipped"  # finished by the job that held it, or a finished file now registered
+                train(index)
+                return "trained"
+
+        done: dict[str, list[int]] = {"trained": [], "skipped": [], "busy": []}
+        for index in indices:
+            done[ensure(index, wait=False)].append(index)
+        for index in done.pop("busy"):
+            log.info("%s %d is being trained by another job; waiting for it", self.prefix, index)
+            done[ensure(index, wait=True)].append(index)
+        return done
+
     def put(self, index: int, payload: dict, metrics: dict) -> dict:
         """Write item ``index`` atomically and register it in the manifest; returns its entry
         ``{"file", "bytes", "sha256", **metrics}``."""

@@ -171,20 +171,6 @@ def train_teacher(index: int, store: Collection, real, net_factory: Callable, re
     return entry
 
 
-def _ensure(store: Collection, index: int, train: Callable[[int], dict], wait: bool) -> str:
-    """Make teacher ``index`` exist: ``"skipped"`` (already there), ``"trained"``, or ``"busy"`` (another job holds
-    it and ``wait`` is false)."""
-    if store.is_done(index):
-        return "skipped"
-    with store.claim(index, wait=wait) as held:
-        if not held:
-            return "busy"
-        if store.is_done(index):  # finished by the job that held it
-            return "skipped"
-        train(index)
-        return "trained"
-
-
 def teacher(cfg: DictConfig) -> dict:
     """Train and store the teachers ``teacher_offset .. teacher_offset + num_teachers - 1`` of the collection
     ``cfg`` describes (module doc); finished ones are skipped, half-trained ones resumed, ones another job is
@@ -215,12 +201,7 @@ def teacher(cfg: DictConfig) -> dict:
     def train(index: int) -> dict:
         return train_teacher(index, store, real, net_factory, recipe, device, int(cfg.test_every))
 
-    done: dict[str, list[int]] = {"trained": [], "skipped": [], "busy": []}
-    for index in indices:
-        done[_ensure(store, index, train, wait=False)].append(index)
-    for index in done.pop("busy"):  # held by another job: wait for it, train it if that job died
-        log.info("teacher %d is being trained by another job; waiting for it", index)
-        done[_ensure(store, index, train, wait=True)].append(index)
+    done = store.fill(indices, train)
     return {"dir": str(store.dir), "trained": done["trained"], "skipped": done["skipped"],
             "teachers": store.entries()}
 

@@ -53,6 +53,13 @@ def describe(p: dict[str, Any]) -> str:
     return line
 
 
+def net_name(factory) -> str:
+    """The architecture's name in protocols: the lower-cased class (or function) a net factory builds, e.g.
+    ``convnet`` for ``ddrun.nets.ConvNet``, ``lenet``, ``resnet18``, ``dd_net``."""
+    target = getattr(factory, "func", factory)
+    return str(getattr(target, "__name__", type(target).__name__)).lower()
+
+
 def net_kwargs(factory) -> dict:
     """The constructor keywords of a net factory (a ``functools.partial`` from ``_partial_: true``)."""
     return {k: v for k, v in sorted(getattr(factory, "keywords", {}).items())}

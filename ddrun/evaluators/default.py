@@ -24,7 +24,7 @@ from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
 from ddrun.nets import build_net
 from ddrun.progress import Progress
-from ddrun.protocol import net_kwargs
+from ddrun.protocol import net_kwargs, net_name
 from ddrun.synthetic import SyntheticSet
 from ddrun.train import Ensemble, accuracy, train_epoch, train_epoch_ensemble
 from ddrun.utils import ConfigError, derive_seed
@@ -61,7 +61,8 @@ class Evaluator(EvaluatorContract):
         lr, momentum, weight_decay, batch_train: SGD settings.
         augment: per-sample DSA during training, or None.
         use_learned_lr: train with S's learned step size when it has one (attribute ``uses_learned_lr``).
-        name: the architecture's name in ``per_net``.
+        name: the architecture's name in ``per_net`` and the protocol (None: :func:`ddrun.protocol.net_name` of
+            ``net``).
         ensemble: train the ``num_eval`` networks together as one stacked model (:class:`ddrun.train.Ensemble`):
             ``true``, ``false`` (one after the other), ``auto`` (stacked on a GPU, where one small network at a
             time leaves it idle; one after the other on the CPU, where stacking was not faster: ``scripts/bench.py
@@ -74,14 +75,15 @@ class Evaluator(EvaluatorContract):
 
     def __init__(self, net: Callable[..., nn.Module], num_eval: int = 5, epochs: int = 1000, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, batch_train: int = 256,
-                 augment: DSA | None = None, use_learned_lr: bool = True, name: str = "convnet",
+                 augment: DSA | None = None, use_learned_lr: bool = True, name: str | None = None,
                  ensemble: str | bool = "auto"):
         check_training_knobs(num_eval, epochs, lr, momentum, weight_decay, batch_train)
         if ensemble not in ("auto", True, False):
             raise ConfigError(f"evaluator.ensemble={ensemble!r}: valid values are auto, true, false")
         self.net_factory, self.num_eval, self.epochs = net, int(num_eval), int(epochs)
         self.lr, self.momentum, self.weight_decay, self.batch_train = lr, momentum, weight_decay, int(batch_train)
-        self.augment, self.uses_learned_lr, self.name = augment, bool(use_learned_lr), name
+        self.augment, self.uses_learned_lr = augment, bool(use_learned_lr)
+        self.name = name or net_name(net)  # what the protocol line and per_net call the architecture
         self.ensemble = ensemble
 
     def protocol_fields(self) -> dict:

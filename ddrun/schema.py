@@ -88,7 +88,15 @@ class BufferSchema(Common):
     batch_train: int = knob(256, 1)
 
 
-SCHEMAS = {"distill": DistillSchema, "evaluate": EvaluateSchema, "buffer": BufferSchema}
+@dataclass
+class TeacherSchema(Common):
+    recipe: Any = None
+    num_teachers: int = knob(1, 1)
+    teacher_offset: int = knob(0, 0)
+    test_every: int = knob(10, 1)
+
+
+SCHEMAS = {"distill": DistillSchema, "evaluate": EvaluateSchema, "buffer": BufferSchema, "teacher": TeacherSchema}
 
 
 def register() -> None:

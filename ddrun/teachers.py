@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddrun.files import atomic_save, safe_load
+from ddrun.schema import check_common
 from ddrun.store import Collection, command_for, teacher_payload, teacher_setting
 from ddrun.utils import ConfigError, DataError, DdrunError, build, command_errors, derive_seed, resolve_device, \
     seed_everything
@@ -49,11 +50,9 @@ def recipe_of(cfg: DictConfig) -> dict:
 
 
 def _check(cfg: DictConfig, recipe: dict) -> None:
-    for key in ("num_teachers", "test_every"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key}={cfg[key]}: must be >= 1")
-    if int(cfg.teacher_offset) < 0:
-        raise ConfigError(f"teacher_offset={cfg.teacher_offset}: must be >= 0")
+    """The command's checks before any work: the schema's (types, ranges, known keys, device, logger) and the
+    recipe's values."""
+    check_common(cfg, "teacher")
     for key in ("epochs", "batch"):
         if int(recipe[key]) < 1:
             raise ConfigError(f"recipe.{key}={recipe[key]}: must be >= 1")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IPCS = (1, 10, 50)
-METHODS = ("random", "rded", "sre2l", "edc", "dm")
+METHODS = ("random", "rded", "sre2l", "edc", "dm", "mtt")  # mtt: evaluate only (copy an MTT S to S/mtt_ipc<N>/)
 # earlier methods' S evaluated by the same two protocols (`--methods dm --ipc 10`): DM at a CPU budget
 EARLIER = {"dm": ["net.width=32", "iterations=200", "objective.batch_real=64"]}
 TEACHER = ["net=convnet_bn", "net.width=64"]

@@ -174,24 +174,26 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     seed_everything(seed)
     speed.configure(cfg.get("speed"), bool(cfg.get("deterministic", False)))
     real = build(cfg.dataset).to(device)
+    sets, described = None, {}  # (stored S, decoded S) and the storage description; none for full=true
     if full:
         syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})
         identity = {"method": "full", "ipc": "full", "iterations": 0,
                     "source": {"path": f"the whole {real.name} training set"}}
     else:
-        syn, identity = load_set(cfg, real)
+        stored, identity = load_set(cfg, real)
         param = build(cfg.parametrization)
-        check_parametrization(syn, param, identity["source"]["path"])
-        stored = syn.to(device)
-        identity["stored"] = param.describe(stored)
+        check_parametrization(stored, param, identity["source"]["path"])
+        stored = stored.to(device)
+        described = param.describe(stored)
         syn = param.decode(stored)  # what the networks train on
+        sets = (stored, syn)
     if cfg.label:
         identity["method"] = str(cfg.label)
     res = evaluator(syn, real, seed)
-    out = {**res, **identity, **identity.pop("stored", {}), "dataset": real.name,
-           "iteration": identity["iterations"] or 0, "seed": seed, "per_arch": record.evaluation(res, 0, real)["per_arch"]}
+    out = {**res, **identity, **described, "dataset": real.name, "iteration": identity["iterations"] or 0,
+           "seed": seed, "per_arch": record.evaluation(res, 0, real)["per_arch"]}
     if run_dir is not None:
-        _write_outputs(cfg, run_dir, None if full else (stored, syn), real, out, device)
+        _write_outputs(cfg, run_dir, sets, real, out, device)
     return out
 
 

@@ -120,6 +120,11 @@ class GradientMatching(Objective):
             raise ConfigError(f"objective.layers={layers!r}: valid values are {list(LAYERS)}")
         self.metric, self.layers = metric, layers
 
+    def matched(self, net: nn.Module) -> list[str]:
+        """Names of the parameters whose gradients are matched: all, or with ``layers='conv'`` the convolution
+        kernels only (tensors of 3 or more dimensions, IDC)."""
+        return [k for k, p in net.named_parameters() if self.layers == "all" or p.dim() > 2]
+
     def __call__(self, syn: SyntheticSet, real: RealData, fetched: Fetched, it: int,
                  generator: torch.Generator) -> torch.Tensor:
         net = fetched.net
@@ -128,7 +133,8 @@ class GradientMatching(Objective):
         pairs = list(self.class_pairs(syn, real, generator))  # every draw of the iteration, in the usual order
         if speed.classes_batched(net, syn.images.device) and len({(len(r), len(s)) for _, r, s, _ in pairs}) == 1:
             return self.batched_loss(net, syn, pairs)
-        params = [p for p in net.parameters() if self.layers == "all" or p.dim() > 2]
+        named = dict(net.named_parameters())
+        params = [named[k] for k in self.matched(net)]
         loss = syn.images.new_zeros(())
         for c, r, s, idx in pairs:
             g_real = real_gradient(net, params, r, c)
@@ -151,5 +157,5 @@ class GradientMatching(Objective):
             g_real = per_class({k: v.detach() for k, v in params.items()}, x_real, y_real)
         g_syn = per_class(params, torch.stack([s for _, _, s, _ in pairs]),
                           torch.stack([syn.labels[idx] for *_, idx in pairs]))
-        keys = [k for k, p in params.items() if self.layers == "all" or p.dim() > 2]
+        keys = self.matched(net)
         return match_loss_classes([g_syn[k] for k in keys], [g_real[k] for k in keys], self.metric)

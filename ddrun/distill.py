@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddrun import record, speed
 from ddrun.checkpoint import RunLock, RunState, StopSignals, set_rng_state
-from ddrun.contracts import Parametrization
 from ddrun.progress import Progress
 from ddrun.provenance import Provenance, config_diff
 from ddrun.schema import check_common

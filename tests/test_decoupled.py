@@ -4,9 +4,7 @@ folders in and out, and the presets; tiny data, seconds each. Real-data learning
 
 from __future__ import annotations
 
-import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from torch import nn
 
 from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
-from ddrun.evaluators.kd import KDEvaluator, kd_loss, smoothing_factor
+from ddrun.evaluators.kd import kd_loss, smoothing_factor
 from ddrun.init.rded import select_crops, stitch
 from ddrun.nets import ConvNet
 from ddrun.objectives.statistics import LayerInputs, StatisticsMatching, channel_stats_grouped, real_statistics

@@ -62,8 +62,6 @@ def test_learned_transform_is_applied_to_s_and_resumes(tiny_root, tmp_path):
 
 
 def test_rfad_optimizer_holds_x_t_labels_and_platt(tiny_root):
-    from ddrun.data.datasets import RealData  # noqa: F401  (the objective prepares on real data)
-
     cfg = tiny(tiny_root, "method=rfad")
     real = build(cfg.dataset)
     syn = build(cfg.init)(real, 2, torch.Generator().manual_seed(0))

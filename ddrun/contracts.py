@@ -162,12 +162,17 @@ class Objective:
         its own protocol (KIP/RFAD: kernel-regression accuracy; DD: the learned steps replayed from theta_0)."""
         return {}
 
+    def validation(self, syn: SyntheticSet, x_val: torch.Tensor, y_val: torch.Tensor, seed: int) -> dict[str, float]:
+        """The objective's own score of S on a held-out validation split (images float ``[M, C, H, W]``, int64
+        labels ``[M]``), for validation-based selection and early stopping of S (``early_stopping``,
+        ``ddrun.selection``): ``{"val_loss": float (lower is better), "val_acc": percent, ...}``, the same for the
+        same S and ``seed``. Objectives without one raise NotImplementedError (:func:`validates` tells)."""
+        raise NotImplementedError
+
     def real_batch(self, real: RealData, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A class-balanced real batch: ``batch_real`` images of every class, float ``[K * batch_real, C, H, W]``,
         and their int64 labels ``[K * batch_real]`` (KIP's ``class_balanced_sample``)."""
-        xs = [real.sample_class(c, self.batch_real, generator) for c in range(real.num_classes)]
-        ys = [torch.full((len(x),), c, dtype=torch.long, device=x.device) for c, x in enumerate(xs)]
-        return torch.cat(xs), torch.cat(ys)
+        return real.balanced_sample(self.batch_real, generator)
 
     def class_pairs(self, syn: SyntheticSet, real: RealData, generator: torch.Generator):
         """For each class c: ``(c, real_c, syn_c, syn_idx)`` with ``batch_real`` real images of class c and the
@@ -252,3 +257,8 @@ class Stage:
 
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int) -> SyntheticSet:
         raise NotImplementedError
+
+
+def validates(objective: Objective | None) -> bool:
+    """Whether ``objective`` implements :meth:`Objective.validation`."""
+    return objective is not None and type(objective).validation is not Objective.validation

@@ -32,9 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddrun import record, speed
 from ddrun.checkpoint import RunLock, RunState, StopSignals, set_rng_state
+from ddrun.contracts import validates
 from ddrun.progress import Progress
 from ddrun.provenance import Provenance, config_diff
 from ddrun.schema import check_common
+from ddrun.selection import VALIDATING, EarlyStopping
 from ddrun.utils import (ConfigError, DdrunError, build, command_errors, derive_seed, resolve_device,
                          seed_everything)
 
@@ -196,9 +198,12 @@ class Distillation:
         self.objective = build(cfg.objective) if has_objective(cfg) else None
         self.schedule, self.param = build(cfg.schedule), build(cfg.parametrization)
         self.stages = {name: build(node) for name, node in (cfg.get("stages") or {}).items()}
+        self.early = self._early_stopping()
         self.real = build(cfg.dataset).to(self.device)
         self.syn = self._initial_set(ckpt)
         self.fetcher = build(cfg.fetcher)(real=self.real, device=self.device, seed=self.seed) if self.objective else None
+        if self.early is not None:
+            self.early.draw(self.real, self.seed)
         self.optimizer = self.scheduler = None
         if self.objective is not None:
             self.objective.prepare(self.syn, self.real)
@@ -211,6 +216,25 @@ class Distillation:
                                **OmegaConf.to_container(cfg.logger, resolve=True))
         self.state.wandb_id = self.tracker.run_id
         self.tracker.restore(self.state.metrics)  # a fresh run starts metrics.jsonl empty; a resumed one as saved
+
+    def _early_stopping(self) -> EarlyStopping | None:
+        """The ``early_stopping`` rule (its validation split is drawn once the data is loaded), or None when it is
+        off.
+
+        Raises:
+            ConfigError: the objective has no validation loss, or ``keep_best`` is set too (both choose the S
+                kept in ``synthetic_best.pt``)."""
+        early = EarlyStopping.from_config(self.cfg.get("early_stopping"))
+        if early is None:
+            return None
+        if not validates(self.objective):
+            raise ConfigError(f"early_stopping.every={early.every}: objective {self.objective_name()} has no "
+                              f"validation loss (those with one: {', '.join(VALIDATING)}); pass "
+                              f"early_stopping.every=null")
+        if self.cfg.get("keep_best"):
+            raise ConfigError("keep_best=true and early_stopping.every both choose the S kept in "
+                              f"{BEST_FILE} (by test accuracy / by validation loss): set one of them")
+        return early
 
     def _initial_set(self, ckpt: dict | None):
         """S at the start of this attempt, on the device, with its metadata."""
@@ -235,11 +259,27 @@ class Distillation:
         """Component states from the checkpoint, after they are built (``prepare`` switched on what S learns)."""
         self.syn.load_state(ckpt["syn"])
         for name, part in (("fetcher", self.fetcher), ("objective", self.objective), ("optimizer", self.optimizer),
-                           ("scheduler", self.scheduler)):
+                           ("scheduler", self.scheduler), ("selection", self.early)):
             if part is not None and ckpt.get(name):
                 part.load_state_dict(ckpt[name])
+        self._check_ended()
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+
+    def _check_ended(self) -> None:
+        """A run that stopped early stays ended (its S is the selected one); one that ended at its last iteration
+        with S reverted to the best validation cannot be extended (the unreverted S is gone)."""
+        st = None if self.early is None else self.early.state
+        if st is None or st.ended_at is None:
+            return
+        if st.stopped:
+            log.info("this run stopped early at iteration %d (early_stopping.patience): nothing more to do",
+                     st.ended_at)
+            self.iterations = st.ended_at
+        elif st.ended_at < self.iterations and self.early.revert and st.best_iteration != st.ended_at:
+            raise ConfigError(f"this run ended at iteration {st.ended_at} with S reverted to iteration "
+                              f"{st.best_iteration} (early_stopping.revert=true), so iterations={self.iterations} "
+                              f"cannot continue it: use another run directory")
 
     # --- the loop -----------------------------------------------------------------------------------------
     def run(self, stop: StopSignals) -> dict:
@@ -250,6 +290,8 @@ class Distillation:
         bar = Progress(self.iterations, self.state.iteration, "distill", float(self.cfg.progress_every), log)
         try:
             for it in range(self.state.iteration, self.iterations + 1):
+                if self.early is not None and self.early.due(it, self.iterations) and not self.state.stages_done:
+                    self.select(it)
                 if it == self.iterations:
                     self.run_stages(stop)
                 self.boundary(it, stop)
@@ -257,7 +299,7 @@ class Distillation:
                     break
                 self.step(it)
                 bar.update(1, loss=self.state.loss, acc=self._last_acc())
-            self.syn.meta["iteration"] = self.iterations
+            self.syn.meta["iteration"] = self.final_iteration()
             self.syn.save(self.run_dir / "synthetic.pt")
             self.write_record()
         finally:
@@ -326,13 +368,49 @@ class Distillation:
             return
         prior = self.best_row(before=it)
         if prior is None or r["acc_mean"] > prior["acc_mean"]:
-            best = self.syn.state()
-            best["meta"] = {**best["meta"], "iteration": it, "selected_by": "best test accuracy over the evaluations "
-                            f"({r['protocol']})"}
-            from ddrun.files import atomic_save
-
-            atomic_save(best, self.run_dir / BEST_FILE)
+            self.keep(it, f"best test accuracy over the evaluations ({r['protocol']})")
             log.info("iteration %d: best evaluation so far, S kept in %s", it, self.run_dir / BEST_FILE)
+
+    def keep(self, it: int, selected_by: str) -> None:
+        """Write S of iteration ``it`` to ``synthetic_best.pt`` with how it was selected in its metadata."""
+        from ddrun.files import atomic_save
+
+        best = self.syn.state()
+        best["meta"] = {**best["meta"], "iteration": it, "selected_by": selected_by}
+        atomic_save(best, self.run_dir / BEST_FILE)
+
+    def select(self, it: int) -> None:
+        """``early_stopping`` before iteration ``it`` (``ddrun.selection``): score S on the validation split, keep
+        it when it is the best so far; at the last iteration, or when the patience ran out (the run then ends at
+        ``it``), revert S to the best one when ``revert`` is set."""
+        early = self.early
+        scores = self.objective.validation(self.param.decode(self.syn), early.x_val, early.y_val, self.seed)
+        self.tracker.log({k: float(v) for k, v in scores.items()}, it)
+        if early.observe(it, float(scores["val_loss"])):
+            self.keep(it, early.describe(self.objective_name()))
+        stop = early.exhausted(it)
+        if not (stop or it == self.iterations):
+            return
+        best = early.state.best_iteration
+        if stop:
+            log.info("early stopping at iteration %d: no lower validation loss since iteration %d (patience %d)",
+                     it, best, early.patience)
+            self.iterations = it
+        early.state.ended_at, early.state.stopped = it, stop
+        if early.revert and best != it:
+            self.syn.load_state(torch.load(self.run_dir / BEST_FILE, map_location="cpu", weights_only=True))
+            log.info("iteration %d: S reverted to iteration %d (lowest validation loss %.4g)", it, best,
+                     early.state.best_loss)
+
+    def objective_name(self) -> str:
+        return str(OmegaConf.select(self.cfg, "objective._target_", default="none")).rsplit(".", 1)[-1]
+
+    def final_iteration(self) -> int:
+        """The iteration the final S comes from: the last one, or the best validated one when reverted."""
+        early = self.early
+        if early is not None and early.revert and early.state.best_iteration is not None:
+            return early.state.best_iteration
+        return self.iterations
 
     def write_record(self) -> None:
         """``results.json`` (``ddrun.record``): the run's identity, setting, S's digest and its final evaluations."""
@@ -341,7 +419,8 @@ class Distillation:
         kept = self.run_dir / BEST_FILE
         config = OmegaConf.to_container(self.cfg, resolve=True)
         rec = {"command": "distill", "run_dir": str(self.run_dir), "method": str(self.cfg.preset.name),
-               "dataset": self.real.name, "ipc": int(self.cfg.ipc), "seed": self.seed, "iterations": self.iterations,
+               "dataset": self.real.name, "ipc": int(self.cfg.ipc), "seed": self.seed,
+               "iterations": int(self.cfg.iterations), "early_stopping": self.selection_record(),
                "config_hash": self.chash, "setting_hash": setting_hash(self.cfg),
                "setting": record.flat_setting(config, NOT_S + ("seed",)),
                "synthetic": record.synthetic_info(self.syn, self.run_dir / "synthetic.pt",
@@ -357,6 +436,19 @@ class Distillation:
         except OSError as exc:
             raise DdrunError(f"could not write {self.run_dir / record.FILENAME} ({exc.strerror or exc}); S is "
                              f"saved in {self.run_dir / 'synthetic.pt'}") from None
+
+    def selection_record(self) -> dict | None:
+        """The record's ``early_stopping`` entry: how S was selected, the best validated iteration and loss, where
+        the run stopped (None: it ran all its iterations) and whether the final S is the best one."""
+        early = self.early
+        if early is None:
+            return None
+        st = early.state
+        return {"selected_by": early.describe(self.objective_name()), "best_iteration": st.best_iteration,
+                "best_val_loss": st.best_loss,
+                "stopped_at": st.ended_at if st.ended_at is not None and st.ended_at < int(self.cfg.iterations)
+                else None,
+                "final_is_best": bool(early.revert), "synthetic_best": str(self.run_dir / BEST_FILE)}
 
     def step(self, it: int) -> None:
         """Iteration ``it``: fetch a network, ``schedule.steps`` updates of S, then the checks."""
@@ -449,7 +541,7 @@ class Distillation:
         parts = {"syn": self.syn.state(), "config_hash": self.chash,
                  "config": json.dumps(OmegaConf.to_container(self.cfg, resolve=True), default=str)}
         for name, part in (("fetcher", self.fetcher), ("objective", self.objective), ("optimizer", self.optimizer),
-                           ("scheduler", self.scheduler)):
+                           ("scheduler", self.scheduler), ("selection", self.early)):
             parts[name] = part.state_dict() if part is not None else {}
         try:
             st.save(self.ckpt_path, parts)

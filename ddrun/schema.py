@@ -43,6 +43,16 @@ class Common:
 
 
 @dataclass
+class EarlyStoppingSchema:
+    """``early_stopping`` (``ddrun.selection``); its ranges are checked by ``EarlyStopping``."""
+
+    every: Optional[int] = None
+    patience: Optional[int] = None
+    val_per_class: int = 500
+    revert: bool = True
+
+
+@dataclass
 class DistillSchema(Common):
     ipc: int = knob(10, 1)
     iterations: int = knob(1000, 0)
@@ -55,6 +65,7 @@ class DistillSchema(Common):
     stages: Dict[str, Any] = field(default_factory=dict)
     beside: Dict[str, Any] = field(default_factory=dict)
     keep_best: bool = False
+    early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
     preset: Any = None
     init: Any = None
     fetcher: Any = None

@@ -91,6 +91,15 @@ class RealData:
         perm = torch.randperm(len(idx), generator=generator)[:n].to(idx.device)
         return self.train_images[idx[perm]]
 
+    def balanced_sample(self, per_class: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+        """A class-balanced sample of the training split: :meth:`sample_class` of every class in order. Returns
+        float32 images ``[K * per_class, C, H, W]`` and their int64 labels ``[K * per_class]`` (fewer for classes
+        with fewer samples), on ``self.device``."""
+        xs = [self.sample_class(c, per_class, generator) for c in range(self.num_classes)]
+        ys = [torch.full((len(x),), c, dtype=torch.long, device=x.device) for c, x in enumerate(xs)]
+        return torch.cat(xs), torch.cat(ys)
+
     def to_pixels(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Map normalized (and whitened) images back to pixel space, clamped to ``[0, 1]`` unless ``clamp`` is
         false."""

@@ -162,9 +162,7 @@ class RegressionEvaluator(EvaluatorContract):
         if not self.val_per_class:
             return None
         g = torch.Generator().manual_seed(derive_seed(seed, 15485863))
-        xs = [real.sample_class(c, self.val_per_class, g) for c in range(real.num_classes)]
-        ys = [torch.full((len(x),), c, dtype=torch.long, device=x.device) for c, x in enumerate(xs)]
-        return torch.cat(xs), torch.cat(ys)
+        return real.balanced_sample(self.val_per_class, g)
 
     def train_one(self, syn: SyntheticSet, real: RealData, seed: int) -> float:
         """Train one network from ``seed`` on S; return its test accuracy in percent."""

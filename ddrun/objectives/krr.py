@@ -175,21 +175,50 @@ class KIP(KernelRidge):
         kernel: kernel factory ``(channels, num_classes, im_size, device) -> FeatureKernel`` (the
             ``objective/kernel`` config group: ``nngp`` random features or ``ntk``).
         report_krr: log the kernel-regression test accuracy (percent, ``krr_acc``) at each evaluation.
+        val_models: random networks of the fixed kernel draw that scores S on a validation split
+            (:meth:`validation`, for ``early_stopping``; RFAD: 16, its ``valid_fixed_seed`` models); None: the
+            objective's own ``n_models``.
 
     Raises:
         ConfigError: no kernel configured.
     """
 
-    def __init__(self, kernel: Callable[..., FeatureKernel] | None = None, report_krr: bool = True, **kwargs):
+    def __init__(self, kernel: Callable[..., FeatureKernel] | None = None, report_krr: bool = True,
+                 val_models: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if kernel is None:
             raise ConfigError("objective.kernel is not set: choose objective/kernel=nngp or objective/kernel=ntk")
+        if val_models is not None and int(val_models) < 1:
+            raise ConfigError(f"objective.val_models={val_models}: must be >= 1 or null (the kernel's n_models)")
         self.kernel_factory, self.report_krr = kernel, bool(report_krr)
+        self.val_models = None if val_models is None else int(val_models)
+        self._val: tuple | None = None  # (validation images' identity, kernel, their features)
 
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
         super().prepare(syn, real)
-        self.kernel = self.kernel_factory(channels=real.channels, num_classes=real.num_classes,
-                                          im_size=real.im_size, device=syn.images.device)
+        self._kernel_args = dict(channels=real.channels, num_classes=real.num_classes, im_size=real.im_size,
+                          device=syn.images.device)
+        self.kernel = self.kernel_factory(**self._kernel_args)
+
+    @torch.no_grad()
+    def validation(self, syn: SyntheticSet, x_val: torch.Tensor, y_val: torch.Tensor, seed: int) -> dict[str, float]:
+        """S's kernel-regression loss (this objective's :meth:`loss`, with RFAD's current Platt scale) and accuracy
+        (percent) on the validation split ``x_val`` ``[M, C, H, W]`` / ``y_val`` int64 ``[M]``, with one fixed
+        kernel draw of ``val_models`` networks from ``seed`` (RFAD ``distillation.py``: 16 models at fixed seeds,
+        the validation features computed once). The draw and the validation features are cached for the run."""
+        key = (x_val.data_ptr(), tuple(x_val.shape))
+        if self._val is None or self._val[0] != key:
+            kernel = self.kernel_factory(**self._kernel_args, **({} if self.val_models is None else
+                                                          {"n_models": self.val_models}))
+            kernel.resample(torch.Generator().manual_seed(derive_seed(seed, 16180339)))
+            feats = torch.cat([kernel.features(x_val[i:i + 500]) for i in range(0, len(x_val), 500)])
+            self._val = (key, kernel, feats)
+        _, kernel, f_val = self._val
+        x_s, y_s = self.support(syn)
+        f_s = kernel.features(x_s)
+        pred = krr_predict(kernel.gram(f_s, f_s), kernel.gram(f_val, f_s), y_s, self.reg)
+        acc = 100.0 * float((pred.argmax(1) == y_val).float().mean())
+        return {"val_loss": float(self.loss(pred, y_val, syn)), "val_acc": acc}
 
     def kernel_for(self, fetched: Fetched, generator: torch.Generator) -> FeatureKernel:
         self.kernel.resample(generator)

@@ -50,6 +50,14 @@ def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
     if meta.get("zca") and meta.get("zca_form") and meta["zca_form"] != form:
         raise ConfigError(f"{source} was whitened with the {meta['zca_form']} ZCA form, not {form}: pass "
                           f"dataset.zca_form={meta['zca_form']}")
+    centre = getattr(real.zca, "centre", None)
+    if meta.get("zca") and meta.get("zca_centre") is not None and meta["zca_centre"] != centre:
+        raise ConfigError(f"{source} was whitened {'centred' if meta['zca_centre'] else 'uncentred'}, this dataset "
+                          f"{'centred' if centre else 'uncentred'}: pass dataset.zca_centre="
+                          f"{str(meta['zca_centre']).lower()}")
+    if meta.get("layernorm") is not None and bool(meta["layernorm"]) != bool(getattr(real, "layernorm", False)):
+        raise ConfigError(f"{source} was made {'with' if meta['layernorm'] else 'without'} per-image layer "
+                          f"normalization: pass dataset.layernorm={str(bool(meta['layernorm'])).lower()}")
 
 
 def check_outside_set(d: dict, real: RealData, source: str) -> None:
@@ -64,7 +72,8 @@ def check_outside_set(d: dict, real: RealData, source: str) -> None:
 
     images, labels, k = d["images"], d["labels"], real.num_classes
     space = f"float32 [N, {real.channels}, {real.im_size[0]}, {real.im_size[1]}] in {real.name}'s normalized space " \
-            f"((x/255 - mean)/std with mean {list(real.mean)}, std {list(real.std)}{', then ZCA' if real.zca else ''})"
+            f"((x/255 - mean)/std with mean {list(real.mean)}, std {list(real.std)}" \
+            f"{', then per-image layer norm' if real.layernorm else ''}{', then ZCA' if real.zca else ''})"
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
         raise ConfigError(f"{source}: 'images' must be a non-empty tensor {space}")
     if not images.dtype.is_floating_point:

@@ -39,7 +39,7 @@ def export(cfg: DictConfig) -> dict:
         raise ConfigError(f"format={cfg.format!r}: valid formats are {list(FORMATS)}")
     syn = SyntheticSet.load(cfg.synthetic)
     meta = syn.meta
-    if meta.get("zca") or meta.get("mean") is None:
+    if meta.get("zca") or meta.get("layernorm") or meta.get("mean") is None:
         real = build(cfg.dataset)
         to_pixels = real.to_pixels
     else:

@@ -134,9 +134,7 @@ def read_imagefolder(path: str | Path, real: RealData) -> SyntheticSet:
         except Exception as exc:  # noqa: BLE001 - PIL raises assorted errors on damaged files
             raise DataError(f"corrupt or unreadable image {root / rel} ({type(exc).__name__}: {exc})") from None
         arrays.append(resize(x) if tuple(x.shape[-2:]) != tuple(real.im_size) else x)
-    images = _normalize(torch.stack(arrays), real.mean, real.std)
-    if real.zca is not None:
-        images = real.zca(images.to(real.device)).cpu()
+    images = real.encode(_normalize(torch.stack(arrays), real.mean, real.std).to(real.device)).cpu()
     hard = torch.tensor([k for _, k in samples], dtype=torch.long)
     labels = hard if soft is None else soft
     meta = json.loads((root / META).read_text()) if (root / META).is_file() else {}

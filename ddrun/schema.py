@@ -211,11 +211,33 @@ def check_component_keys(node: Any, path: str = "") -> None:
 
 
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
+ZCA_FORMS = ("absolute", "relative")   # ddrun.data.zca.ZCA's forms (dataset.zca_form)
+
+
+def check_dataset_preprocessing(dataset) -> None:
+    """``dataset.zca_form`` is one of :data:`ZCA_FORMS`; ``dataset.zca_centre`` and ``dataset.layernorm`` are
+    booleans (absent keys are not checked: the loaders' defaults apply).
+
+    Raises:
+        ConfigError: one line naming the key, the bad value and the valid values.
+    """
+    from ddrun.utils import ConfigError
+
+    if dataset is None:
+        return
+    form = dataset.get("zca_form")
+    if form is not None and form not in ZCA_FORMS:
+        raise ConfigError(f"dataset.zca_form={form}: valid values are {', '.join(ZCA_FORMS)}")
+    for key in ("zca_centre", "layernorm"):
+        value = dataset.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"dataset.{key}={value}: valid values are true, false")
 
 
 def check_common(cfg, command: str) -> None:
     """The checks every command makes before any work: the schema's types, ranges and known keys
-    (``ddrun.schema``), the keys of every component, the device, the logger mode and the dataset subsets.
+    (``ddrun.schema``), the keys of every component, the device, the logger mode, the dataset's ZCA / layernorm
+    options and the dataset subsets.
 
     Raises:
         ConfigError: one line naming the key, the bad value and what is allowed.
@@ -230,6 +252,7 @@ def check_common(cfg, command: str) -> None:
     mode = OmegaConf.select(cfg, "logger.mode")
     if mode is not None and mode not in LOGGER_MODES:
         raise ConfigError(f"logger.mode={mode}: valid values are {', '.join(LOGGER_MODES)}")
+    check_dataset_preprocessing(cfg.get("dataset"))
     for key in ("train_subset", "test_subset"):
         n = OmegaConf.select(cfg, f"dataset.{key}")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):

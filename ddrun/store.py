@@ -80,6 +80,7 @@ def setting_of(real, net_factory: Callable, augment) -> dict:
     and the augmentation its items were trained with. Plain JSON types."""
     zca_reg = None if real.zca is None else float(getattr(real.zca, "regularization", 0.1))
     zca_form = None if real.zca is None else getattr(real.zca, "form", "absolute")
+    zca_centre = None if real.zca is None else getattr(real.zca, "centre", True)
     aug = {"strategy": "none"}
     if augment is not None and augment.enabled:
         aug = {"strategy": augment.strategy, **{k: float(v) for k, v in sorted(augment.p.items())}}
@@ -90,6 +91,10 @@ def setting_of(real, net_factory: Callable, augment) -> dict:
                "channels": real.channels, "im_size": list(real.im_size), "num_classes": real.num_classes}
     if zca_form == "relative":  # recorded only for the relative form: absolute-ZCA settings keep their old keys
         dataset["zca_form"] = zca_form
+    if zca_centre is False:  # likewise only RFAD's uncentred ZCA and per-image layer norm (old keys stay)
+        dataset["zca_centre"] = False
+    if getattr(real, "layernorm", False):
+        dataset["layernorm"] = True
     return {"dataset": dataset, "net": net_spec(net_factory), "augment": aug}
 
 
@@ -108,7 +113,10 @@ def collection_dir(root: str | Path, kind: str, setting: dict) -> Path:
     dkey = ds["name"]
     if ds["zca"]:
         reg = ds["zca_regularization"]
-        dkey += "-zca" + ("rel" if ds.get("zca_form") == "relative" else "") + ("" if reg == 0.1 else f"{reg:g}")
+        dkey += ("-zca" + ("rel" if ds.get("zca_form") == "relative" else "")
+                 + ("unc" if ds.get("zca_centre") is False else "") + ("" if reg == 0.1 else f"{reg:g}"))
+    if ds.get("layernorm"):
+        dkey += "-ln"
     if ds["train_subset"] is not None:
         dkey += f"-sub{ds['train_subset']}"
     net = setting["net"]
@@ -169,8 +177,12 @@ def command_for(kind: str, setting: dict, root: str | Path, data: str | Path | N
         args.append("dataset.zca=true")
         if ds.get("zca_form") == "relative":
             args.append("dataset.zca_form=relative")
+        if ds.get("zca_centre") is False:
+            args.append("dataset.zca_centre=false")
         if ds["zca_regularization"] != 0.1:
             args.append(f"dataset.zca_regularization={ds['zca_regularization']:g}")
+    if ds.get("layernorm"):
+        args.append("dataset.layernorm=true")
     choice = _net_choice(net["class"])
     if choice or kind != "experts":  # `ddrun teacher` defaults to another net than convnet: always name it
         args.append(f"net={choice or 'convnet'}")

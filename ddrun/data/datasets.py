@@ -35,13 +35,15 @@ class RealData:
 
     Attributes:
         name: the dataset's config name (``fashion_mnist`` ...).
-        train_images, test_images: float32 ``[N, C, H, W]``, normalized (and ZCA-whitened when ``zca`` is set).
+        train_images, test_images: float32 ``[N, C, H, W]``, normalized, then layer-normalized per image when
+            ``layernorm`` is set, then ZCA-whitened when ``zca`` is set (:meth:`encode`).
         train_labels, test_labels: int64 ``[N]`` class indices in ``[0, num_classes)``.
         mean, std: per-channel normalization statistics (pixel values in [0, 1]).
         num_classes: number of classes K.
         class_names: K names.
         dsa_strategy: the DSA strategy the reference uses for this dataset (no flip for digits).
         zca: an optional whitening transform with ``inverse(x)``; images are stored whitened when present.
+        layernorm: each image was centred and scaled to unit L2 norm before ZCA (:func:`layernorm_images`).
         train_subset: the per-class training subset size the data was loaded with (None: the full split).
     """
 
@@ -56,6 +58,7 @@ class RealData:
     class_names: list[str]
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     zca: object | None = None
+    layernorm: bool = False
     train_subset: int | None = None
     _class_index: list[torch.Tensor] | None = field(default=None, repr=False)
 
@@ -100,11 +103,25 @@ class RealData:
         ys = [torch.full((len(x),), c, dtype=torch.long, device=x.device) for c, x in enumerate(xs)]
         return torch.cat(xs), torch.cat(ys)
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Map mean/std-normalized images float ``[N, C, H, W]`` into the space the splits are stored in: per-image
+        layer normalization when ``layernorm`` is set, then ZCA when ``zca`` is set. Same shape and dtype."""
+        if self.layernorm:
+            x = layernorm_images(x)
+        return self.zca(x) if self.zca is not None else x
+
     def to_pixels(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Map normalized (and whitened) images back to pixel space, clamped to ``[0, 1]`` unless ``clamp`` is
-        false."""
+        """Map stored-space images float ``[N, C, H, W]`` back to pixel space, clamped to ``[0, 1]`` unless
+        ``clamp`` is false: undo ZCA, then the mean/std normalization.
+
+        Per-image layer normalization (``layernorm``) is not invertible (each image's own mean and norm are
+        dropped): such images are multiplied by ``sqrt(C*H*W)``, which gives a layer-normalized image per-image
+        zero mean and unit standard deviation in the normalized space, and are shown from there, so their
+        brightness and contrast are the dataset's average rather than their own."""
         if self.zca is not None:
             x = self.zca.inverse(x)
+        if self.layernorm:
+            x = x * float(x[0].numel()) ** 0.5
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         x = x * std + mean
@@ -122,6 +139,23 @@ def _normalize(uint8_nchw: np.ndarray | torch.Tensor, mean: Sequence[float], std
     return x.sub_(m).div_(s)
 
 
+def layernorm_images(x: torch.Tensor) -> torch.Tensor:
+    """Per-image layer normalization before ZCA (RFAD, Loo et al. NeurIPS 2022, yolky/RFAD ``data.layernorm_data``,
+    on SVHN): each image minus its own mean over ``(C, H, W)``, divided by the L2 norm (square root of the sum of
+    squares, not the standard deviation) of the result over ``(C, H, W)``.
+
+    Args:
+        x: float ``[N, C, H, W]``.
+
+    Returns:
+        Same shape and dtype; every image has mean 0 and L2 norm 1. A constant image (norm 0, where the reference
+        divides by zero) comes back all zeros.
+    """
+    centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    norm = centred.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
+    return centred / norm.clamp_min(torch.finfo(x.dtype).tiny)
+
+
 def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: int) -> torch.Tensor | None:
     """Indices of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle; None for all."""
     if per_class is None:
@@ -132,8 +166,9 @@ def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: i
 
 
 def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float],
-               form: str = "absolute"):
-    """``(zca object or None, mean, std)``. ``zca`` true builds :class:`~ddrun.data.zca.ZCA` of ``form``. With the
+               form: str = "absolute", centre: bool = True):
+    """``(zca object or None, mean, std)``. ``zca`` true builds :class:`~ddrun.data.zca.ZCA` of ``form`` and
+    ``centre``. With the
     ``absolute`` form (MTT) the images are only scaled to [0, 1] (mean 0, std 1), as the MTT reference (``ToTensor``
     without ``Normalize`` when ``--zca``), because an absolute regularization depends on the input scale; with the
     ``relative`` form (KIP / RFAD / FRePo) they are mean/std normalized first, as in those references."""
@@ -142,19 +177,23 @@ def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[
     if zca is True:
         from ddrun.data.zca import ZCA
 
-        zca = ZCA(regularization, form=form)
+        zca = ZCA(regularization, form=form, centre=centre)
     if getattr(zca, "form", "absolute") == "relative":
         return zca, mean, std
     return zca, [0.0] * len(mean), [1.0] * len(std)
 
 
 def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_strategy, train_subset,
-            test_subset, zca=None) -> RealData:
-    """Assemble a RealData: fit ZCA (when set) on the *full* training split, then keep the class-balanced
-    subsets, then whiten."""
+            test_subset, zca=None, layernorm: bool = False) -> RealData:
+    """Assemble a RealData from normalized splits: layer-normalize each image (when ``layernorm``), fit ZCA (when
+    set) on the *full* training split, then keep the class-balanced subsets, then whiten."""
+    if not isinstance(layernorm, bool):
+        raise DataError(f"dataset.layernorm={layernorm!r}: valid values are [true, false]")
     train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.int64)
     test_y = torch.as_tensor(np.asarray(test_y), dtype=torch.int64)
     k = len(classes)
+    if layernorm:
+        train_x, test_x = layernorm_images(train_x), layernorm_images(test_x)
     if zca is not None:
         zca.fit(train_x)
     for split, sub, (x, y) in (("train", train_subset, (train_x, train_y)), ("test", test_subset, (test_x, test_y))):
@@ -166,7 +205,8 @@ def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_stra
                 test_x, test_y = x[idx], y[idx]
     data = RealData(name=name, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y,
                     mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=k,
-                    class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy, train_subset=train_subset)
+                    class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy, train_subset=train_subset,
+                    layernorm=layernorm)
     if zca is not None:
         data.train_images = zca(data.train_images)
         data.test_images = zca(data.test_images)
@@ -265,7 +305,7 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
                how_to_get: str = "", system_dirs: Sequence[str] = (), download: bool = False,
                dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
                test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
-               zca_form: str = "absolute",
+               zca_form: str = "absolute", zca_centre: bool = True, layernorm: bool = False,
                **_: object) -> RealData:
     """Load an MNIST-family dataset (IDX files) with ``torchvision.datasets.<torchvision_class>``.
 
@@ -275,6 +315,8 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
     ``__call__`` / ``inverse``) whitens both splits with a transform fitted on the full training split
     (:mod:`ddrun.data.zca`, regularization ``zca_regularization`` of form ``zca_form``: ``absolute``, MTT's, the
     images then not mean/std normalized; ``relative``, KIP / RFAD / FRePo's, on mean/std normalized images).
+    ``zca_centre`` false whitens the uncentred second moment ``X^T X / N`` (RFAD's). ``layernorm`` centres each
+    image and scales it to unit L2 norm before ZCA, in both splits (:func:`layernorm_images`, RFAD's on SVHN).
 
     Raises:
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
@@ -297,10 +339,10 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
         return tr, te
 
     tr, te = _load_or_name_corrupt(name, load, files, _read_idx)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(tr.data.unsqueeze(1), mean, std), tr.targets,
                    _normalize(te.data.unsqueeze(1), mean, std), te.targets, mean, std, tr.classes,
-                   dsa_strategy, train_subset, test_subset, zca)
+                   dsa_strategy, train_subset, test_subset, zca, layernorm)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +360,7 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
                  how_to_get: str = "", download: bool = False, verify_checksums: bool = True,
                  dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
                  test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
-                 zca_form: str = "absolute",
+                 zca_form: str = "absolute", zca_centre: bool = True, layernorm: bool = False,
                  **_: object) -> RealData:
     """Load CIFAR-10 / CIFAR-100 (the python pickle batches) with ``torchvision.datasets.<torchvision_class>``.
 
@@ -346,10 +388,10 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_pickle)
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(to_nchw(tr.data), mean, std), tr.targets,
                    _normalize(to_nchw(te.data), mean, std), te.targets, mean, std, tr.classes,
-                   dsa_strategy, train_subset, test_subset, zca)
+                   dsa_strategy, train_subset, test_subset, zca, layernorm)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,7 +410,7 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
                 download: bool = False, verify_checksums: bool = True,
                 dsa_strategy: str = "color_crop_cutout_scale_rotate", train_subset: int | None = None,
                 test_subset: int | None = None, zca: bool | object | None = False, zca_regularization: float = 0.1,
-                zca_form: str = "absolute",
+                zca_form: str = "absolute", zca_centre: bool = True, layernorm: bool = False,
                 **_: object) -> RealData:
     """Load SVHN (``train_32x32.mat``, ``test_32x32.mat`` in ``root``) with ``torchvision.datasets.SVHN``.
     ``zca`` as in :func:`idx_format`.
@@ -390,9 +432,10 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
         return (_Checked(root, split="train", download=download), _Checked(root, split="test", download=download))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_mat)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(tr.data, mean, std), tr.labels, _normalize(te.data, mean, std), te.labels,
-                   mean, std, [str(i) for i in range(10)], dsa_strategy, train_subset, test_subset, zca)
+                   mean, std, [str(i) for i in range(10)], dsa_strategy, train_subset, test_subset, zca,
+                   layernorm)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,7 +462,8 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
                        train_dir: str = "train", test_dir: str = "val", how_to_get: str = "",
                        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
                        test_subset: int | None = None, zca: bool | object | None = False,
-                       zca_regularization: float = 0.1, zca_form: str = "absolute", **_: object) -> RealData:
+                       zca_regularization: float = 0.1, zca_form: str = "absolute", zca_centre: bool = True,
+                       layernorm: bool = False, **_: object) -> RealData:
     """Load an image-folder dataset: ``<root>/<train_dir>/<class>/**/*.{jpg,png,...}`` through
     ``torchvision.datasets.ImageFolder``, and the test split from ``<root>/<test_dir>/<class>/...`` or, in the
     Tiny ImageNet layout, from ``<root>/<test_dir>/images/*`` labelled by ``<test_dir>/val_annotations.txt``.
@@ -448,9 +492,9 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
         test_samples = test.samples
     tr_x, tr_y = _read_images(name, train.samples, im_size)
     te_x, te_y = _read_images(name, test_samples, im_size)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(tr_x, mean, std), tr_y, _normalize(te_x, mean, std), te_y, mean, std,
-                   train.classes, dsa_strategy, train_subset, test_subset, zca)
+                   train.classes, dsa_strategy, train_subset, test_subset, zca, layernorm)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ def herding(real: RealData, ipc: int, generator: torch.Generator, net: Callable[
 def adapt_images(images: torch.Tensor, source: RealData, target: RealData) -> torch.Tensor:
     """Images of ``source`` (its normalized space) in ``target``'s form: mapped to pixels, resized to the target's
     image size (bilinear, antialiased), channels repeated (1 -> 3) or averaged (3 -> 1), then normalized (and
-    ZCA-whitened) as the target's images. Returns float ``[N, C_target, H_target, W_target]``.
+    layer-normalized / ZCA-whitened when the target is: ``RealData.encode``) as the target's images. Returns
+    float ``[N, C_target, H_target, W_target]``.
 
     Raises:
         ConfigError: channel counts other than equal, 1 -> C or C -> 1.
@@ -153,8 +154,7 @@ def adapt_images(images: torch.Tensor, source: RealData, target: RealData) -> to
             raise ConfigError(f"cannot map {c_in}-channel images of {source.name} to {c_out} channels of {target.name}")
     mean = torch.tensor(target.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(target.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    x = (x - mean) / std
-    return target.zca(x) if target.zca is not None else x
+    return target.encode((x - mean) / std)
 
 
 def base_images(real: RealData, ipc: int, generator: torch.Generator, base: RealData,

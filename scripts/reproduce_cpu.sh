@@ -38,6 +38,12 @@ run dd_net_after $DD
 RFAD="method=rfad ipc=1 iterations=150 eval_every=150 objective.batch_real=30 objective.kernel.n_models=2
   objective.kernel.net_kwargs.width=128 evaluator.num_eval=2 evaluator.epochs=300 preset.finite_net.width=128
   beside.rfad.steps=1000 beside.rfad.val_per_class=50 beside.rfad.patience=300"
-run rfad_before $RFAD syn_optimizer=adam objective.transform=false
-run rfad_after $RFAD
+run rfad_before $RFAD syn_optimizer=adam objective.transform=false early_stopping.every=null
+run rfad_after $RFAD early_stopping.every=null
+# RFAD's validation-based early stopping (every 20 iterations, 100 per class of the training split, 4 fixed random
+# nets; patience 100 instead of 1,000) against the last S of the same 400 iterations.
+RFAD_ES="$RFAD iterations=400 eval_every=400 early_stopping.every=20 early_stopping.val_per_class=100
+  objective.val_models=4"
+run rfad_es_last $RFAD_ES early_stopping.patience=null early_stopping.revert=false
+run rfad_es_early $RFAD_ES early_stopping.patience=100
 .venv/bin/python scripts/results_table.py "$OUT"

@@ -11,11 +11,12 @@ system is solved by a float64 Cholesky factorization (RFAD solves in double, KIP
 still singular, or a kernel with NaN/Inf entries, raises a one-line DdrunError naming ``objective.reg``.
 
 - :class:`KIP` (Nguyen et al. ICLR 2021; "... with Infinitely Wide Convolutional Networks", NeurIPS 2021):
-  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets. The kernel is NOT the paper's exact
-  infinite-width ConvNet NTK/NNGP (neural_tangents, JAX): it is a random-feature NNGP of 8 *finite* random
-  ConvNets redrawn every iteration (``objective/kernel=nngp``, RFAD's estimator) or the empirical NTK of one small
-  finite network (``objective/kernel=ntk``), see ``ddrun.nets.kernels``; every KIP number of ddrun is for that
-  kernel (``conf/method/kip.yaml`` says why the exact one is not offered).
+  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets. The default kernel is NOT the paper's exact
+  infinite-width ConvNet kernel (neural_tangents, JAX): it is a random-feature NNGP of 8 *finite* random ConvNets
+  redrawn every iteration (``objective/kernel=nngp``, RFAD's estimator) or the empirical NTK of one small finite
+  network (``objective/kernel=ntk``), see ``ddrun.nets.kernels``. ``objective/kernel=exact`` is the exact
+  infinite-width NNGP of the ConvNet without normalization (``ddrun.nets.exact_kernels``), opt-in for its cost
+  (``conf/method/kip.yaml``); the exact NTK is not offered. Every KIP number of ddrun is for the kernel it names.
 - :class:`RFAD` (Loo et al. NeurIPS 2022, Sec. 4): the random-feature NNGP with the Platt-scaled cross-entropy
   ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0), and optionally the learned linear transform of the
   images (``transform``).
@@ -173,7 +174,7 @@ class KIP(KernelRidge):
 
     Args:
         kernel: kernel factory ``(channels, num_classes, im_size, device) -> FeatureKernel`` (the
-            ``objective/kernel`` config group: ``nngp`` random features or ``ntk``).
+            ``objective/kernel`` config group: ``nngp`` random features, ``ntk`` or ``exact``).
         report_krr: log the kernel-regression test accuracy (percent, ``krr_acc``) at each evaluation.
 
     Raises:
@@ -183,7 +184,7 @@ class KIP(KernelRidge):
     def __init__(self, kernel: Callable[..., FeatureKernel] | None = None, report_krr: bool = True, **kwargs):
         super().__init__(**kwargs)
         if kernel is None:
-            raise ConfigError("objective.kernel is not set: choose objective/kernel=nngp or objective/kernel=ntk")
+            raise ConfigError("objective.kernel is not set: choose objective/kernel=nngp, ntk or exact")
         self.kernel_factory, self.report_krr = kernel, bool(report_krr)
 
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:

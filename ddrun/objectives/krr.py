@@ -11,11 +11,12 @@ system is solved by a float64 Cholesky factorization (RFAD solves in double, KIP
 still singular, or a kernel with NaN/Inf entries, raises a one-line DdrunError naming ``objective.reg``.
 
 - :class:`KIP` (Nguyen et al. ICLR 2021; "... with Infinitely Wide Convolutional Networks", NeurIPS 2021):
-  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets. The kernel is NOT the paper's exact
-  infinite-width ConvNet NTK/NNGP (neural_tangents, JAX): it is a random-feature NNGP of 8 *finite* random
-  ConvNets redrawn every iteration (``objective/kernel=nngp``, RFAD's estimator) or the empirical NTK of one small
-  finite network (``objective/kernel=ntk``), see ``ddrun.nets.kernels``; every KIP number of ddrun is for that
-  kernel (``conf/method/kip.yaml`` says why the exact one is not offered).
+  loss ``0.5 * mean((pred_T - Y_T)^2)`` on centered one-hot targets. The default kernel is NOT the paper's exact
+  infinite-width ConvNet kernel (neural_tangents, JAX): it is a random-feature NNGP of 8 *finite* random ConvNets
+  redrawn every iteration (``objective/kernel=nngp``, RFAD's estimator) or the empirical NTK of one small finite
+  network (``objective/kernel=ntk``), see ``ddrun.nets.kernels``. ``objective/kernel=exact`` is the exact
+  infinite-width NNGP of the ConvNet without normalization (``ddrun.nets.exact_kernels``), opt-in for its cost
+  (``conf/method/kip.yaml``); the exact NTK is not offered. Every KIP number of ddrun is for the kernel it names.
 - :class:`RFAD` (Loo et al. NeurIPS 2022, Sec. 4): the random-feature NNGP with the Platt-scaled cross-entropy
   ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0), and optionally the learned linear transform of the
   images (``transform``).
@@ -44,6 +45,7 @@ from torch import nn
 from ddrun.contracts import Fetched, Fetcher, Objective
 from ddrun.data.datasets import RealData
 from ddrun.nets.kernels import FeatureKernel, NetworkFeatures
+from ddrun.schema import accepted_keys
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DdrunError, derive_seed
 
@@ -173,7 +175,7 @@ class KIP(KernelRidge):
 
     Args:
         kernel: kernel factory ``(channels, num_classes, im_size, device) -> FeatureKernel`` (the
-            ``objective/kernel`` config group: ``nngp`` random features or ``ntk``).
+            ``objective/kernel`` config group: ``nngp`` random features, ``ntk`` or ``exact``).
         report_krr: log the kernel-regression test accuracy (percent, ``krr_acc``) at each evaluation.
         val_models: random networks of the fixed kernel draw that scores S on a validation split
             (:meth:`validation`, for ``early_stopping``; RFAD: 16, its ``valid_fixed_seed`` models); None: the
@@ -187,9 +189,14 @@ class KIP(KernelRidge):
                  val_models: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if kernel is None:
-            raise ConfigError("objective.kernel is not set: choose objective/kernel=nngp or objective/kernel=ntk")
+            raise ConfigError("objective.kernel is not set: choose objective/kernel=nngp, ntk or exact")
         if val_models is not None and int(val_models) < 1:
             raise ConfigError(f"objective.val_models={val_models}: must be >= 1 or null (the kernel's n_models)")
+        takes = accepted_keys(getattr(kernel, "func", kernel))
+        if val_models is not None and takes is not None and "n_models" not in takes:
+            raise ConfigError(f"objective.val_models={val_models} sets the random networks of the validation "
+                              f"kernel, but this kernel ({getattr(kernel, 'func', kernel).__name__}) has none: "
+                              f"pass objective.val_models=null")
         self.kernel_factory, self.report_krr = kernel, bool(report_krr)
         self.val_models = None if val_models is None else int(val_models)
         self._val: tuple | None = None  # (validation images' identity, kernel, their features)
@@ -197,7 +204,7 @@ class KIP(KernelRidge):
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
         super().prepare(syn, real)
         self._kernel_args = dict(channels=real.channels, num_classes=real.num_classes, im_size=real.im_size,
-                          device=syn.images.device)
+                                 device=syn.images.device)
         self.kernel = self.kernel_factory(**self._kernel_args)
 
     @torch.no_grad()
@@ -208,8 +215,8 @@ class KIP(KernelRidge):
         the validation features computed once). The draw and the validation features are cached for the run."""
         key = (x_val.data_ptr(), tuple(x_val.shape))
         if self._val is None or self._val[0] != key:
-            kernel = self.kernel_factory(**self._kernel_args, **({} if self.val_models is None else
-                                                          {"n_models": self.val_models}))
+            models = {} if self.val_models is None else {"n_models": self.val_models}
+            kernel = self.kernel_factory(**self._kernel_args, **models)
             kernel.resample(torch.Generator().manual_seed(derive_seed(seed, 16180339)))
             feats = torch.cat([kernel.features(x_val[i:i + 500]) for i in range(0, len(x_val), 500)])
             self._val = (key, kernel, feats)

@@ -226,8 +226,9 @@ def test_outside_sets_are_checked(tiny_root, tmp_path, images, labels, message):
 def test_ctrl_c_is_a_clean_stop_that_resumes(tiny_root, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ddrun.cli", *tiny_cli(tiny_root, run, "iterations=400",
-                                                                           "eval_every=400", "progress_every=0")],
+    # far more iterations than can run before the signal (a fast machine does hundreds per second here)
+    proc = subprocess.Popen([sys.executable, "-m", "ddrun.cli", *tiny_cli(tiny_root, run, "iterations=1000000",
+                                                                           "eval_every=1000000", "progress_every=0")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and time.time() < deadline:
@@ -237,8 +238,11 @@ def test_ctrl_c_is_a_clean_stop_that_resumes(tiny_root, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
     assert "Traceback" not in err and "stopped by SIGINT at iteration" in err
-    r = ddrun(*tiny_cli(tiny_root, run, "iterations=400", "eval_every=400"))
+    stopped = int(err.split("stopped by SIGINT at iteration ")[1].split(";")[0].split()[0])
+    end = stopped + 5
+    r = ddrun(*tiny_cli(tiny_root, run, f"iterations={end}", f"eval_every={end}"))
     assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout
+    assert f"at iteration {stopped}" in r.stderr + r.stdout
 
 
 def test_progress_lines_without_a_terminal(tiny_root, tmp_path):

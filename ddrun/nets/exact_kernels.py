@@ -1,13 +1,16 @@
-"""The exact infinite-width NNGP kernel of ddrun's ConvNet (no normalization), in PyTorch.
+"""The exact infinite-width NNGP and NTK of ddrun's ConvNet (no normalization), in PyTorch.
 
-KIP (Nguyen, Novak, Xiao & Lee, "Dataset Distillation with Infinitely Wide Convolutional Networks", NeurIPS
-2021) regresses with the exact kernel of an infinitely wide ConvNet, computed with neural_tangents (JAX). This
-module computes that kind of kernel, the NNGP, for the architecture of :class:`ddrun.nets.ConvNet` with
-``norm='none', act='relu', pooling='avgpooling'``: ``depth`` blocks of [3x3 conv (stride 1, zero padding 1; 3 for
-the first conv of a 28x28 single-channel input when ``pad28``) -> ReLU -> 2x2 average pool], flatten, linear
-readout. Every layer has Gaussian weights ``N(0, w_var / fan_in)`` and biases ``N(0, b_var)`` (the
-parameterization of :func:`ddrun.nets.kernels.gaussian_init_`), so :class:`~ddrun.nets.kernels.RandomFeatureNNGP`
-with ``net_kwargs: {norm: none}`` converges to this kernel as width x models grows (tests/test_exact_kernel.py).
+KIP (Nguyen, Novak, Xiao & Lee, "Dataset Distillation with Infinitely Wide Convolutional Networks", NeurIPS 2021)
+regresses with the exact kernel of an infinitely wide ConvNet, computed with neural_tangents (JAX). This module
+computes both kernels of that kind, the NNGP and the NTK (``kind='nngp'|'ntk'``), for the architecture of
+:class:`ddrun.nets.ConvNet` with ``norm='none', act='relu', pooling='avgpooling'``: ``depth`` blocks of [3x3 conv
+(stride 1, zero padding 1; 3 for the first conv of a 28x28 single-channel input when ``pad28``) -> ReLU -> 2x2
+average pool], flatten, linear readout. Every layer has Gaussian weights ``N(0, w_var / fan_in)`` and biases ``N(0,
+b_var)`` (the parameterization of :func:`ddrun.nets.kernels.gaussian_init_`), so
+:class:`~ddrun.nets.kernels.RandomFeatureNNGP` with ``net_kwargs: {norm: none}`` converges to the NNGP as width x
+models grows, and the empirical NTK ``J J^T`` of the same network in the NTK parameterization (parameters ``N(0,
+1)``, each layer's output scaled by ``sqrt(w_var / fan_in)``, biases by ``b_std``) converges to the NTK as width
+grows (tests/test_exact_kernel.py).
 
 The recursion (Novak et al., "Bayesian Deep Convolutional Networks with Many Channels are Gaussian Processes",
 ICLR 2019, Sec. 2.2 / Eq. 7; Arora et al., "On Exact Computation with an Infinitely Wide Neural Net", NeurIPS 2019,
@@ -24,9 +27,23 @@ pre-activations over all pairs of positions, ``K[p, p']`` ``[H, W, H, W]``:
 - flatten + readout: ``k(x, x') = readout_w_var * mean_p K[p, p] + readout_b_var`` (the finite readout has
   ``C H W`` inputs and variance ``readout_w_var / (C H W)``).
 
+The NTK (``kind='ntk'``; Jacot et al. NeurIPS 2018; Arora et al. 2019's CNTK, Sec. 4 and Appendix; the rules of
+neural-tangents' ``stax``) carries a second tensor ``Theta[p, p']`` of the same shape beside ``K``, with the same
+normalizations (a layer's weights contribute ``w_var`` x its input covariance, its bias ``b_var``; the chain
+through a later conv multiplies by ``w_var`` and the patch mean):
+
+- first conv: ``Theta1 = K1``;
+- ReLU: ``Theta <- Kdot * Theta`` with ``Kdot = E[relu'(u) relu'(v)] = (pi - arccos c) / (2 pi)`` (degree 0; the
+  derivative of the ReLU covariance above w.r.t. ``K[p, p']``), ``K`` the pre-activation covariance;
+- 2x2 average pool: as for ``K``;
+- later convs: ``Theta' = K' + w_var / 9 * sum_q Theta[p + q, p' + q]`` (= the conv step applied to ``K + Theta``);
+- flatten + readout: ``Theta_out = k(x, x') + readout_w_var * mean_p Theta[p, p]``.
+
+So ``Theta = K + PSD terms``: the NTK is at least the NNGP on the diagonal.
+
 Cost: O(N1 N2 (H W)^2) per layer per kernel matrix (x 9 for the later convs), dominated by the first ReLU: 10^6
-entries per pair of 32x32 images; measured figures in :class:`ExactConvNetNNGP`.
-Only the NNGP is offered; the NTK (Arora et al. 2019's CNTK recursion) is not.
+entries per pair of 32x32 images; the NTK carries two such tensors (about twice the memory per chunk, and
+about twice the time); measured figures in :class:`ExactConvNetNNGP`.
 """
 
 from __future__ import annotations
@@ -77,6 +94,55 @@ class _ReluCov(torch.autograd.Function):
         return g_k, g_v1, g_v2
 
 
+class _ReluDot(torch.autograd.Function):
+    """``relu_dot`` with a hand-written backward. ``out = (pi - arccos c) / (2 pi)``, ``c = k / (s1 s2)``,
+    ``D = 1 / (2 pi sqrt(1 - c^2))``:
+
+        d out / d k = D / (s1 s2),     d out / d var1 = -D c / (2 var1)   (and 1 <-> 2),
+
+    infinite at ``c = +-1``, where ``out`` is not differentiable (``~ 1/2 - sqrt(2 (1 - c)) / (2 pi)``). There ``c``
+    is *saturated*: where ``1 - c^2 < 64 eps`` (float32: 7.6e-6, float64: 1.4e-14) ``c`` is snapped to +-1 in the
+    forward and ``D`` is 0 in the backward. That is exact where ``c`` stays at +-1 under every perturbation (the
+    diagonal of K(x, x), patches that are all padding or all background: there ``dk`` and ``dvar`` move together and
+    the true derivative is 0) and keeps float rounding of ``c`` near 1 (``arccos`` turns an error ``e`` into
+    ``sqrt(2 e)``) from reaching the value or the gradient.
+    """
+
+    @staticmethod
+    def _parts(k, var1, var2):
+        s1 = var1.clamp_min(1e-30).sqrt()[:, :, :, None, None]
+        s2 = var2.clamp_min(1e-30).sqrt()[:, None, None, :, :]
+        c = (k / s1).div_(s2).clamp_(-1.0, 1.0)
+        one_m = (c * c).neg_().add_(1.0)
+        saturated = one_m < 64.0 * torch.finfo(c.dtype).eps
+        return s1, s2, c, one_m, saturated
+
+    @staticmethod
+    def forward(ctx, k, var1, var2):
+        ctx.save_for_backward(k, var1, var2)
+        _, _, c, _, saturated = _ReluDot._parts(k, var1, var2)
+        c = torch.where(saturated, c.sign(), c)
+        return torch.arccos(c).neg_().add_(math.pi).div_(2.0 * math.pi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, var1, var2 = ctx.saved_tensors
+        s1, s2, c, one_m, saturated = _ReluDot._parts(k, var1, var2)
+        d = one_m.clamp_min_(1e-30).rsqrt_().mul_(grad / (2.0 * math.pi)).masked_fill_(saturated, 0.0)
+        g_k = d / s1 / s2
+        dc = d.mul_(c).div_(-2.0)
+        g_v1 = dc.sum(dim=(3, 4)) / var1.clamp_min(1e-30)
+        g_v2 = dc.sum(dim=(1, 2)) / var2.clamp_min(1e-30)
+        return g_k, g_v1, g_v2
+
+
+def relu_dot(k: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor) -> torch.Tensor:
+    """``E[relu'(u) relu'(v)]`` of jointly Gaussian pre-activations: ``(pi - arccos c) / (2 pi)`` (Cho & Saul 2009,
+    degree 0), the derivative of :func:`relu_cov` w.r.t. ``k``. Shapes as :func:`relu_cov`; differentiable w.r.t.
+    all three inputs, with a gradient of 0 where ``c`` is saturated at +-1 (:class:`_ReluDot`)."""
+    return _ReluDot.apply(k, var1, var2)
+
+
 def relu_cov(k: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor) -> torch.Tensor:
     """Covariance of ReLU outputs of jointly Gaussian pre-activations.
 
@@ -121,7 +187,7 @@ def diagonal(k: torch.Tensor) -> torch.Tensor:
 
 
 class ExactConvNetNNGP(FeatureKernel):
-    """Exact infinite-width NNGP kernel of the ConvNet without normalization (module doc).
+    """Exact infinite-width NNGP (or, with ``kind='ntk'``, NTK) of the ConvNet without normalization (module doc).
 
     Args:
         channels, num_classes, im_size: the data's shape (``num_classes`` is unused: the kernel is per output).
@@ -133,32 +199,40 @@ class ExactConvNetNNGP(FeatureKernel):
         chunk: pairs of images propagated at once (memory ~ ``chunk`` x 4 MB per live float32 tensor at 32x32);
             each chunk is recomputed in the backward pass (``torch.utils.checkpoint``) instead of stored.
         norm, act, pooling: must be ``none``, ``relu``, ``avgpooling`` (the only ConvNet this kernel describes).
+        kind: ``nngp`` (the NNGP) or ``ntk`` (the NTK of the NTK parameterization with the same variances); the
+            features are the same for both (only ``K``'s self-variances feed the ReLUs).
 
     ``features(x)`` (float ``[N, C, H, W]``) returns float32 (float64 for float64 input) ``[N, C H W + sum_l H_l
     W_l]``: the flattened images followed by their own pre-activation variances ``K(x, x)[p, p]`` at every layer
     (what the ReLU of every pair needs), differentiable w.r.t. ``x``. ``gram(fa, fb)`` returns float64
-    ``[Na, Nb]``, differentiable w.r.t. both. ``resample`` is a no-op (the kernel is deterministic).
+    ``[Na, Nb]`` (the NNGP or the NTK), differentiable w.r.t. both. ``resample`` is a no-op (the kernel is
+    deterministic).
 
     Cost: O(Na Nb (H W)^2) time per layer; memory O(chunk (H W)^2). Measured on one CPU thread (float32, depth 3,
     pad28 -> 32x32): K(T, S) for |T| = 100, |S| = 10 Fashion-MNIST images, features of both + gram,
     forward + backward w.r.t. S (1,000 pairs + 110 self-covariances): chunk 8: 50 s (18 s forward, 32 s backward),
     peak RSS 2.2 GB; chunk 16: 74 s, 1.6 GB; chunk 4: 48 s, 6.3 GB. About 45 ms per pair: GPU-sized work for
-    KIP's 5,000-target batches.
+    KIP's 5,000-target batches. The NTK, same measurement:
+    chunk 8: 78 s (31 s forward, 47 s backward), peak RSS 4.7 GB; chunk 16: 106 s, 2.3 GB (the NNGP measured
+    beside it: 41 s, 2.3 GB at chunk 8): about 80 ms per pair.
 
     Raises:
         ConfigError: depth < 1, norm/act/pooling other than the above, a map smaller than 2x2 before a pool,
-            w_std/b_std/readout variances < 0, chunk < 1.
+            w_std/b_std/readout variances < 0, chunk < 1, ``kind`` other than ``nngp`` / ``ntk``.
         ValueError: ``gram`` inputs whose width is not this kernel's features'.
     """
 
     def __init__(self, channels: int, num_classes: int, im_size, device=None, depth: int = 3, pad28: bool = True,
                  w_std: float = math.sqrt(2.0), b_std: float = 0.1, readout_w_var: float = 2.0,
                  readout_b_var: float = 0.01, chunk: int = 8, norm: str = "none", act: str = "relu",
-                 pooling: str = "avgpooling"):
+                 pooling: str = "avgpooling", kind: str = "nngp"):
         if (norm, act, pooling) != ("none", "relu", "avgpooling"):
-            raise ConfigError(f"objective.kernel: the exact NNGP is the ConvNet with norm=none, act=relu, "
+            raise ConfigError(f"objective.kernel: the exact kernels describe the ConvNet with norm=none, act=relu, "
                               f"pooling=avgpooling (infinite width has no instance norm); got norm={norm}, "
                               f"act={act}, pooling={pooling}")
+        if kind not in ("nngp", "ntk"):
+            raise ConfigError(f"objective.kernel.kind={kind}: choose nngp (the exact NNGP) or ntk (the exact NTK)")
+        self.kind = kind
         if int(depth) < 1 or int(chunk) < 1:
             raise ConfigError(f"objective.kernel.depth={depth}, chunk={chunk}: both must be >= 1")
         if min(w_std, b_std, readout_w_var, readout_b_var) < 0:
@@ -198,16 +272,23 @@ class ExactConvNetNNGP(FeatureKernel):
         """Run the ``depth`` blocks on ``k``; with ``var1 = var2 = None`` the pairs are (x, x) and the variances are
         read off ``k``'s diagonal. Returns (readout kernel ``[B]``, the variances used per layer)."""
         used = []
+        theta = k if (self.kind == "ntk" and var1 is not None) else None    # the NTK; Theta_1 = K_1
         for layer in range(self.depth):
             if layer > 0:
+                if theta is not None:       # Theta' = K' + w_var A(Theta) = w_var A(K + Theta) + b_var
+                    theta = conv_cov(k + theta, self.w_var, self.b_var)
                 k = conv_cov(k, self.w_var, self.b_var)
             if var1 is None:
                 v = diagonal(k)
                 used.append(v)
-                k = relu_cov(k, v, v)
+                v1 = v2 = v
             else:
-                k = relu_cov(k, var1[layer], var2[layer])
-            k = pool_cov(k)
+                v1, v2 = var1[layer], var2[layer]
+            if theta is not None:
+                theta = pool_cov(theta * relu_dot(k, v1, v2))
+            k = pool_cov(relu_cov(k, v1, v2))
+        if theta is not None:
+            k = k + theta                   # Theta_out = K_out + readout_w_var mean_p Theta[p, p]
         out = self.readout_w_var * diagonal(k).flatten(1).mean(1) + self.readout_b_var
         return out, used
 

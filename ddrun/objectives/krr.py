@@ -15,8 +15,9 @@ still singular, or a kernel with NaN/Inf entries, raises a one-line DdrunError n
   infinite-width ConvNet kernel (neural_tangents, JAX): it is a random-feature NNGP of 8 *finite* random ConvNets
   redrawn every iteration (``objective/kernel=nngp``, RFAD's estimator) or the empirical NTK of one small finite
   network (``objective/kernel=ntk``), see ``ddrun.nets.kernels``. ``objective/kernel=exact`` is the exact
-  infinite-width NNGP of the ConvNet without normalization (``ddrun.nets.exact_kernels``), opt-in for its cost
-  (``conf/method/kip.yaml``); the exact NTK is not offered. Every KIP number of ddrun is for the kernel it names.
+  infinite-width NNGP of the ConvNet without normalization (``ddrun.nets.exact_kernels``), or its exact NTK with
+  ``objective.kernel.kind=ntk`` (the paper's kind of kernel), opt-in for their cost (``conf/method/kip.yaml``).
+  Every KIP number of ddrun is for the kernel it names.
 - :class:`RFAD` (Loo et al. NeurIPS 2022, Sec. 4): the random-feature NNGP with the Platt-scaled cross-entropy
   ``CE(exp(k) * pred_T, y_T)``, k a learned log-scale (init 0), and optionally the learned linear transform of the
   images (``transform``).

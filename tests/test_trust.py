@@ -226,16 +226,24 @@ def test_outside_sets_are_checked(tiny_root, tmp_path, images, labels, message):
 def test_ctrl_c_is_a_clean_stop_that_resumes(tiny_root, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    # far more iterations than can run before the signal (a fast machine does hundreds per second here)
+    # far more iterations than can run before the signal (a fast machine does hundreds per second here); the child
+    # gets Ctrl-C's default action as in a terminal (a shell's background job inherits SIGINT ignored, which ddrun
+    # honours by going on)
     proc = subprocess.Popen([sys.executable, "-m", "ddrun.cli", *tiny_cli(tiny_root, run, "iterations=1000000",
                                                                            "eval_every=1000000", "progress_every=0")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
     assert "Traceback" not in err and "stopped by SIGINT at iteration" in err
     stopped = int(err.split("stopped by SIGINT at iteration ")[1].split(";")[0].split()[0])

@@ -42,13 +42,14 @@ def kd_protocol(ipc: int, epochs: int | None = None) -> list[str]:
 
 def run(cmd: list[str], args) -> None:
     full = [sys.executable, "-m", "ddrun.cli", *cmd, "dataset=fashion_mnist", f"paths.data={args.data}",
-            f"paths.buffers={args.out / 'store'}", "logger=none"]
+            f"paths.buffers={args.out / 'store'}", *([] if cmd[0] == "teacher" else ["logger=none"])]
     print("$ ddrun " + " ".join(shlex.quote(c) for c in full[3:]), flush=True)
     subprocess.run(full, check=True, cwd=ROOT)
 
 
 def teacher(args) -> None:
-    run(["teacher", *TEACHER, "recipe.epochs=3", "test_every=1", f"hydra.run.dir={args.out / 'teacher'}"], args)
+    run(["teacher", *TEACHER, f"recipe.epochs={args.teacher_epochs}", "test_every=1",
+         f"hydra.run.dir={args.out / 'teacher'}"], args)
 
 
 def s_dir(args, method: str, ipc: int) -> Path:
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS[:4]))
     p.add_argument("--num-eval", type=int, default=2)
     p.add_argument("--kd-epochs", type=int, help="evaluate: only the KD protocol with this many epochs (kd<N>)")
+    p.add_argument("--teacher-epochs", type=int, default=3, help="teacher: epochs of the SRe2L recipe (default 3)")
     args = p.parse_args()
     args.ipc = [int(i) for i in args.ipc.split(",")]
     args.methods = args.methods.split(",")

@@ -194,6 +194,9 @@ def test_nearest_key_hints():
     assert typo_hint("distill", ["ipc=1", "method=dc", "+extra=1", "hydra.run.dir=x"]) is None
     assert typo_hint("report", ["x=1"]) is None  # not a Hydra command
     assert "unknown key 'zzzzzz' (list the keys with --cfg job)" in typo_hint("distill", ["zzzzzz=1"])
+    # a group this command does not have (Hydra names it) does not undo the other choices: net.width is a key of
+    # net=convnet_bn, not an unknown one
+    assert typo_hint("teacher", ["net=convnet_bn", "net.width=64", "logger=none"]) is None
 
 
 def test_struct_mode_rejects_unknown_keys_in_composed_configs():

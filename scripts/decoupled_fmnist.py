@@ -62,7 +62,8 @@ def distill(args) -> None:
             d = s_dir(args, m, ipc)
             if (d / "synthetic.pt").is_file():
                 continue
-            extra = [f"iterations={SRE2L_ITERATIONS[ipc]}"] if m == "sre2l" else EARLIER.get(m, [])
+            sre2l = args.sre2l_iterations or SRE2L_ITERATIONS[ipc]
+            extra = [f"iterations={sre2l}"] if m == "sre2l" else EARLIER.get(m, [])
             net = [] if m in ("random", *EARLIER) else TEACHER
             run(["distill", f"method={m}", f"ipc={ipc}", *net, *extra, "evaluator.num_eval=0",
                  f"hydra.run.dir={d}"], args)
@@ -111,6 +112,8 @@ def main() -> None:
     p.add_argument("--num-eval", type=int, default=2)
     p.add_argument("--kd-epochs", type=int, help="evaluate: only the KD protocol with this many epochs (kd<N>)")
     p.add_argument("--teacher-epochs", type=int, default=3, help="teacher: epochs of the SRe2L recipe (default 3)")
+    p.add_argument("--sre2l-iterations", type=int, help="distill: SRe2L's recover iterations at every ipc (default: "
+                   "SRE2L_ITERATIONS; the reference's is 1000)")
     args = p.parse_args()
     args.ipc = [int(i) for i in args.ipc.split(",")]
     args.methods = args.methods.split(",")

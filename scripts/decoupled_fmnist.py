@@ -72,7 +72,7 @@ def distill(args) -> None:
 def evaluate(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
-            protocols = [("kd", kd_protocol(ipc)), ("hard", HARD)]
+            protocols = [(p, kd_protocol(ipc) if p == "kd" else HARD) for p in args.protocols.split(",")]
             if args.kd_epochs:  # only the KD protocol with another number of epochs, e.g. kd300
                 protocols = [(f"kd{args.kd_epochs}", kd_protocol(ipc, args.kd_epochs))]
             for proto, over in protocols:
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS[:4]))
     p.add_argument("--num-eval", type=int, default=2)
     p.add_argument("--kd-epochs", type=int, help="evaluate: only the KD protocol with this many epochs (kd<N>)")
+    p.add_argument("--protocols", default="kd,hard", help="evaluate: which of kd, hard (default both)")
     p.add_argument("--teacher-epochs", type=int, default=3, help="teacher: epochs of the SRe2L recipe (default 3)")
     p.add_argument("--sre2l-iterations", type=int, help="distill: SRe2L's recover iterations at every ipc (default: "
                    "SRE2L_ITERATIONS; the reference's is 1000)")

@@ -125,7 +125,9 @@ def test_local_launcher_runs_jobs_and_a_stop_signal_requeues_and_resumes(root, t
     log = (job0 / "distill.log").read_text()
     assert "received SIGUSR2" in log and "resuming from" in log
     stopped = int(log.split("SIGUSR2: checkpoint of iteration ")[1].split()[0])
-    assert f"resuming from {job0}/checkpoint.pt at iteration {stopped}" in log and 4 <= stopped < 40
+    # mid-run: the signal is handled at the boundary after the iteration running when it came (3 or later: the
+    # metrics rows of the evaluation at 0 and of iterations 1-3 were there; a loaded machine may not be further)
+    assert f"resuming from {job0}/checkpoint.pt at iteration {stopped}" in log and 3 <= stopped < 40
     assert len(list((sweep / ".submitit").glob("*/*_log.out"))) >= 2  # submitit's per-job logs
     ref = distill(make_cfg(["method=dsa", *common]), tmp_path / "ref")
     assert_same_s(torch.load(job0 / "synthetic.pt", weights_only=True)["images"],

@@ -88,10 +88,10 @@ def test_kernel_is_symmetric_psd_float64_and_deterministic():
     assert torch.allclose(kernel.cross(x, f, chunk=4), k.float().double(), rtol=1e-5)
 
 
-def test_gradient_matches_finite_differences():
-    """gradcheck (float64) of K(S, S) and K(T, S) w.r.t. S, through the chunked, checkpointed recursion, and of the
-    ReLU covariance's hand-written backward (including c = +-1 on the diagonal of K(x, x))."""
-    kernel = ExactConvNetNNGP(1, 10, (6, 6), depth=2, pad28=False, chunk=3)
+def check_gradients(kind: str, step) -> ExactConvNetNNGP:
+    """gradcheck (float64) of ``kind``'s K(S, S) and K(T, S) w.r.t. S through the chunked, checkpointed recursion,
+    and of the ReLU step ``step``'s hand-written backward on correlations inside (-1, 1); returns the kernel."""
+    kernel = ExactConvNetNNGP(1, 10, (6, 6), depth=2, pad28=False, chunk=3, kind=kind)
     t = images(3, hw=6, seed=1, dtype=torch.float64)
     s = images(2, hw=6, seed=2, dtype=torch.float64).requires_grad_(True)
 
@@ -104,7 +104,14 @@ def test_gradient_matches_finite_differences():
     v1, v2 = (torch.rand(2, 3, 3, generator=g, dtype=torch.float64).add(1.0).requires_grad_(True) for _ in range(2))
     c = torch.rand(2, 3, 3, 3, 3, generator=g, dtype=torch.float64) * 1.8 - 0.9    # correlations inside (-1, 1)
     k = (c * (v1[:, :, :, None, None] * v2[:, None, None]).sqrt()).detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(relu_cov, (k, v1, v2))
+    assert torch.autograd.gradcheck(step, (k, v1, v2))
+    return kernel
+
+
+def test_gradient_matches_finite_differences():
+    """The NNGP's gradients, and the ReLU covariance's hand-written backward (including c = +-1 on the diagonal of
+    K(x, x), inside the recursion)."""
+    check_gradients("nngp", relu_cov)
 
 
 # --- the exact NTK (kind=ntk) -------------------------------------------------------------------------------------
@@ -164,23 +171,9 @@ def test_ntk_is_symmetric_psd_and_dominates_the_nngp():
 
 
 def test_ntk_gradient_matches_finite_differences():
-    """gradcheck (float64) of the exact NTK K(S, S) and K(T, S) w.r.t. S, through the chunked, checkpointed
-    recursion, and of relu_dot's hand-written backward inside (-1, 1); at correlations saturated at +-1 (patches
-    that are all zeros in two images, the diagonal of K(x, x)) the gradient is finite."""
-    kernel = ExactConvNetNNGP(1, 10, (6, 6), depth=2, pad28=False, chunk=3, kind="ntk")
-    t = images(3, hw=6, seed=1, dtype=torch.float64)
-    s = images(2, hw=6, seed=2, dtype=torch.float64).requires_grad_(True)
-
-    def k_of_s(s):
-        f = kernel.features(s)
-        return kernel.gram(f, f), kernel.cross(t, f)
-
-    assert torch.autograd.gradcheck(k_of_s, (s,))
-    g = torch.Generator().manual_seed(3)
-    v1, v2 = (torch.rand(2, 3, 3, generator=g, dtype=torch.float64).add(1.0).requires_grad_(True) for _ in range(2))
-    c = torch.rand(2, 3, 3, 3, 3, generator=g, dtype=torch.float64) * 1.8 - 0.9
-    k = (c * (v1[:, :, :, None, None] * v2[:, None, None]).sqrt()).detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(relu_dot, (k, v1, v2))
+    """The exact NTK's gradients and relu_dot's hand-written backward inside (-1, 1); at correlations saturated at
+    +-1 (patches that are all zeros in two images, the diagonal of K(x, x)) the gradient is finite."""
+    kernel = check_gradients("ntk", relu_dot)
     zeros = images(2, hw=6, seed=4).clone()
     zeros[:, :, :3, :3] = 0.0                         # the 3x3 patches at (0, 0) and (1, 1) are zero in both
     zeros.requires_grad_(True)

@@ -176,14 +176,17 @@ def typo_hint(cmd: str, args: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("ddrun.conf", version_base="1.3"):
-            good = []  # the group choices that compose; a bad one (Hydra has named it) is left out, not the rest
-            for choice in choices:
-                try:
-                    compose(cmd, overrides=[*good, choice])
-                    good.append(choice)
-                except Exception:  # noqa: BLE001
-                    pass
-            cfg = compose(cmd, overrides=good)
+            try:
+                cfg = compose(cmd, overrides=choices)
+            except Exception:  # noqa: BLE001 - a bad group choice (Hydra has named it): keep the others
+                good = []
+                for choice in choices:
+                    try:
+                        compose(cmd, overrides=[*good, choice])
+                        good.append(choice)
+                    except Exception:  # noqa: BLE001
+                        pass
+                cfg = compose(cmd, overrides=good)
     except Exception:  # noqa: BLE001 - no hint is better than a second error
         return None
     finally:

@@ -249,7 +249,7 @@ class Distillation:
         syn.meta.update(dataset=real.name, num_classes=real.num_classes, channels=real.channels,
                         im_size=list(real.im_size), mean=list(real.mean), std=list(real.std), zca=real.zca is not None,
                         zca_form=getattr(real.zca, "form", None), zca_centre=getattr(real.zca, "centre", None),
-                        layernorm=bool(getattr(real, "layernorm", False)), ipc=int(cfg.ipc),
+                        layernorm=real.layernorm, ipc=int(cfg.ipc),
                         method=str(cfg.preset.name),
                         config_hash=self.chash,
                         setting_hash=setting_hash(cfg))

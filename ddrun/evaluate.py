@@ -55,7 +55,7 @@ def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
         raise ConfigError(f"{source} was whitened {'centred' if meta['zca_centre'] else 'uncentred'}, this dataset "
                           f"{'centred' if centre else 'uncentred'}: pass dataset.zca_centre="
                           f"{str(meta['zca_centre']).lower()}")
-    if meta.get("layernorm") is not None and bool(meta["layernorm"]) != bool(getattr(real, "layernorm", False)):
+    if meta.get("layernorm") is not None and bool(meta["layernorm"]) != real.layernorm:
         raise ConfigError(f"{source} was made {'with' if meta['layernorm'] else 'without'} per-image layer "
                           f"normalization: pass dataset.layernorm={str(bool(meta['layernorm'])).lower()}")
 

@@ -93,7 +93,7 @@ def setting_of(real, net_factory: Callable, augment) -> dict:
         dataset["zca_form"] = zca_form
     if zca_centre is False:  # likewise only RFAD's uncentred ZCA and per-image layer norm (old keys stay)
         dataset["zca_centre"] = False
-    if getattr(real, "layernorm", False):
+    if real.layernorm:
         dataset["layernorm"] = True
     return {"dataset": dataset, "net": net_spec(net_factory), "augment": aug}
 

@@ -184,7 +184,7 @@ class StatisticsMatching(Objective):
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
         """Start the EMA copy at S; record the valid range of the normalized pixels (for :meth:`check`)."""
         self.ema = syn.images.detach().clone()
-        if self.clamp and real.zca is None and not getattr(real, "layernorm", False):  # pixel bounds known
+        if self.clamp and real.zca is None and not real.layernorm:  # pixel bounds known
             m = torch.tensor(real.mean, device=syn.images.device).view(1, -1, 1, 1)
             s = torch.tensor(real.std, device=syn.images.device).view(1, -1, 1, 1)
             self._bounds = (-m / s, (1 - m) / s)

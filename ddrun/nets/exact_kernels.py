@@ -58,6 +58,15 @@ from ddrun.nets.kernels import FeatureKernel
 from ddrun.utils import ConfigError
 
 
+def _correlation(k: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor):
+    """``(s1, s2, c)`` of both ReLU steps: the standard deviations ``sqrt(var)`` broadcast to ``k``'s
+    ``[B, H, W, H, W]`` (first image over the first position pair, second over the second) and the correlation
+    ``c = k / (s1 s2)`` clamped to [-1, 1]."""
+    s1 = var1.clamp_min(1e-30).sqrt()[:, :, :, None, None]
+    s2 = var2.clamp_min(1e-30).sqrt()[:, None, None, :, :]
+    return s1, s2, (k / s1).div_(s2).clamp_(-1.0, 1.0)
+
+
 class _ReluCov(torch.autograd.Function):
     """``relu_cov`` with a hand-written backward: the forward allocates three full-size tensors instead of about
     ten and saves only its inputs (the derivatives are recomputed). With ``s = sqrt(var)``, ``c = k / (s1 s2)``,
@@ -70,9 +79,7 @@ class _ReluCov(torch.autograd.Function):
 
     @staticmethod
     def _parts(k, var1, var2):
-        s1 = var1.clamp_min(1e-30).sqrt()[:, :, :, None, None]
-        s2 = var2.clamp_min(1e-30).sqrt()[:, None, None, :, :]
-        c = (k / s1).div_(s2).clamp_(-1.0, 1.0)
+        s1, s2, c = _correlation(k, var1, var2)
         root = (c * c).neg_().add_(1.0).clamp_min_(0.0).sqrt_()
         return s1, s2, c, root
 
@@ -110,9 +117,7 @@ class _ReluDot(torch.autograd.Function):
 
     @staticmethod
     def _parts(k, var1, var2):
-        s1 = var1.clamp_min(1e-30).sqrt()[:, :, :, None, None]
-        s2 = var2.clamp_min(1e-30).sqrt()[:, None, None, :, :]
-        c = (k / s1).div_(s2).clamp_(-1.0, 1.0)
+        s1, s2, c = _correlation(k, var1, var2)
         one_m = (c * c).neg_().add_(1.0)
         saturated = one_m < 64.0 * torch.finfo(c.dtype).eps
         return s1, s2, c, one_m, saturated

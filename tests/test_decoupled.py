@@ -285,6 +285,8 @@ def test_presets_carry_the_reference_settings(dataset):
     assert edc.evaluator.loss == "mse_ce" and edc.evaluator.ema == 0.99 and edc.init._target_ == "ddrun.init.real"
     assert sre2l.init._target_ == "ddrun.init.noise" and sre2l.objective.alpha == 1.0
     assert rded.iterations == 0 and rded.init.num_crop == 5 and rded.init.mipc == 300
+    assert rded.evaluator.augment.scale == [1.0, 1.0]  # RDED validation: scale (1/factor, 1), factor 1
+    assert edc.evaluator.augment.scale == edc.objective.augment.scale  # EDC train.sh crops as its recover
     want_iters = {"cifar10": 75, "cifar100": 2000, "tiny_imagenet": 2000}.get(dataset, 75)
     assert edc.iterations == want_iters
     assert sre2l.iterations == {"tiny_imagenet": 4000}.get(dataset, 1000)

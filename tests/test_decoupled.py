@@ -135,6 +135,53 @@ def test_statistics_loss_reaches_s_and_batches_are_one_image_per_class():
     assert syn.images.min() == -2.0 and syn.images.max() == 2.0
 
 
+def test_momentum_statistics_are_a_running_estimate_with_the_current_batchs_gradient():
+    """G-VBSM / EDC training momentum: the distance is taken at r_t = m r_{t-1} + (1 - m) s_t, its gradient flows
+    through s_t only; m = 0 is the plain loss; the estimate is checkpoint state."""
+    net, real = tiny_bn_net(), tiny_real(same_classes=False)
+    bn1 = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    m = 0.8
+
+    def first_bn_loss(x_now, r_mean, r_var):  # the hand-computed loss of the first BatchNorm only, r_bn 1, w 1
+        s_mean, s_var = channel_stats_grouped(net[0](x_now), 1)
+        mean, var = r_mean + s_mean - s_mean.detach(), r_var + s_var - s_var.detach()
+        return (mean - bn1.running_mean).norm(dim=-1).sum() + (var - bn1.running_var).norm(dim=-1).sum()
+
+    syn = SyntheticSet(torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(3)), torch.arange(3), 3)
+    obj = objective(ce_weight=0.0, r_bn=1.0, first_multiplier=1.0, stats_momentum=m)
+    obj.prepare(syn, real)
+    plain = objective(ce_weight=0.0, r_bn=1.0, first_multiplier=1.0)
+    x1 = syn.images.detach().clone()
+    s1 = channel_stats_grouped(net[0](x1), 1)
+    step1 = obj(syn, real, Fetched(net, teacher=net), 0, torch.Generator())
+    assert step1.item() == pytest.approx(loss_of(plain, net, real, syn).item(), rel=1e-6)  # r_1 = s_1
+    with torch.no_grad():
+        syn.images.add_(0.7 * torch.randn(syn.images.shape, generator=torch.Generator().manual_seed(4)))
+    saved = obj.state_dict()
+    assert set(saved) == {"ema", "running.mean.0.0", "running.var.0.0", "running.mean.0.1", "running.var.0.1"}
+    x2 = syn.images.detach().clone().requires_grad_(True)
+    s2 = channel_stats_grouped(net[0](x2), 1)
+    r = [m * a + (1 - m) * b.detach() for a, b in zip(s1, s2)]
+    want = first_bn_loss(x2, *r)
+    want.backward()
+    restored = objective(ce_weight=0.0, r_bn=1.0, first_multiplier=1.0, stats_momentum=m)
+    restored.prepare(syn, real)
+    restored.load_state_dict(saved)
+    for o in (obj, restored):  # the loss of the first BatchNorm: drop the second by zeroing its weight's reach
+        syn.images.grad = None
+        with LayerInputs([bn1]) as rec:
+            net(syn.images)
+        got_mean, got_var = o._smoothed(*channel_stats_grouped(rec.inputs[0], 1), "0.0")
+        got = (got_mean - bn1.running_mean).norm(dim=-1).sum() + (got_var - bn1.running_var).norm(dim=-1).sum()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.allclose(torch.autograd.grad(got, syn.images)[0], x2.grad, atol=1e-6)
+    # the value differs from the plain loss at step 2, and m outside [0, 1) is refused
+    assert abs(obj(syn, real, Fetched(net, teacher=net), 1, torch.Generator()).item()
+               - loss_of(plain, net, real, syn).item()) > 1e-3
+    with pytest.raises(ConfigError, match="stats_momentum=1.0"):
+        objective(stats_momentum=1.0)
+
+
 def test_teacher_without_batchnorm_is_refused_naming_the_bn_variant():
     real = tiny_real(same_classes=False)
     teacher = ConvNet(1, 3, (6, 6), width=4, depth=1, norm="instancenorm").eval()
@@ -287,6 +334,7 @@ def test_presets_carry_the_reference_settings(dataset):
     assert rded.iterations == 0 and rded.init.num_crop == 5 and rded.init.mipc == 300
     assert rded.evaluator.augment.scale == [1.0, 1.0]  # RDED validation: scale (1/factor, 1), factor 1
     assert edc.evaluator.augment.scale == edc.objective.augment.scale  # EDC train.sh crops as its recover
+    assert edc.objective.stats_momentum == 0.8 and sre2l.objective.stats_momentum == 0.0
     want_iters = {"cifar10": 75, "cifar100": 2000, "tiny_imagenet": 2000}.get(dataset, 75)
     assert edc.iterations == want_iters
     assert sre2l.iterations == {"tiny_imagenet": 4000}.get(dataset, 1000)

@@ -28,10 +28,14 @@ roll for SRe2L's CIFAR jitter). Every batch's loss is summed (each image's Adam 
 gradient, so this is the references' independent optimization of each batch, run together). After every update S is
 clamped to the valid pixel range (:meth:`check`; not under ZCA).
 
-Differences from the references, stated: G-VBSM/EDC's synthetic statistics enter as a running estimate (momentum
-0.8 with the ``x - x.detach()`` trick) and their Conv hooks add 4x4 patch statistics: both left out here; the
-class statistics are per-channel statistics over the class's images (N, H, W), where the EDC code averages
-per-image spatial variances.
+G-VBSM / EDC's "training momentum" (``stats_momentum``, 0.8 in their CIFAR recover scripts): the synthetic
+statistics enter the distances as a running estimate over the iterations, ``r_t = m r_{t-1} + (1 - m) s_t``
+(``r_1 = s_1``), whose gradient is that of the current batch's statistics ``s_t`` (the references'
+``r + s - s.detach()``); one estimate per teacher, layer and BatchNorm batch, saved in the checkpoint.
+
+Differences from the references, stated: their Conv hooks add 4x4 patch statistics (left out here); the class
+statistics are per-channel statistics over the class's images (N, H, W), where the EDC code averages per-image
+spatial variances.
 """
 
 from __future__ import annotations
@@ -151,23 +155,28 @@ class StatisticsMatching(Objective):
         augment: the per-step augmentation of S (one draw per step), or None.
         batch_real: real images per class for the cached real statistics (``conv`` or ``alpha < 1``).
         clamp: clamp S to the valid pixel range after every update.
+        stats_momentum: momentum m of the running estimate of S's statistics (G-VBSM / EDC ``training_momentum``
+            0.8; 0: each step's own statistics, SRe2L).
 
     ``__call__`` returns the summed loss of all batches (float scalar); gradients reach ``syn.images`` only.
 
     Raises:
-        ConfigError: bad weights, ``ipc_per_batch`` not dividing ipc, or (at the first step) a teacher without
+        ConfigError: bad weights, ``stats_momentum`` outside [0, 1), ``ipc_per_batch`` not dividing ipc, or (at
+            the first step) a teacher without
             BatchNorm when ``bn`` is set (names the net and its BatchNorm variant).
     """
 
     def __init__(self, lr_img: float = 0.25, r_bn: float = 0.01, first_multiplier: float = 10.0,
                  ce_weight: float = 1.0, bn: bool = True, conv: bool = False, alpha: float = 1.0,
                  flatness: float = 0.0, ema_beta: float = 0.99, tau: float = 4.0, ipc_per_batch: int = 1,
-                 augment: BatchAugment | None = None, batch_real: int = 500, clamp: bool = True):
+                 augment: BatchAugment | None = None, batch_real: int = 500, clamp: bool = True,
+                 stats_momentum: float = 0.0):
         super().__init__(lr_img, batch_real=batch_real)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"objective.alpha={alpha}: must be in [0, 1] (weight of the global statistics)")
-        if not 0.0 <= float(ema_beta) < 1.0:
-            raise ConfigError(f"objective.ema_beta={ema_beta}: must be in [0, 1)")
+        for name, v in (("ema_beta", ema_beta), ("stats_momentum", stats_momentum)):
+            if not 0.0 <= float(v) < 1.0:
+                raise ConfigError(f"objective.{name}={v}: must be in [0, 1)")
         if float(tau) <= 0 or int(ipc_per_batch) < 1 or min(float(r_bn), float(flatness), float(ce_weight)) < 0:
             raise ConfigError("objective: tau must be > 0, ipc_per_batch >= 1, and r_bn, flatness, ce_weight >= 0")
         if not (bn or conv):
@@ -176,7 +185,9 @@ class StatisticsMatching(Objective):
         self.bn, self.conv, self.alpha = bool(bn), bool(conv), float(alpha)
         self.flatness, self.ema_beta, self.tau = float(flatness), float(ema_beta), float(tau)
         self.ipc_per_batch, self.augment, self.clamp = int(ipc_per_batch), augment, bool(clamp)
+        self.stats_momentum = float(stats_momentum)
         self.ema: torch.Tensor | None = None
+        self.running: dict[str, torch.Tensor] = {}  # "mean|var.<teacher>.<layer>" -> running estimate [G, C]
         self._teachers: dict[int, dict] = {}  # id(teacher) -> its matched layers and cached real statistics
         self._bounds = None
 
@@ -197,11 +208,14 @@ class StatisticsMatching(Objective):
             syn.images.copy_(torch.maximum(torch.minimum(syn.images, self._bounds[1]), self._bounds[0]))
 
     def state_dict(self) -> dict:
-        return {} if self.ema is None else {"ema": self.ema.detach().cpu().clone()}
+        state = {f"running.{k}": v.detach().cpu().clone() for k, v in self.running.items()}
+        return state if self.ema is None else {**state, "ema": self.ema.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("ema") is not None and self.ema is not None:
             self.ema = state["ema"].to(self.ema.device)
+        device = self.ema.device if self.ema is not None else None
+        self.running = {k.removeprefix("running."): v.to(device) for k, v in state.items() if k.startswith("running.")}
 
     # --- the loss -------------------------------------------------------------------------------------
     def _teacher_entry(self, teacher: nn.Module, real: RealData, it: int) -> dict:
@@ -219,7 +233,7 @@ class StatisticsMatching(Objective):
 
             g = torch.Generator().manual_seed(derive_seed(len(self._teachers), 7039))
             stats = real_statistics(teacher, [m for m, _ in layers], real, self.batch_real, g)
-        entry = {"teacher": teacher, "layers": layers, "stats": stats}
+        entry = {"teacher": teacher, "layers": layers, "stats": stats, "index": len(self._teachers)}
         self._teachers[id(teacher)] = entry
         return entry
 
@@ -273,7 +287,7 @@ class StatisticsMatching(Objective):
         loss = self.ce_weight * F.cross_entropy(out, y, reduction="sum") / b
         labels = y.view(g_count, b)
         for i, a in enumerate(rec.inputs):
-            mean, var = channel_stats_grouped(a, g_count)
+            mean, var = self._smoothed(*channel_stats_grouped(a, g_count), f"{entry['index']}.{i}")
             w = self.first_multiplier if i == 0 else 1.0
             for weight, t_mean, t_var in self._targets(entry, i, labels):
                 loss = loss + self.r_bn * w * weight * stat_distance(mean, var, t_mean, t_var).sum()
@@ -285,6 +299,20 @@ class StatisticsMatching(Objective):
             loss = loss + self.flatness * self.tau ** 2 * kl / b
             self.ema = self.ema_beta * self.ema + (1.0 - self.ema_beta) * syn.images.detach()
         return loss
+
+    def _smoothed(self, mean: torch.Tensor, var: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running estimate ``r = m r_prev + (1 - m) s`` of each statistic ``s`` (``[G, C]``), updated in place,
+        carrying the gradient of ``s``: ``r + s - s.detach()``. ``stats_momentum`` 0: ``s`` itself."""
+        if self.stats_momentum == 0.0:
+            return mean, var
+        out = []
+        for name, s in (("mean", mean), ("var", var)):
+            prev = self.running.get(f"{name}.{key}")
+            with torch.no_grad():
+                r = s.detach() if prev is None else self.stats_momentum * prev + (1.0 - self.stats_momentum) * s
+            self.running[f"{name}.{key}"] = r.detach()
+            out.append(r + s - s.detach())
+        return out[0], out[1]
 
 
 def channel_stats_grouped(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,8 @@ from ddrun.data.datasets import RealData
 from ddrun.evaluators.kd import kd_loss, smoothing_factor
 from ddrun.init.rded import select_crops, stitch
 from ddrun.nets import ConvNet
-from ddrun.objectives.statistics import LayerInputs, StatisticsMatching, channel_stats_grouped, real_statistics
+from ddrun.objectives.statistics import (LayerInputs, StatisticsMatching, channel_stats_grouped, patch_stats_grouped,
+                                         real_statistics)
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DataError, build, derive_seed
 
@@ -81,13 +82,41 @@ def loss_of(obj, net, real, syn, it=0):
     return obj(syn, real, Fetched(net, teacher=net), it, torch.Generator().manual_seed(0))
 
 
+def test_patch_statistics_are_those_of_each_4x4_patch_position():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 2, 8, 8, generator=g)
+    mean, var = patch_stats_grouped(x, 2)  # 2 batches of 3 images; 2 x 2 patch positions, row-major
+    assert mean.shape == var.shape == (2, 4)
+    for grp in range(2):
+        for pos, (u, v) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            patch = x[3 * grp:3 * grp + 3, :, 4 * u:4 * u + 4, 4 * v:4 * v + 4].flatten()
+            assert mean[grp, pos].item() == pytest.approx(patch.mean().item(), abs=1e-6)
+            assert var[grp, pos].item() == pytest.approx(patch.var(unbiased=False).item(), abs=1e-6)
+    # sizes that are not multiples of 4 are resized first: 6 x 6 -> 8 x 8, 4 positions; a constant stays constant
+    m6, v6 = patch_stats_grouped(torch.full((2, 1, 6, 6), 3.0), 1)
+    assert m6.shape == (1, 4) and torch.allclose(m6, torch.full_like(m6, 3.0)) and v6.abs().max() < 1e-10
+    # the real targets have the same layout, and patch=true adds the term (it needs conv)
+    net, real = tiny_bn_net(), tiny_real(same_classes=False)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    stats = real_statistics(net, convs, real, 4, torch.Generator())
+    assert stats[0]["patch_mean"].shape == (4,) and stats[0]["patch_class_var"].shape == (3, 4)
+    inputs = torch.nn.functional.interpolate(real.train_images, size=(8, 8), mode="bilinear")
+    assert torch.allclose(stats[0]["patch_class_mean"][1], patch_stats_grouped(inputs[4:8], 1)[0][0], atol=1e-5)
+    syn = syn_of(real)
+    plain = loss_of(objective(bn=False, conv=True, ce_weight=0.0), net, real, syn)
+    with_patch = loss_of(objective(bn=False, conv=True, ce_weight=0.0, patch=True), net, real, syn)
+    assert with_patch.item() > plain.item() + 1e-3
+    with pytest.raises(ConfigError, match="patch=true .* set objective.conv=true"):
+        objective(patch=True)
+
+
 def test_category_aware_term_equals_the_global_term_when_classes_share_statistics():
     net, syn = tiny_bn_net(), None
     for same in (True, False):
         real = tiny_real(same_classes=same)
         syn = syn_of(real)
-        glob = loss_of(objective(bn=False, conv=True, alpha=1.0, ce_weight=0.0), net, real, syn)
-        soft = loss_of(objective(bn=False, conv=True, alpha=0.5, ce_weight=0.0), net, real, syn)
+        glob = loss_of(objective(bn=False, conv=True, patch=True, alpha=1.0, ce_weight=0.0), net, real, syn)
+        soft = loss_of(objective(bn=False, conv=True, patch=True, alpha=0.5, ce_weight=0.0), net, real, syn)
         if same:
             assert soft.item() == pytest.approx(glob.item(), rel=1e-5)
         else:
@@ -334,7 +363,7 @@ def test_presets_carry_the_reference_settings(dataset):
     assert rded.iterations == 0 and rded.init.num_crop == 5 and rded.init.mipc == 300
     assert rded.evaluator.augment.scale == [1.0, 1.0]  # RDED validation: scale (1/factor, 1), factor 1
     assert edc.evaluator.augment.scale == edc.objective.augment.scale  # EDC train.sh crops as its recover
-    assert edc.objective.stats_momentum == 0.8 and sre2l.objective.stats_momentum == 0.0
+    assert edc.objective.stats_momentum == 0.8 and sre2l.objective.stats_momentum == 0.0 and edc.objective.patch
     want_iters = {"cifar10": 75, "cifar100": 2000, "tiny_imagenet": 2000}.get(dataset, 75)
     assert edc.iterations == want_iters
     assert sre2l.iterations == {"tiny_imagenet": 4000}.get(dataset, 1000)

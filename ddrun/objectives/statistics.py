@@ -33,9 +33,15 @@ statistics enter the distances as a running estimate over the iterations, ``r_t 
 (``r_1 = s_1``), whose gradient is that of the current batch's statistics ``s_t`` (the references'
 ``r + s - s.detach()``); one estimate per teacher, layer and BatchNorm batch, saved in the checkpoint.
 
-Differences from the references, stated: their Conv hooks add 4x4 patch statistics (left out here); the class
-statistics are per-channel statistics over the class's images (N, H, W), where the EDC code averages per-image
-spatial variances.
+G-VBSM / EDC's patch statistics (``patch``): at every Conv input, resized (bilinear) to multiples of 4 and cut
+into 4x4 patches, the mean and variance of each patch position over the batch's images, channels and pixels, matched
+like the channel statistics (same weights, targets from the real data, running estimate).
+
+Differences from the references, stated: the class statistics are pooled over the class's images (per channel:
+over (N, H, W); per patch position: over (N, C, 4, 4)), where the EDC code averages per-image statistics, and the
+global real targets are pooled over the sampled images, where the references average per-batch statistics over
+the augmented training set; the EDC code's per-class patch mean and variance files are written swapped (a bug we
+do not reproduce).
 """
 
 from __future__ import annotations
@@ -103,10 +109,11 @@ def matched_layers(net: nn.Module, bn: bool, conv: bool) -> list[tuple[nn.Module
 def real_statistics(net: nn.Module, layers: list[nn.Module], real: RealData, per_class: int,
                     generator: torch.Generator, chunk: int = 256) -> list[dict]:
     """Per-layer statistics of the real training data at the inputs of ``layers`` (eval mode): for each layer
-    ``{"mean": [C], "var": [C], "class_mean": [K, C], "class_var": [K, C]}`` over ``per_class`` random images of
-    every class (float32; global = over all of them, so classes weigh equally)."""
+    ``{"mean": [C], "var": [C], "class_mean": [K, C], "class_var": [K, C]}`` per channel and the same four keys
+    with a ``patch_`` prefix (``[P]`` / ``[K, P]``) per position of the 4x4 patch grid (:func:`patch_view`), over
+    ``per_class`` random images of every class (float32; global = over all of them, so classes weigh equally)."""
     k = real.num_classes
-    sums = [None] * len(layers)
+    sums: list[dict | None] = [None] * len(layers)
     net.eval()
     for c in range(k):
         x_c = real.sample_class(c, per_class, generator)
@@ -114,20 +121,44 @@ def real_statistics(net: nn.Module, layers: list[nn.Module], real: RealData, per
             with LayerInputs(layers) as rec:
                 net(x_c[start:start + chunk])
             for i, a in enumerate(rec.inputs):
-                a = a.double().transpose(0, 1).reshape(a.shape[1], -1)  # [C, n * H * W]
-                if sums[i] is None:
-                    sums[i] = torch.zeros(3, k, a.shape[0], dtype=torch.float64, device=a.device)
-                sums[i][0, c] += a.shape[1]
-                sums[i][1, c] += a.sum(1)
-                sums[i][2, c] += (a * a).sum(1)
-    out = []
-    for s in sums:
-        n, s1, s2 = s[0], s[1], s[2]
-        cm, cv = s1 / n, s2 / n - (s1 / n) ** 2
-        gm = s1.sum(0) / n.sum(0)
-        gv = s2.sum(0) / n.sum(0) - gm ** 2
-        out.append({"mean": gm.float(), "var": gv.float(), "class_mean": cm.float(), "class_var": cv.float()})
-    return out
+                views = {"": a.double().transpose(0, 1).reshape(a.shape[1], -1)}  # [C, n * H * W]
+                if a.dim() == 4:
+                    pv = patch_view(a.double())  # [n, P, C * 16]
+                    views["patch_"] = pv.transpose(0, 1).reshape(pv.shape[1], -1)  # [P, n * C * 16]
+                sums[i] = sums[i] or {key: torch.zeros(3, k, v.shape[0], dtype=torch.float64, device=v.device)
+                                      for key, v in views.items()}
+                for key, v in views.items():
+                    sums[i][key][0, c] += v.shape[1]
+                    sums[i][key][1, c] += v.sum(1)
+                    sums[i][key][2, c] += (v * v).sum(1)
+    return [{f"{key}{name}": t for key, st in s.items() for name, t in _moments(st).items()} for s in sums]
+
+
+def _moments(s: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Global and per-class mean / biased variance from sums ``[3 (count, sum, sum of squares), K, D]``."""
+    n, s1, s2 = s[0], s[1], s[2]
+    gm = s1.sum(0) / n.sum(0)
+    return {"mean": gm.float(), "var": (s2.sum(0) / n.sum(0) - gm ** 2).float(), "class_mean": (s1 / n).float(),
+            "class_var": (s2 / n - (s1 / n) ** 2).float()}
+
+
+def patch_view(x: torch.Tensor) -> torch.Tensor:
+    """G-VBSM / EDC's patch grid: ``x`` ``[N, C, H, W]`` resized (bilinear) to the next multiples of 4 and cut into
+    its 4x4 patches: ``[N, P, C * 16]`` with P = (H' / 4)(W' / 4) patch positions, row-major."""
+    n, c, h, w = x.shape
+    h4, w4 = -(-h // 4) * 4, -(-w // 4) * 4
+    if (h4, w4) != (h, w):
+        x = F.interpolate(x, size=(h4, w4), mode="bilinear")
+    x = x.reshape(n, c, h4 // 4, 4, w4 // 4, 4).permute(0, 2, 4, 1, 3, 5)  # [N, U, V, C, 4, 4]
+    return x.reshape(n, (h4 // 4) * (w4 // 4), c * 16)
+
+
+def patch_stats_grouped(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch mean and biased variance of each patch position of ``x`` ``[G * B, C, H, W]`` (:func:`patch_view`)
+    over the batch's images, channels and the patch's pixels: two ``[G, P]`` tensors."""
+    pv = patch_view(x)
+    flat = pv.reshape(groups, x.shape[0] // groups, pv.shape[1], -1).transpose(1, 2).reshape(groups, pv.shape[1], -1)
+    return flat.mean(2), flat.var(2, unbiased=False)
 
 
 def stat_distance(mean: torch.Tensor, var: torch.Tensor, t_mean: torch.Tensor, t_var: torch.Tensor) -> torch.Tensor:
@@ -157,6 +188,8 @@ class StatisticsMatching(Objective):
         clamp: clamp S to the valid pixel range after every update.
         stats_momentum: momentum m of the running estimate of S's statistics (G-VBSM / EDC ``training_momentum``
             0.8; 0: each step's own statistics, SRe2L).
+        patch: also match the statistics of each position of the 4x4 patch grid at the Conv inputs
+            (:func:`patch_stats_grouped`; G-VBSM / EDC ``ConvFeatureHook``); needs ``conv``.
 
     ``__call__`` returns the summed loss of all batches (float scalar); gradients reach ``syn.images`` only.
 
@@ -170,7 +203,7 @@ class StatisticsMatching(Objective):
                  ce_weight: float = 1.0, bn: bool = True, conv: bool = False, alpha: float = 1.0,
                  flatness: float = 0.0, ema_beta: float = 0.99, tau: float = 4.0, ipc_per_batch: int = 1,
                  augment: BatchAugment | None = None, batch_real: int = 500, clamp: bool = True,
-                 stats_momentum: float = 0.0):
+                 stats_momentum: float = 0.0, patch: bool = False):
         super().__init__(lr_img, batch_real=batch_real)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"objective.alpha={alpha}: must be in [0, 1] (weight of the global statistics)")
@@ -181,11 +214,13 @@ class StatisticsMatching(Objective):
             raise ConfigError("objective: tau must be > 0, ipc_per_batch >= 1, and r_bn, flatness, ce_weight >= 0")
         if not (bn or conv):
             raise ConfigError("objective: bn=false and conv=false leave no statistics to match; set one of them")
+        if patch and not conv:
+            raise ConfigError("objective.patch=true matches patch statistics at the Conv inputs: set objective.conv=true")
         self.r_bn, self.first_multiplier, self.ce_weight = float(r_bn), float(first_multiplier), float(ce_weight)
         self.bn, self.conv, self.alpha = bool(bn), bool(conv), float(alpha)
         self.flatness, self.ema_beta, self.tau = float(flatness), float(ema_beta), float(tau)
         self.ipc_per_batch, self.augment, self.clamp = int(ipc_per_batch), augment, bool(clamp)
-        self.stats_momentum = float(stats_momentum)
+        self.stats_momentum, self.patch = float(stats_momentum), bool(patch)
         self.ema: torch.Tensor | None = None
         self.running: dict[str, torch.Tensor] = {}  # "mean|var.<teacher>.<layer>" -> running estimate [G, C]
         self._teachers: dict[int, dict] = {}  # id(teacher) -> its matched layers and cached real statistics
@@ -237,17 +272,20 @@ class StatisticsMatching(Objective):
         self._teachers[id(teacher)] = entry
         return entry
 
-    def _targets(self, entry: dict, i: int, labels: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        """``[(weight, mean [G, C] or [C], var)]`` of layer ``i`` for batches with ``labels`` ``[G, B]``."""
+    def _targets(self, entry: dict, i: int, labels: torch.Tensor,
+                 prefix: str = "") -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """``[(weight, mean [G, D] or [D], var)]`` of layer ``i`` for batches with ``labels`` ``[G, B]``: per
+        channel, or per patch position with ``prefix="patch_"``."""
         module, kind = entry["layers"][i]
         stats = entry["stats"][i] if entry["stats"] is not None else None
         if kind == "bn":
             glob = (module.running_mean, module.running_var)
         else:
-            glob = (stats["mean"], stats["var"])
+            glob = (stats[prefix + "mean"], stats[prefix + "var"])
         out = [(self.alpha, *glob)] if self.alpha > 0 else []
         if self.alpha < 1.0:
-            out.append((1.0 - self.alpha, stats["class_mean"][labels].mean(1), stats["class_var"][labels].mean(1)))
+            out.append((1.0 - self.alpha, stats[prefix + "class_mean"][labels].mean(1),
+                        stats[prefix + "class_var"][labels].mean(1)))
         return out
 
     def batches(self, labels: torch.Tensor) -> torch.Tensor:
@@ -287,10 +325,14 @@ class StatisticsMatching(Objective):
         loss = self.ce_weight * F.cross_entropy(out, y, reduction="sum") / b
         labels = y.view(g_count, b)
         for i, a in enumerate(rec.inputs):
-            mean, var = self._smoothed(*channel_stats_grouped(a, g_count), f"{entry['index']}.{i}")
-            w = self.first_multiplier if i == 0 else 1.0
-            for weight, t_mean, t_var in self._targets(entry, i, labels):
-                loss = loss + self.r_bn * w * weight * stat_distance(mean, var, t_mean, t_var).sum()
+            w = self.r_bn * (self.first_multiplier if i == 0 else 1.0)
+            terms = [("", channel_stats_grouped)]
+            if self.patch and entry["layers"][i][1] == "conv":
+                terms.append(("patch_", patch_stats_grouped))
+            for prefix, stats_of in terms:
+                mean, var = self._smoothed(*stats_of(a, g_count), f"{prefix}{entry['index']}.{i}")
+                for weight, t_mean, t_var in self._targets(entry, i, labels, prefix):
+                    loss = loss + w * weight * stat_distance(mean, var, t_mean, t_var).sum()
         if ema is not None:
             with torch.no_grad():
                 out_ema = teacher(ema)

@@ -107,10 +107,11 @@ def matched_layers(net: nn.Module, bn: bool, conv: bool) -> list[tuple[nn.Module
 
 @torch.no_grad()
 def real_statistics(net: nn.Module, layers: list[nn.Module], real: RealData, per_class: int,
-                    generator: torch.Generator, chunk: int = 256) -> list[dict]:
+                    generator: torch.Generator, chunk: int = 256, patches: bool = False) -> list[dict]:
     """Per-layer statistics of the real training data at the inputs of ``layers`` (eval mode): for each layer
-    ``{"mean": [C], "var": [C], "class_mean": [K, C], "class_var": [K, C]}`` per channel and the same four keys
-    with a ``patch_`` prefix (``[P]`` / ``[K, P]``) per position of the 4x4 patch grid (:func:`patch_view`), over
+    ``{"mean": [C], "var": [C], "class_mean": [K, C], "class_var": [K, C]}`` per channel and, with ``patches``, the
+    same four keys with a ``patch_`` prefix (``[P]`` / ``[K, P]``) per position of the 4x4 patch grid
+    (:func:`patch_view`; 4-D inputs only), over
     ``per_class`` random images of every class (float32; global = over all of them, so classes weigh equally)."""
     k = real.num_classes
     sums: list[dict | None] = [None] * len(layers)
@@ -122,7 +123,7 @@ def real_statistics(net: nn.Module, layers: list[nn.Module], real: RealData, per
                 net(x_c[start:start + chunk])
             for i, a in enumerate(rec.inputs):
                 views = {"": a.double().transpose(0, 1).reshape(a.shape[1], -1)}  # [C, n * H * W]
-                if a.dim() == 4:
+                if patches and a.dim() == 4:
                     pv = patch_view(a.double())  # [n, P, C * 16]
                     views["patch_"] = pv.transpose(0, 1).reshape(pv.shape[1], -1)  # [P, n * C * 16]
                 sums[i] = sums[i] or {key: torch.zeros(3, k, v.shape[0], dtype=torch.float64, device=v.device)
@@ -194,9 +195,9 @@ class StatisticsMatching(Objective):
     ``__call__`` returns the summed loss of all batches (float scalar); gradients reach ``syn.images`` only.
 
     Raises:
-        ConfigError: bad weights, ``stats_momentum`` outside [0, 1), ``ipc_per_batch`` not dividing ipc, or (at
-            the first step) a teacher without
-            BatchNorm when ``bn`` is set (names the net and its BatchNorm variant).
+        ConfigError: bad weights, ``stats_momentum`` outside [0, 1), ``patch`` without ``conv``,
+            ``ipc_per_batch`` not dividing ipc, or (at the first step) a teacher without BatchNorm when ``bn`` is
+            set (names the net and its BatchNorm variant).
     """
 
     def __init__(self, lr_img: float = 0.25, r_bn: float = 0.01, first_multiplier: float = 10.0,
@@ -222,7 +223,7 @@ class StatisticsMatching(Objective):
         self.ipc_per_batch, self.augment, self.clamp = int(ipc_per_batch), augment, bool(clamp)
         self.stats_momentum, self.patch = float(stats_momentum), bool(patch)
         self.ema: torch.Tensor | None = None
-        self.running: dict[str, torch.Tensor] = {}  # "mean|var.<teacher>.<layer>" -> running estimate [G, C]
+        self.running: dict[str, torch.Tensor] = {}  # "mean|var.[patch_]<teacher>.<layer>" -> estimate [G, D]
         self._teachers: dict[int, dict] = {}  # id(teacher) -> its matched layers and cached real statistics
         self._bounds = None
 
@@ -267,7 +268,7 @@ class StatisticsMatching(Objective):
             from ddrun.utils import derive_seed
 
             g = torch.Generator().manual_seed(derive_seed(len(self._teachers), 7039))
-            stats = real_statistics(teacher, [m for m, _ in layers], real, self.batch_real, g)
+            stats = real_statistics(teacher, [m for m, _ in layers], real, self.batch_real, g, patches=self.patch)
         entry = {"teacher": teacher, "layers": layers, "stats": stats, "index": len(self._teachers)}
         self._teachers[id(teacher)] = entry
         return entry

@@ -156,10 +156,17 @@ def patch_view(x: torch.Tensor) -> torch.Tensor:
 
 def patch_stats_grouped(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-batch mean and biased variance of each patch position of ``x`` ``[G * B, C, H, W]`` (:func:`patch_view`)
-    over the batch's images, channels and the patch's pixels: two ``[G, P]`` tensors."""
-    pv = patch_view(x)
-    flat = pv.reshape(groups, x.shape[0] // groups, pv.shape[1], -1).transpose(1, 2).reshape(groups, pv.shape[1], -1)
-    return flat.mean(2), flat.var(2, unbiased=False)
+    over the batch's images, channels and the patch's pixels: two ``[G, P]`` tensors. Computed with 4x4 average
+    pooling in two passes (mean, then the mean square deviation), without materializing the patches."""
+    n, c, h, w = x.shape
+    h4, w4 = -(-h // 4) * 4, -(-w // 4) * 4
+    if (h4, w4) != (h, w):
+        x = F.interpolate(x, size=(h4, w4), mode="bilinear")
+    xg = x.reshape(groups, n // groups, c, h4, w4)
+    mean = F.avg_pool2d(x, 4).reshape(groups, -1, h4 // 4, w4 // 4).mean(1)  # [G, U, V]
+    centred = xg - mean.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None, None]
+    var = F.avg_pool2d((centred * centred).reshape(n, c, h4, w4), 4).reshape(groups, -1, h4 // 4, w4 // 4).mean(1)
+    return mean.flatten(1), var.flatten(1)
 
 
 def stat_distance(mean: torch.Tensor, var: torch.Tensor, t_mean: torch.Tensor, t_var: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ def test_patch_statistics_are_those_of_each_4x4_patch_position():
     # the real targets have the same layout, and patch=true adds the term (it needs conv)
     net, real = tiny_bn_net(), tiny_real(same_classes=False)
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    stats = real_statistics(net, convs, real, 4, torch.Generator(), patches=True)
+    stats = real_statistics(net, convs, real, 4, torch.Generator(), patch_layers=range(len(convs)))
     assert stats[0]["patch_mean"].shape == (4,) and stats[0]["patch_class_var"].shape == (3, 4)
     inputs = torch.nn.functional.interpolate(real.train_images, size=(8, 8), mode="bilinear")
     assert torch.allclose(stats[0]["patch_class_mean"][1], patch_stats_grouped(inputs[4:8], 1)[0][0], atol=1e-5)

@@ -46,6 +46,8 @@ do not reproduce).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,12 +109,12 @@ def matched_layers(net: nn.Module, bn: bool, conv: bool) -> list[tuple[nn.Module
 
 @torch.no_grad()
 def real_statistics(net: nn.Module, layers: list[nn.Module], real: RealData, per_class: int,
-                    generator: torch.Generator, chunk: int = 256, patches: bool = False) -> list[dict]:
+                    generator: torch.Generator, chunk: int = 256, patch_layers: Collection[int] = ()) -> list[dict]:
     """Per-layer statistics of the real training data at the inputs of ``layers`` (eval mode): for each layer
-    ``{"mean": [C], "var": [C], "class_mean": [K, C], "class_var": [K, C]}`` per channel and, with ``patches``, the
-    same four keys with a ``patch_`` prefix (``[P]`` / ``[K, P]``) per position of the 4x4 patch grid
-    (:func:`patch_view`; 4-D inputs only), over
-    ``per_class`` random images of every class (float32; global = over all of them, so classes weigh equally)."""
+    ``{"mean": [C], "var": [C], "class_mean": [K, C], "class_var": [K, C]}`` per channel and, for the layers whose
+    indices are in ``patch_layers`` (4-D inputs), the same four keys with a ``patch_`` prefix (``[P]`` / ``[K, P]``)
+    per position of the 4x4 patch grid (:func:`patch_view`), over ``per_class`` random images of every class
+    (float32; global = over all of them, so classes weigh equally)."""
     k = real.num_classes
     sums: list[dict | None] = [None] * len(layers)
     net.eval()
@@ -123,7 +125,7 @@ def real_statistics(net: nn.Module, layers: list[nn.Module], real: RealData, per
                 net(x_c[start:start + chunk])
             for i, a in enumerate(rec.inputs):
                 views = {"": a.double().transpose(0, 1).reshape(a.shape[1], -1)}  # [C, n * H * W]
-                if patches and a.dim() == 4:
+                if i in patch_layers:
                     pv = patch_view(a.double())  # [n, P, C * 16]
                     views["patch_"] = pv.transpose(0, 1).reshape(pv.shape[1], -1)  # [P, n * C * 16]
                 sums[i] = sums[i] or {key: torch.zeros(3, k, v.shape[0], dtype=torch.float64, device=v.device)
@@ -143,13 +145,19 @@ def _moments(s: torch.Tensor) -> dict[str, torch.Tensor]:
             "class_var": (s2 / n - (s1 / n) ** 2).float()}
 
 
-def patch_view(x: torch.Tensor) -> torch.Tensor:
-    """G-VBSM / EDC's patch grid: ``x`` ``[N, C, H, W]`` resized (bilinear) to the next multiples of 4 and cut into
-    its 4x4 patches: ``[N, P, C * 16]`` with P = (H' / 4)(W' / 4) patch positions, row-major."""
-    n, c, h, w = x.shape
+def _to_patch_grid(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, C, H, W]`` resized (bilinear) to the next multiples of 4 of H and W (G-VBSM / EDC's
+    ``div_four_mul``); unchanged when they are multiples already."""
+    h, w = x.shape[-2:]
     h4, w4 = -(-h // 4) * 4, -(-w // 4) * 4
-    if (h4, w4) != (h, w):
-        x = F.interpolate(x, size=(h4, w4), mode="bilinear")
+    return x if (h4, w4) == (h, w) else F.interpolate(x, size=(h4, w4), mode="bilinear")
+
+
+def patch_view(x: torch.Tensor) -> torch.Tensor:
+    """G-VBSM / EDC's patch grid: ``x`` ``[N, C, H, W]`` resized (:func:`_to_patch_grid`) and cut into its 4x4
+    patches: ``[N, P, C * 16]`` with P = (H' / 4)(W' / 4) patch positions, row-major."""
+    x = _to_patch_grid(x)
+    n, c, h4, w4 = x.shape
     x = x.reshape(n, c, h4 // 4, 4, w4 // 4, 4).permute(0, 2, 4, 1, 3, 5)  # [N, U, V, C, 4, 4]
     return x.reshape(n, (h4 // 4) * (w4 // 4), c * 16)
 
@@ -158,10 +166,8 @@ def patch_stats_grouped(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tor
     """Per-batch mean and biased variance of each patch position of ``x`` ``[G * B, C, H, W]`` (:func:`patch_view`)
     over the batch's images, channels and the patch's pixels: two ``[G, P]`` tensors. Computed with 4x4 average
     pooling in two passes (mean, then the mean square deviation), without materializing the patches."""
-    n, c, h, w = x.shape
-    h4, w4 = -(-h // 4) * 4, -(-w // 4) * 4
-    if (h4, w4) != (h, w):
-        x = F.interpolate(x, size=(h4, w4), mode="bilinear")
+    x = _to_patch_grid(x)
+    n, c, h4, w4 = x.shape
     xg = x.reshape(groups, n // groups, c, h4, w4)
     mean = F.avg_pool2d(x, 4).reshape(groups, -1, h4 // 4, w4 // 4).mean(1)  # [G, U, V]
     centred = xg - mean.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None, None]
@@ -223,7 +229,8 @@ class StatisticsMatching(Objective):
         if not (bn or conv):
             raise ConfigError("objective: bn=false and conv=false leave no statistics to match; set one of them")
         if patch and not conv:
-            raise ConfigError("objective.patch=true matches patch statistics at the Conv inputs: set objective.conv=true")
+            raise ConfigError("objective.patch=true matches patch statistics at the Conv inputs: "
+                              "set objective.conv=true")
         self.r_bn, self.first_multiplier, self.ce_weight = float(r_bn), float(first_multiplier), float(ce_weight)
         self.bn, self.conv, self.alpha = bool(bn), bool(conv), float(alpha)
         self.flatness, self.ema_beta, self.tau = float(flatness), float(ema_beta), float(tau)
@@ -275,7 +282,9 @@ class StatisticsMatching(Objective):
             from ddrun.utils import derive_seed
 
             g = torch.Generator().manual_seed(derive_seed(len(self._teachers), 7039))
-            stats = real_statistics(teacher, [m for m, _ in layers], real, self.batch_real, g, patches=self.patch)
+            patch_layers = {i for i, (_, kind) in enumerate(layers) if kind == "conv"} if self.patch else set()
+            stats = real_statistics(teacher, [m for m, _ in layers], real, self.batch_real, g,
+                                    patch_layers=patch_layers)
         entry = {"teacher": teacher, "layers": layers, "stats": stats, "index": len(self._teachers)}
         self._teachers[id(teacher)] = entry
         return entry
@@ -351,7 +360,7 @@ class StatisticsMatching(Objective):
         return loss
 
     def _smoothed(self, mean: torch.Tensor, var: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The running estimate ``r = m r_prev + (1 - m) s`` of each statistic ``s`` (``[G, C]``), updated in place,
+        """The running estimate ``r = m r_prev + (1 - m) s`` of each statistic ``s`` (``[G, D]``), updated in place,
         carrying the gradient of ``s``: ``r + s - s.detach()``. ``stats_momentum`` 0: ``s`` itself."""
         if self.stats_momentum == 0.0:
             return mean, var

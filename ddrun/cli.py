@@ -14,7 +14,8 @@ from pathlib import Path
 COMMANDS = {
     "distill": ("ddrun.distill", "Distill a synthetic set S from a real dataset (DM, DC, DSA, ...)."),
     "buffer": ("ddrun.buffers", "Train expert networks and store their trajectories (for method=mtt)."),
-    "teacher": ("ddrun.teachers", "Train teacher networks and store them (for method=sre2l / rded / edc, evaluator=kd)."),
+    "teacher": ("ddrun.teachers",
+                "Train teacher networks and store them (for method=sre2l / gvbsm / rded / edc, evaluator=kd)."),
     "evaluate": ("ddrun.evaluate", "Evaluate a saved S (or the whole training set) on one or many architectures."),
     "export": ("ddrun.export", "Write a saved S as an image folder (format=imagefolder) for other tools."),
     "report": ("ddrun.report", "Tables (Markdown, CSV) and plots from run directories and sweeps."),
@@ -33,7 +34,7 @@ Examples:
   ddrun distill -m hydra/launcher=slurm method=dm,dc ipc=1,10,50 seed=0,1,2   # one SLURM job per point
   ddrun evaluate synthetic=outputs/.../synthetic.pt evaluator=cross_arch     # S on the architecture pool
   ddrun report outputs/multirun/<date> --compare      # mean +- std over seeds, published figures beside
-  ddrun teacher dataset=cifar10                       # a teacher for method=sre2l / rded / edc and evaluator=kd
+  ddrun teacher dataset=cifar10                       # a teacher for method=sre2l / gvbsm / rded / edc and evaluator=kd
   ddrun export synthetic=.../synthetic.pt format=imagefolder out=DIR   # per-class PNG folders
 
 Each command is a Hydra app: `-m/--multirun`, `--cfg job --resolve`, `--info`, `-sc install=bash`

@@ -1,14 +1,14 @@
 """The Fashion-MNIST tables of the decoupled family (issue 11), at CPU-sized budgets, end to end:
 
     python scripts/decoupled_fmnist.py teacher     # ddrun teacher: ConvNet-BN-64, SRe2L recipe, 8 epochs (stated)
-    python scripts/decoupled_fmnist.py distill     # S for random / RDED / SRe2L (+ r_bn 1) / EDC at ipc 1, 10, 50
+    python scripts/decoupled_fmnist.py distill     # S for random / RDED / SRe2L (+ r_bn 1) / EDC / G-VBSM, ipc 1 10 50
     python scripts/decoupled_fmnist.py evaluate    # every S under the one KD protocol and the hard-label protocol
     python scripts/decoupled_fmnist.py table       # the Markdown table from the results.json files
 
 Everything goes under ``outputs/fm`` (``--out``); each step is a plain ``ddrun`` command (printed before it runs) and
 is skipped when its result exists, so a killed run continues. Budgets (CPU, 2 shared cores): the teacher is a
 ConvNet-BN of width 64 trained 8 epochs (not 200) on the full training set; SRe2L recovers for the reference's 1000
-iterations; EDC and RDED run their presets' settings (EDC: 75 iterations). The one KD protocol:
+iterations; EDC, G-VBSM and RDED run their presets' settings (EDC: 75 iterations, G-VBSM: 4000). The one KD protocol:
 a ConvNet-BN-32 student, ``KD_EPOCHS`` epochs, the evaluator=kd defaults otherwise (AdamW 1e-3, smoothing
 zeta 2, RandomResizedCrop + flip + CutMix, KL T 20, RDED's batch per ipc), the same teacher for every S; the
 hard-label protocol: ConvNet-32 (instance norm), 300 epochs, the DC protocol otherwise (evaluator=default).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IPCS = (1, 10, 50)
-METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "dm", "mtt")  # mtt: evaluate only (copy an MTT S to
+METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm", "dm", "mtt")  # mtt: evaluate only (copy an MTT S to
 # S/mtt_ipc<N>/)
 # variants: a method's preset with overrides. SRe2L's r_bn 0.01 (its CIFAR value) with a teacher of only 3 BatchNorm
 # layers leaves one mode per class (the images of a class look alike); r_bn 1 is SRe2L's Tiny-ImageNet value.
@@ -71,6 +71,8 @@ def distill(args) -> None:
             method, extra = VARIANTS.get(m, (m, EARLIER.get(m, [])))
             if method == "sre2l":
                 extra = [f"iterations={args.sre2l_iterations}", *extra]
+            if method == "gvbsm" and args.gvbsm_iterations:
+                extra = [f"iterations={args.gvbsm_iterations}", *extra]
             net = [] if m in ("random", *EARLIER) else TEACHER
             run(["distill", f"method={method}", f"ipc={ipc}", *net, *extra, "evaluator.num_eval=0",
                  f"hydra.run.dir={d}"], args)
@@ -115,13 +117,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "fm")
     p.add_argument("--data", default="data")
     p.add_argument("--ipc", default="1,10,50")
-    p.add_argument("--methods", default=",".join(METHODS[:5]))
+    p.add_argument("--methods", default=",".join(METHODS[:6]))
     p.add_argument("--num-eval", type=int, default=2)
     p.add_argument("--kd-epochs", type=int, help="evaluate: only the KD protocol with this many epochs (kd<N>)")
     p.add_argument("--protocols", default="kd,hard", help="evaluate: which of kd, hard (default both)")
     p.add_argument("--teacher-epochs", type=int, default=8, help="teacher: epochs of the SRe2L recipe (default 8)")
     p.add_argument("--sre2l-iterations", type=int, default=1000, help="distill: SRe2L's recover iterations at every "
                    "ipc (default: the reference's 1000)")
+    p.add_argument("--gvbsm-iterations", type=int, help="distill: G-VBSM's recover iterations (default: its preset's "
+                   "4000)")
     args = p.parse_args()
     args.ipc = [int(i) for i in args.ipc.split(",")]
     args.methods = args.methods.split(",")

@@ -1,6 +1,7 @@
 """The decoupled family's components: statistics matching (hooks, category-aware and flatness terms, the BatchNorm
 requirement), the KD evaluator (smoothing schedule, losses, missing teacher), RDED's selection and stitching, image
-folders in and out, and the presets; tiny data, seconds each. Real-data learning: ``test_edc_beats_its_init``."""
+folders in and out, and the presets; tiny data, seconds each. Real-data learning:
+``test_recovered_s_beats_its_initialization_under_the_kd_protocol`` (EDC, G-VBSM)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from ddrun.data.datasets import RealData
 from ddrun.evaluators.kd import kd_loss, smoothing_factor
 from ddrun.init.rded import select_crops, stitch
 from ddrun.nets import ConvNet
-from ddrun.objectives.statistics import (LayerInputs, StatisticsMatching, channel_stats_grouped, patch_stats_grouped,
-                                         real_statistics)
+from ddrun.data.transforms import BatchAugment
+from ddrun.objectives.statistics import (LayerInputs, StatisticsMatching, channel_stats_grouped, eigen_kl,
+                                         patch_stats_grouped, real_statistics)
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DataError, build, derive_seed
 
@@ -211,6 +213,85 @@ def test_momentum_statistics_are_a_running_estimate_with_the_current_batchs_grad
         objective(stats_momentum=1.0)
 
 
+def test_conv_drop_leaves_conv_terms_out_with_its_probability_and_keeps_their_estimates():
+    """G-VBSM's dropout of the Conv hooks: with p near 1 the loss is the BatchNorm terms alone and the Conv layers'
+    running estimates stay; over many draws the Conv part is kept in a fraction 1 - p of the (layer, batch) pairs."""
+    net, real = tiny_bn_net(), tiny_real(same_classes=False)
+    syn = syn_of(real)
+    kw = dict(ce_weight=0.0, r_bn=1.0, first_multiplier=1.0, conv=True, patch=True)
+    bn_only = loss_of(objective(**{**kw, "conv": False, "patch": False}), net, real, syn).item()
+    full = loss_of(objective(**kw), net, real, syn).item()
+    assert full > bn_only + 1e-3
+    obj = objective(**kw, conv_drop=0.999999, stats_momentum=0.5)
+    assert loss_of(obj, net, real, syn).item() == pytest.approx(bn_only, rel=1e-6)
+    first = {k: v.clone() for k, v in obj.running.items()}
+    with torch.no_grad():
+        syn.images.add_(1.0)
+    obj(syn, real, Fetched(net, teacher=net), 1, torch.Generator().manual_seed(1))
+    moved = {k for k in first if not torch.equal(first[k], obj.running[k])}
+    bn_keys = {f"{s}.0.{i}" for s in ("mean", "var") for i in (1, 3)}  # layers: conv, bn, conv, bn
+    assert moved == bn_keys
+    with torch.no_grad():
+        syn.images.sub_(1.0)
+    p = 0.4
+    obj = objective(**kw, conv_drop=p)
+    obj.prepare(syn, real)
+    gen = torch.Generator().manual_seed(2)
+    kept = [(obj(syn, real, Fetched(net, teacher=net), i, gen).item() - bn_only) / (full - bn_only)
+            for i in range(300)]
+    assert sum(kept) / len(kept) == pytest.approx(1 - p, abs=0.06)
+    with pytest.raises(ConfigError, match="conv_drop=0.4 acts on the Conv inputs"):
+        objective(conv_drop=0.4)
+
+
+def test_eigenvalue_term_by_hand_and_it_spreads_a_class_apart():
+    """G-VBSM's KL on the eigenvalues of each class's Gram matrix: two images with Gram [[a, b], [b, a]] have the
+    eigenvalues a - b, a + b; equal eigenvalues (orthogonal images of one norm) give 0, as does one image per class;
+    its gradient makes two alike images less alike."""
+    x = torch.zeros(2, 1, 2, 2)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 1.0, 0.5  # |x0|^2 = 1.25
+    x[1, 0, 0, 0], x[1, 0, 1, 0] = 1.0, 0.5  # x0 . x1 = 1
+    lam = torch.tensor([0.25, 2.25])
+    tea, stu = torch.softmax(lam / 4, 0), torch.log_softmax(lam, 0)
+    assert eigen_kl(x, 1, 1, 4.0).item() == pytest.approx((tea * (tea.log() - stu)).sum().item(), rel=1e-5)
+    ortho = torch.zeros(2, 1, 2, 2)
+    ortho[0, 0, 0, 0] = ortho[1, 0, 1, 1] = 1.0
+    assert eigen_kl(ortho, 1, 1, 4.0).abs().item() < 1e-7
+    assert eigen_kl(torch.randn(3, 1, 4, 4), 1, 3, 4.0).item() == 0.0  # one image per class
+    # two batches x two classes x two images: the sum over the four classes
+    many = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    parts = sum(eigen_kl(many[2 * i:2 * i + 2], 1, 1, 4.0) for i in range(4))
+    assert eigen_kl(many, 2, 2, 4.0).item() == pytest.approx(parts.item(), rel=1e-5)
+    pair = x.clone().requires_grad_(True)
+    cos = lambda t: torch.nn.functional.cosine_similarity(t[0].flatten(), t[1].flatten(), dim=0).item()  # noqa: E731
+    before = cos(pair)
+    opt = torch.optim.SGD([pair], lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        eigen_kl(pair, 1, 1, 4.0).backward()
+        opt.step()
+    assert cos(pair.detach()) < before - 0.05
+
+
+def test_batch_augment_pads_crops_and_rolls_last():
+    """G-VBSM's recover augmentation: zero padding + a random crop back to the size, then a cyclic roll; the
+    result is a shifted copy of the batch with zero borders, one draw for the whole batch, differentiable."""
+    aug = BatchAugment(kind="crop", padding=2, flip=False, roll=0)
+    x = torch.ones(3, 1, 8, 8, requires_grad=True)
+    outs = [aug(x, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(o.shape == x.shape for o in outs)
+    assert any((o == 0).any() for o in outs) and all(o.sum() >= 3 * 6 * 6 for o in outs)
+    assert all(torch.equal(o[0], o[1]) for o in outs)  # one draw for the batch
+    outs[0].sum().backward()
+    assert x.grad is not None
+    ramp = torch.arange(64.0).view(1, 1, 8, 8)
+    rolled = BatchAugment(kind="none", flip=False, roll=8, roll_last=True)(ramp, torch.Generator().manual_seed(3))
+    assert sorted(rolled.flatten().tolist()) == list(range(64))  # a cyclic shift keeps every pixel
+    assert BatchAugment(kind="crop", padding=4, flip=True, roll=32, roll_last=True).describe() == "crop4+flip+roll32"
+    with pytest.raises(ConfigError, match="padding=-1"):
+        BatchAugment(kind="crop", padding=-1)
+
+
 def test_teacher_without_batchnorm_is_refused_naming_the_bn_variant():
     real = tiny_real(same_classes=False)
     teacher = ConvNet(1, 3, (6, 6), width=4, depth=1, norm="instancenorm").eval()
@@ -354,7 +435,8 @@ def test_soft_labels_of_the_wrong_shape_are_refused_naming_the_file(tiny_root, t
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "mnist"])
 def test_presets_carry_the_reference_settings(dataset):
-    edc, sre2l, rded = (make_cfg([f"method={m}", f"dataset={dataset}"]) for m in ("edc", "sre2l", "rded"))
+    edc, sre2l, rded, gvbsm = (make_cfg([f"method={m}", f"dataset={dataset}"])
+                               for m in ("edc", "sre2l", "rded", "gvbsm"))
     assert edc.syn_optimizer.betas == [0.5, 0.9] and edc.syn_scheduler.total == edc.iterations
     assert (edc.objective.alpha, edc.objective.flatness, edc.objective.conv, edc.objective.lr_img) == (0.5, 0.25,
                                                                                                       True, 0.05)
@@ -369,6 +451,19 @@ def test_presets_carry_the_reference_settings(dataset):
     assert sre2l.iterations == {"tiny_imagenet": 4000}.get(dataset, 1000)
     assert (sre2l.objective.r_bn, sre2l.objective.lr_img) == ((1.0, 0.1) if dataset == "tiny_imagenet" else
                                                               (0.01, 0.25))
+    # G-VBSM (its recover.sh / utils.py / train.sh)
+    go = gvbsm.objective
+    assert (gvbsm.iterations, go.lr_img, go.r_bn, go.first_multiplier, go.stats_momentum, go.conv_drop,
+            go.nuc_norm, go.nuc_tau) == (4000, 0.05, 0.01, 10.0, 0.8, 0.4, 1.0, 4.0)
+    assert go.conv and go.patch and go.alpha == 1.0 and go.flatness == 0.0
+    assert gvbsm.init._target_ == "ddrun.init.noise" and (go.augment.kind, go.augment.roll_last) == ("crop", True)
+    assert [make_cfg(["method=gvbsm", f"dataset={dataset}", f"ipc={i}"]).objective.ipc_per_batch
+            for i in (1, 10, 50)] == [1, 10, 10]
+    assert gvbsm.evaluator.loss == "mse_ce" and gvbsm.evaluator.schedule == "cosine" and gvbsm.evaluator.ema is None
+    assert (gvbsm.evaluator.gamma, gvbsm.evaluator.optimizer) == {"cifar100": (0.15, "sgd"),
+                                                                   "tiny_imagenet": (0.1, "sgd")}.get(dataset,
+                                                                                                     (0.15, "adamw"))
+    assert go.augment.padding == (8 if dataset == "tiny_imagenet" else 4)
     if dataset == "cifar100":
         assert dict(rded.evaluator.batch_by_ipc) == {1: 20, 10: 100, 50: 200}
         assert edc.objective.augment.scale == [0.5, 1.0] and edc.evaluator.batch_train == 50
@@ -377,25 +472,28 @@ def test_presets_carry_the_reference_settings(dataset):
 # --- learning on real data ----------------------------------------------------------------------------------------
 
 @pytest.mark.realdata
-def test_edc_beats_its_real_image_initialization_under_the_kd_protocol(fmnist_root, tmp_path):
-    """EDC (preset settings but 150 recover iterations) from ipc 2 real images on real Fashion-MNIST (300 training
-    images per class) with a small teacher (ConvNet-BN-16, 2 epochs, ~72 %): the recovered S beats its own
-    initialization under one KD protocol (ConvNet-BN-16 students, 150 epochs, same 3 seeds for both sets)."""
+@pytest.mark.parametrize("method,extra", [("edc", []), ("gvbsm", ["objective.ipc_per_batch=2"])])
+def test_recovered_s_beats_its_initialization_under_the_kd_protocol(fmnist_root, tmp_path, method, extra):
+    """EDC (from ipc 2 real images) and G-VBSM (from noise, both images of a class in one batch so that its
+    eigenvalue term acts), preset settings but 150 recover iterations, on real Fashion-MNIST (300 training images per
+    class) with a small teacher (ConvNet-BN-16, 2 epochs, ~72 %): the recovered S beats its own initialization under
+    one KD protocol (ConvNet-BN-16 students, 150 epochs, same 3 seeds for both sets)."""
     from ddrun.distill import distill
     from ddrun.teachers import teacher
 
     base = ["dataset=fashion_mnist", f"paths.data={fmnist_root}", "dataset.train_subset=300",
             "dataset.test_subset=300", "net=convnet_bn", "net.width=16", f"paths.buffers={tmp_path / 'store'}"]
     teacher(make_cfg([*base, "recipe.epochs=2", "recipe.batch=64"], "teacher"))
-    cfg = make_cfg([*base, "method=edc", "ipc=2", "iterations=150", "evaluator.num_eval=0", "logger=none"])
+    cfg = make_cfg([*base, f"method={method}", "ipc=2", "iterations=150", *extra, "evaluator.num_eval=0",
+                    "logger=none"])
     out = distill(cfg, tmp_path / "run")
     real = build(cfg.dataset)
     init = build(cfg.init)(real, 2, torch.Generator().manual_seed(derive_seed(0, 1)))  # the run's initialization
-    edc = SyntheticSet.load(out["synthetic"])
-    assert (edc.images - init.images).abs().mean() > 0.05  # the recover stage moved S
+    recovered = SyntheticSet.load(out["synthetic"])
+    assert (recovered.images - init.images).abs().mean() > 0.05  # the recover stage moved S
     ev = build(make_cfg([*base, "evaluator=kd", "net@evaluator.student=convnet_bn", "evaluator.student.width=16",
                          "evaluator.epochs=150", "evaluator.num_eval=3"]).evaluator)
-    before, after = ev(init, real, 0), ev(edc, real, 0)
+    before, after = ev(init, real, 0), ev(recovered, real, 0)
     assert after["acc_mean"] > before["acc_mean"] + 1.0, (before["per_net"], after["per_net"])
 
 

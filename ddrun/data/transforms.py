@@ -97,36 +97,47 @@ class BatchAugment:
     """One random draw for the whole batch, differentiable w.r.t. the images (the recover stage's augmentation).
 
     Args:
-        kind: ``resized_crop`` or ``none`` (``crop`` is accepted too).
+        kind: ``resized_crop``, ``crop`` (zero-pad ``padding`` pixels, then a random crop back to the image size:
+            G-VBSM's ``RandomCrop(size, padding)``) or ``none``.
         scale: the area range of ``resized_crop``.
+        padding: pixels of zero padding of ``crop`` (G-VBSM: size / 8, i.e. 4 on CIFAR).
         flip: random horizontal flip of the whole batch with p = 0.5.
-        roll: a random cyclic shift of up to ``roll`` pixels in each direction (SRe2L's jitter; 0: off), applied
-            before the crop.
+        roll: a random cyclic shift of up to ``roll`` pixels in each direction (SRe2L's jitter; 0: off).
+        roll_last: shift after the crop and flip (G-VBSM) instead of before them (SRe2L).
 
     Raises:
-        ConfigError: unknown ``kind``, a bad ``scale`` or a negative ``roll``.
+        ConfigError: unknown ``kind``, a bad ``scale`` or a negative ``roll`` / ``padding``.
     """
 
     def __init__(self, kind: str = "resized_crop", scale: Sequence[float] = (0.08, 1.0), flip: bool = True,
-                 roll: int = 0):
+                 roll: int = 0, padding: int = 0, roll_last: bool = False):
         _check(kind, scale, "objective.augment")
-        if int(roll) < 0:
-            raise ConfigError(f"objective.augment.roll={roll}: must be >= 0 (pixels)")
+        for name, v in (("roll", roll), ("padding", padding)):
+            if int(v) < 0:
+                raise ConfigError(f"objective.augment.{name}={v}: must be >= 0 (pixels)")
         self.kind, self.scale, self.flip, self.roll = kind, tuple(map(float, scale)), bool(flip), int(roll)
+        self.padding, self.roll_last = int(padding), bool(roll_last)
 
     def describe(self) -> str:
-        parts = [f"roll{self.roll}" if self.roll else "",
-                 f"resized_crop{self.scale[0]:g}-{self.scale[1]:g}" if self.kind == "resized_crop" else "",
-                 "flip" if self.flip else ""]
+        roll = f"roll{self.roll}" if self.roll else ""
+        parts = [roll if not self.roll_last else "",
+                 {"resized_crop": f"resized_crop{self.scale[0]:g}-{self.scale[1]:g}", "crop": f"crop{self.padding}",
+                  "none": ""}[self.kind],
+                 "flip" if self.flip else "", roll if self.roll_last else ""]
         return "+".join(p for p in parts if p) or "none"
+
+    def _roll(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        dy, dx = (int(v) for v in torch.randint(-self.roll, self.roll + 1, (2,), generator=generator))
+        return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``x`` float ``[B, C, H, W]`` -> the same shape; one draw for all B images; gradients flow to ``x``."""
-        if self.roll:
-            dy, dx = (int(v) for v in torch.randint(-self.roll, self.roll + 1, (2,), generator=generator))
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-        if self.kind == "none" and not self.flip:
-            return x
-        tf = _geometric(self.kind, x.shape[-2:], 0, self.scale, self.flip, 0.0)
-        with _seeded_from(generator):
-            return tf(x)
+        if self.roll and not self.roll_last:
+            x = self._roll(x, generator)
+        if self.kind != "none" or self.flip:
+            tf = _geometric(self.kind, x.shape[-2:], self.padding, self.scale, self.flip, 0.0)
+            with _seeded_from(generator):
+                x = tf(x)
+        if self.roll and self.roll_last:
+            x = self._roll(x, generator)
+        return x

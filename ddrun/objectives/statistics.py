@@ -37,6 +37,12 @@ G-VBSM / EDC's patch statistics (``patch``): at every Conv input, resized (bilin
 into 4x4 patches, the mean and variance of each patch position over the batch's images, channels and pixels, matched
 like the channel statistics (same weights, targets from the real data, running estimate).
 
+G-VBSM's two further terms (its released CIFAR / Tiny ImageNet recover, ``--drop-rate 0.4 --nuc-norm 1.0``):
+``conv_drop``, each Conv layer's terms left out of a batch's loss with that probability at every step (its
+"efficiency" dropout of the Conv hooks; BatchNorm terms are never dropped), and ``nuc_norm``, a KL between the
+softmax of the eigenvalues of each class's Gram matrix and their tempered softmax (:func:`eigen_kl`), which spreads
+a class's images apart; it needs several images of a class in one batch (``ipc_per_batch`` > 1).
+
 Differences from the references, stated: the class statistics are pooled over the class's images (per channel:
 over (N, H, W); per patch position: over (N, C, 4, 4)), where the EDC code averages per-image statistics, and the
 global real targets are pooled over the sampled images, where the references average per-batch statistics over
@@ -204,11 +210,16 @@ class StatisticsMatching(Objective):
             0.8; 0: each step's own statistics, SRe2L).
         patch: also match the statistics of each position of the 4x4 patch grid at the Conv inputs
             (:func:`patch_stats_grouped`; G-VBSM / EDC ``ConvFeatureHook``); needs ``conv``.
+        conv_drop: probability that a Conv layer's terms are left out of a batch's loss at a step (G-VBSM
+            ``drop_rate`` 0.4; EDC 0); a left-out layer's running estimate is not updated; needs ``conv``.
+        nuc_norm: weight of G-VBSM's eigenvalue term (:func:`eigen_kl`; its ``--nuc-norm`` 1.0; 0: off).
+        nuc_tau: temperature of the eigenvalue term (G-VBSM ``--tau`` 4).
 
     ``__call__`` returns the summed loss of all batches (float scalar); gradients reach ``syn.images`` only.
 
     Raises:
-        ConfigError: bad weights, ``stats_momentum`` outside [0, 1), ``patch`` without ``conv``,
+        ConfigError: bad weights, ``stats_momentum`` or ``conv_drop`` outside [0, 1), ``patch`` or
+            ``conv_drop`` without ``conv``,
             ``ipc_per_batch`` not dividing ipc, or (at the first step) a teacher without BatchNorm when ``bn`` is
             set (names the net and its BatchNorm variant).
     """
@@ -217,25 +228,31 @@ class StatisticsMatching(Objective):
                  ce_weight: float = 1.0, bn: bool = True, conv: bool = False, alpha: float = 1.0,
                  flatness: float = 0.0, ema_beta: float = 0.99, tau: float = 4.0, ipc_per_batch: int = 1,
                  augment: BatchAugment | None = None, batch_real: int = 500, clamp: bool = True,
-                 stats_momentum: float = 0.0, patch: bool = False):
+                 stats_momentum: float = 0.0, patch: bool = False, conv_drop: float = 0.0, nuc_norm: float = 0.0,
+                 nuc_tau: float = 4.0):
         super().__init__(lr_img, batch_real=batch_real)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"objective.alpha={alpha}: must be in [0, 1] (weight of the global statistics)")
-        for name, v in (("ema_beta", ema_beta), ("stats_momentum", stats_momentum)):
+        for name, v in (("ema_beta", ema_beta), ("stats_momentum", stats_momentum), ("conv_drop", conv_drop)):
             if not 0.0 <= float(v) < 1.0:
                 raise ConfigError(f"objective.{name}={v}: must be in [0, 1)")
-        if float(tau) <= 0 or int(ipc_per_batch) < 1 or min(float(r_bn), float(flatness), float(ce_weight)) < 0:
-            raise ConfigError("objective: tau must be > 0, ipc_per_batch >= 1, and r_bn, flatness, ce_weight >= 0")
+        if min(float(tau), float(nuc_tau)) <= 0 or int(ipc_per_batch) < 1 \
+                or min(float(r_bn), float(flatness), float(ce_weight), float(nuc_norm)) < 0:
+            raise ConfigError("objective: tau and nuc_tau must be > 0, ipc_per_batch >= 1, and r_bn, flatness, "
+                              "ce_weight, nuc_norm >= 0")
         if not (bn or conv):
             raise ConfigError("objective: bn=false and conv=false leave no statistics to match; set one of them")
-        if patch and not conv:
-            raise ConfigError("objective.patch=true matches patch statistics at the Conv inputs: "
-                              "set objective.conv=true")
+        conv_only = [n for n, on in (("patch=true", patch), (f"conv_drop={conv_drop}", float(conv_drop) > 0)) if on]
+        if conv_only and not conv:
+            raise ConfigError(f"objective.{' and objective.'.join(conv_only)} "
+                              f"{'act' if len(conv_only) > 1 else 'acts'} on the Conv inputs' statistics: "
+                              f"set objective.conv=true")
         self.r_bn, self.first_multiplier, self.ce_weight = float(r_bn), float(first_multiplier), float(ce_weight)
         self.bn, self.conv, self.alpha = bool(bn), bool(conv), float(alpha)
         self.flatness, self.ema_beta, self.tau = float(flatness), float(ema_beta), float(tau)
         self.ipc_per_batch, self.augment, self.clamp = int(ipc_per_batch), augment, bool(clamp)
         self.stats_momentum, self.patch = float(stats_momentum), bool(patch)
+        self.conv_drop, self.nuc_norm, self.nuc_tau = float(conv_drop), float(nuc_norm), float(nuc_tau)
         self.ema: torch.Tensor | None = None
         self.running: dict[str, torch.Tensor] = {}  # "mean|var.[patch_]<teacher>.<layer>" -> estimate [G, D]
         self._teachers: dict[int, dict] = {}  # id(teacher) -> its matched layers and cached real statistics
@@ -340,16 +357,9 @@ class StatisticsMatching(Objective):
         with LayerInputs([m for m, _ in entry["layers"]]) as rec:
             out = teacher(x)
         loss = self.ce_weight * F.cross_entropy(out, y, reduction="sum") / b
-        labels = y.view(g_count, b)
-        for i, a in enumerate(rec.inputs):
-            w = self.r_bn * (self.first_multiplier if i == 0 else 1.0)
-            terms = [("", channel_stats_grouped)]
-            if self.patch and entry["layers"][i][1] == "conv":
-                terms.append(("patch_", patch_stats_grouped))
-            for prefix, stats_of in terms:
-                mean, var = self._smoothed(*stats_of(a, g_count), f"{prefix}{entry['index']}.{i}")
-                for weight, t_mean, t_var in self._targets(entry, i, labels, prefix):
-                    loss = loss + w * weight * stat_distance(mean, var, t_mean, t_var).sum()
+        loss = loss + self._matching(entry, rec.inputs, y.view(g_count, b), generator)
+        if self.nuc_norm > 0:
+            loss = loss + self.nuc_norm * eigen_kl(x, g_count, b // self.ipc_per_batch, self.nuc_tau)
         if ema is not None:
             with torch.no_grad():
                 out_ema = teacher(ema)
@@ -359,9 +369,33 @@ class StatisticsMatching(Objective):
             self.ema = self.ema_beta * self.ema + (1.0 - self.ema_beta) * syn.images.detach()
         return loss
 
-    def _smoothed(self, mean: torch.Tensor, var: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _matching(self, entry: dict, inputs: list[torch.Tensor], labels: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+        """The statistics term of every batch, summed: ``inputs`` the matched layers' inputs ``[G * B, C, ...]``,
+        ``labels`` int64 ``[G, B]``. With ``conv_drop``, each Conv layer is left out of each batch with that
+        probability (one draw per layer and batch from ``generator``)."""
+        g_count, loss = labels.shape[0], 0.0
+        for i, a in enumerate(inputs):
+            w = self.r_bn * (self.first_multiplier if i == 0 else 1.0)
+            is_conv = entry["layers"][i][1] == "conv"
+            keep = None
+            if is_conv and self.conv_drop > 0:
+                keep = (torch.rand(g_count, generator=generator) >= self.conv_drop).to(a.device)
+            terms = [("", channel_stats_grouped)] + ([("patch_", patch_stats_grouped)] if self.patch and is_conv
+                                                     else [])
+            for prefix, stats_of in terms:
+                mean, var = self._smoothed(*stats_of(a, g_count), f"{prefix}{entry['index']}.{i}", keep)
+                for weight, t_mean, t_var in self._targets(entry, i, labels, prefix):
+                    d = stat_distance(mean, var, t_mean, t_var)  # [G]
+                    loss = loss + w * weight * (d if keep is None else d * keep).sum()
+        return loss
+
+    def _smoothed(self, mean: torch.Tensor, var: torch.Tensor, key: str,
+                  keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The running estimate ``r = m r_prev + (1 - m) s`` of each statistic ``s`` (``[G, D]``), updated in place,
-        carrying the gradient of ``s``: ``r + s - s.detach()``. ``stats_momentum`` 0: ``s`` itself."""
+        carrying the gradient of ``s``: ``r + s - s.detach()``. ``stats_momentum`` 0: ``s`` itself. ``keep`` bool
+        ``[G]``: only these batches' estimates move (a dropped Conv layer's stays; it starts at the first step's
+        ``s`` either way, where G-VBSM starts it at the first kept step)."""
         if self.stats_momentum == 0.0:
             return mean, var
         out = []
@@ -369,9 +403,34 @@ class StatisticsMatching(Objective):
             prev = self.running.get(f"{name}.{key}")
             with torch.no_grad():
                 r = s.detach() if prev is None else self.stats_momentum * prev + (1.0 - self.stats_momentum) * s
+                if prev is not None and keep is not None:
+                    r = torch.where(keep[:, None], r, prev)
             self.running[f"{name}.{key}"] = r.detach()
             out.append(r + s - s.detach())
         return out[0], out[1]
+
+
+def eigen_kl(x: torch.Tensor, groups: int, classes: int, tau: float) -> torch.Tensor:
+    """G-VBSM's eigenvalue term (Shao et al., CVPR 2024; reference ``Branch_CIFAR_10/recover/
+    data_synthesis_with_svd_with_db_with_all_statistic.py``, ``nuc_norm``): for each batch and class, the eigenvalues
+    ``lambda`` ``[n]`` of the Gram matrix ``X X^T`` of the class's n (augmented) images flattened to rows, and
+    ``KL(softmax(lambda / tau) || softmax(lambda))`` with the tempered side a constant, summed over classes and
+    batches (float scalar). It pushes a class's spectrum toward the flatter tempered one, i.e. its images apart.
+
+    ``x`` float ``[G * K * n, C, H, W]``, batch-major then class-major (:meth:`StatisticsMatching.batches`); images
+    larger than 32x32 are average-pooled to it first (the reference's ``AdaptiveAvgPool2d((32, 32))``; smaller ones
+    are used as they are, where the reference upsamples them). Symmetric eigenvalues (``eigvalsh``, float64) where
+    the reference calls the general ``eigvals``: the same values, a gradient defined at repeated eigenvalues. One
+    image per class (n = 1): a single eigenvalue, the term is 0."""
+    h, w = x.shape[-2:]
+    if h > 32 or w > 32:
+        x = F.adaptive_avg_pool2d(x, (min(h, 32), min(w, 32)))
+    n = x.shape[0] // (groups * classes)
+    if n < 2:
+        return x.new_zeros(())
+    v = x.reshape(groups, classes, n, -1).double()
+    lam = torch.linalg.eigvalsh(v @ v.transpose(-1, -2)).float()  # [G, K, n]
+    return F.kl_div(F.log_softmax(lam, -1), F.softmax(lam / tau, -1).detach(), reduction="sum")
 
 
 def channel_stats_grouped(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -497,18 +497,21 @@ def test_recovered_s_beats_its_initialization_under_the_kd_protocol(fmnist_root,
     assert after["acc_mean"] > before["acc_mean"] + 1.0, (before["per_net"], after["per_net"])
 
 
-def test_edc_run_resumes_to_the_same_s(tiny_root, tmp_path):
-    """EDC's run state (Adam moments, the cosine schedule, the EMA copy of the flatness term) is all in the
-    checkpoint: 3 iterations, then a rerun to 6 in the same directory, equals 6 straight iterations bitwise."""
+@pytest.mark.parametrize("method,extra", [("edc", []), ("gvbsm", ["objective.ipc_per_batch=2"])])
+def test_recover_run_resumes_to_the_same_s(tiny_root, tmp_path, method, extra):
+    """A recover run's state (Adam moments, the cosine schedule, the EMA copy of EDC's flatness term, the running
+    estimates of S's statistics, the generator behind G-VBSM's Conv-hook dropout) is all in the checkpoint:
+    3 iterations, then a rerun to 6 in the same directory, equals 6 straight iterations bitwise."""
     from ddrun.distill import distill
 
     make_teacher(tiny_root, tmp_path / "store")
-    args = [*tiny_args(tiny_root, tmp_path / "store"), "method=edc", "ipc=2", "objective.batch_real=4",
+    args = [*tiny_args(tiny_root, tmp_path / "store"), f"method={method}", "ipc=2", "objective.batch_real=4", *extra,
             "evaluator.num_eval=0", "logger=none", "syn_scheduler.total=6", "checkpoint_every=1"]
     straight = distill(make_cfg([*args, "iterations=6"]), tmp_path / "a")
     distill(make_cfg([*args, "iterations=3"]), tmp_path / "b")
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert ckpt["objective"]["ema"].shape == (20, 1, 28, 28)
+    assert any(k.startswith("running.") for k in ckpt["objective"])  # both presets keep running estimates
     resumed = distill(make_cfg([*args, "iterations=6"]), tmp_path / "b")
     a = torch.load(straight["synthetic"], weights_only=True)["images"]
     b = torch.load(resumed["synthetic"], weights_only=True)["images"]

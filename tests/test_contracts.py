@@ -54,7 +54,7 @@ def test_fetchers(tiny_root, tiny_real, name):
     fetcher = build(tiny(tiny_root, f"fetcher={name}").fetcher)(real=tiny_real, device=torch.device("cpu"), seed=0)
     assert isinstance(fetcher, Fetcher)
     f0, f1 = fetcher.fetch(0), fetcher.fetch(1)
-    assert isinstance(f0, Fetched) and isinstance(f0.net, torch.nn.Module)
+    assert all(isinstance(f, Fetched) and isinstance(f.net, torch.nn.Module) for f in (f0, f1))
     assert f0.net(tiny_real.train_images[:2]).shape == (2, 10)
     held = fetcher.held_out(0)
     assert isinstance(held, torch.nn.Module)

@@ -26,13 +26,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IPCS = (1, 10, 50)
-METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm", "gvbsm_roll4", "dm", "mtt")  # mtt: evaluate only (copy an MTT S to
-# S/mtt_ipc<N>/)
+# mtt: evaluate only (copy an MTT S to S/mtt_ipc<N>/)
+METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm", "gvbsm_roll4", "gvbsm_pool", "gvbsm_pool_roll4",
+           "edc_pool", "dm", "mtt")
 # variants: a method's preset with overrides. SRe2L's r_bn 0.01 (its CIFAR value) with a teacher of only 3 BatchNorm
 # layers leaves one mode per class (the images of a class look alike); r_bn 1 is SRe2L's Tiny-ImageNet value.
 # G-VBSM's roll of up to 32 px is a full cycle on CIFAR's 32 px images and is derived as 28 px here; "gvbsm_roll4"
 # shifts by SRe2L's 4 px instead.
-VARIANTS = {"sre2l_rbn1": ("sre2l", ["objective.r_bn=1.0"]), "gvbsm_roll4": ("gvbsm", ["objective.augment.roll=4"])}
+# "*_pool": G-VBSM's / EDC's multi-backbone recover with a second teacher, ConvNet-BN-32 (`ddrun teacher net=convnet_bn
+# net.width=32`), cycled per iteration with the ConvNet-BN-64 (its labels and the KD protocol keep the one teacher).
+W32 = ("+fetcher.extra_nets.convnet_bn_w32={_target_: ddrun.nets.ConvNet, _partial_: true, width: 32, depth: 3, "
+       "act: relu, norm: batchnorm, pooling: avgpooling}")
+VARIANTS = {"sre2l_rbn1": ("sre2l", ["objective.r_bn=1.0"]), "gvbsm_roll4": ("gvbsm", ["objective.augment.roll=4"]),
+            "gvbsm_pool": ("gvbsm", [W32]), "gvbsm_pool_roll4": ("gvbsm", [W32, "objective.augment.roll=4"]),
+            "edc_pool": ("edc", [W32])}
 # earlier methods' S evaluated by the same two protocols (`--methods dm --ipc 10`): DM at a CPU budget
 EARLIER = {"dm": ["net.width=32", "iterations=200", "objective.batch_real=64"]}
 TEACHER = ["net=convnet_bn", "net.width=64"]

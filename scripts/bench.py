@@ -96,9 +96,10 @@ TEACHER_DATA = ["dataset.train_subset=50", f"paths.buffers={MTT_BUFFERS}"]
 def decoupled_cases(args) -> list[tuple[str, list[str]]]:
     """The recover stage of the decoupled family (issue 11): SRe2L, G-VBSM and EDC at each ipc, seconds per recover
     iteration (one teacher forward/backward over all of S; G-VBSM adds the Conv and patch statistics and the
-    eigenvalue term, EDC the Conv statistics and the EMA copy's forward for flatness) and peak memory. The teacher (the preset's net, ResNet-18-BN unless ``--set net=...``) comes from a
-    one-epoch ``ddrun teacher`` on 50 images per class that :func:`teacher_setup` makes (timing does not depend on
-    its accuracy). RDED has no recover iterations (its selection is a one-off pass of the observer)."""
+    eigenvalue term, EDC the Conv statistics and the EMA copy's forward for flatness) and peak memory. The teacher
+    (the preset's net, ResNet-18-BN unless ``--set net=...``) comes from a one-epoch ``ddrun teacher`` on 50 images
+    per class that :func:`teacher_setup` makes (timing does not depend on its accuracy). RDED has no recover
+    iterations (its selection is a one-off pass of the observer)."""
     cases = []
     for ipc in args.ipc:
         for m in ("sre2l", "gvbsm", "edc"):

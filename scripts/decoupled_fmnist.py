@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IPCS = (1, 10, 50)
 # every row the table knows, in its order (mtt: evaluate only; copy an MTT S to S/mtt_ipc<N>/)
 METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm", "gvbsm_roll4", "gvbsm_pool", "gvbsm_pool_roll4",
-           "edc_pool", "dm", "mtt")
+           "edc_pool", "rded_f2", "dm", "mtt")
 # what `--methods` runs by default: the random subset and every decoupled preset (named, not a slice of METHODS,
 # which once dropped EDC silently as the list grew)
 DEFAULT_METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm")
@@ -42,7 +42,7 @@ W32 = ("+fetcher.extra_nets.convnet_bn_w32={_target_: ddrun.nets.ConvNet, _parti
        "act: relu, norm: batchnorm, pooling: avgpooling}")
 VARIANTS = {"sre2l_rbn1": ("sre2l", ["objective.r_bn=1.0"]), "gvbsm_roll4": ("gvbsm", ["objective.augment.roll=4"]),
             "gvbsm_pool": ("gvbsm", [W32]), "gvbsm_pool_roll4": ("gvbsm", [W32, "objective.augment.roll=4"]),
-            "edc_pool": ("edc", [W32])}
+            "edc_pool": ("edc", [W32]), "rded_f2": ("rded", ["init.factor=2"])}
 # earlier methods' S evaluated by the same two protocols (`--methods dm --ipc 10`): DM at a CPU budget
 EARLIER = {"dm": ["net.width=32", "iterations=200", "objective.batch_real=64"]}
 TEACHER = ["net=convnet_bn", "net.width=64"]
@@ -95,12 +95,22 @@ def evaluate(args) -> None:
             protocols = [(p, kd_protocol(ipc) if p == "kd" else HARD) for p in args.protocols.split(",")]
             if args.kd_epochs:  # only the KD protocol with another number of epochs, e.g. kd300
                 protocols = [(f"kd{args.kd_epochs}", kd_protocol(ipc, args.kd_epochs))]
+            if args.kd_scale:  # only the KD protocol with another crop scale (lo, 1), e.g. kds1.0: no crop (RDED's)
+                scale = f"evaluator.augment.scale=[{args.kd_scale},1.0]"
+                protocols = [(f"kds{args.kd_scale}", [*kd_protocol(ipc), scale])]
             for proto, over in protocols:
-                d = args.out / "eval" / f"{m}_ipc{ipc}_{proto}"
+                n = args.num_eval or num_students(proto, ipc)
+                # another number of students than the default is another row (kd -> kdn8), not a rerun in place
+                d = args.out / "eval" / f"{m}_ipc{ipc}_{proto}{'' if n == num_students(proto, ipc) else f'n{n}'}"
                 if (d / "results.json").is_file():
                     continue
                 run(["evaluate", f"synthetic={s_dir(args, m, ipc) / 'synthetic.pt'}", *over,
-                     f"evaluator.num_eval={args.num_eval}", f"label={m}", f"hydra.run.dir={d}"], args)
+                     f"evaluator.num_eval={n}", f"label={m}", f"hydra.run.dir={d}"], args)
+
+
+def num_students(proto: str, ipc: int) -> int:
+    """The default number of students: 4 under KD at ipc 1 (the students' spread is largest there), else 2."""
+    return 4 if proto.startswith("kd") and ipc == 1 else 2
 
 
 def table(args) -> None:
@@ -129,8 +139,11 @@ def main() -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--ipc", default="1,10,50")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--num-eval", type=int, default=2)
+    p.add_argument("--num-eval", type=int, help="evaluate: students per S (default: 4 under KD at ipc 1, else 2; "
+                   "another number is its own row, e.g. kdn8)")
     p.add_argument("--kd-epochs", type=int, help="evaluate: only the KD protocol with this many epochs (kd<N>)")
+    p.add_argument("--kd-scale", type=float, help="evaluate: only the KD protocol with RandomResizedCrop scale "
+                   "(this, 1) instead of (0.08, 1) (kds<this>)")
     p.add_argument("--protocols", default="kd,hard", help="evaluate: which of kd, hard (default both)")
     p.add_argument("--teacher-epochs", type=int, default=8, help="teacher: epochs of the SRe2L recipe (default 8)")
     p.add_argument("--sre2l-iterations", type=int, default=1000, help="distill: SRe2L's recover iterations at every "

@@ -347,6 +347,35 @@ def test_kd_evaluator_trains_students_with_the_teacher_and_states_it(tiny_root, 
     assert "MSE + 0.025 CE" in res["protocol"] and "mixup1" in res["protocol"]
 
 
+def test_stored_labels_replay_one_relabel_pass_for_every_student(tiny_root, tmp_path):
+    # FKD-style relabel: the plan's logits are the teacher's on exactly the images a replay rebuilds, and the teacher
+    # runs once per batch of the plan however many students train (online: once per batch per student)
+    make_teacher(tiny_root, tmp_path / "store")
+    real = build(make_cfg(tiny_args(tiny_root, tmp_path)).dataset)
+    syn = build(make_cfg(["init=real"]).init)(real, 2, torch.Generator().manual_seed(0))
+    ev = kd(tiny_root, tmp_path / "store", "evaluator.labels=stored", "evaluator.num_eval=2")
+    plan = ev.relabel(syn, real, seed=3)
+    assert len(plan) == ev.epochs and [len(e) for e in plan] == [2] * ev.epochs  # 20 images, batch 10
+    images, labels, _, k = ev._s(syn, real)
+    teacher = ev.teachers(real)[0]["net"]
+    for idx, seed, t in plan[0] + plan[-1]:
+        x, _ = ev._batch(images[idx], labels[idx], k, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert torch.equal(teacher(x), t)
+    assert not torch.equal(plan[0][0][2], plan[1][0][2])  # each epoch its own crops
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    res = ev(syn, real, 0)
+    stored_calls, calls[:] = len(calls), []
+    online = kd(tiny_root, tmp_path / "store", "evaluator.num_eval=2")
+    online._pool = ev._pool  # the same loaded teacher, hooked
+    online(syn, real, 0)
+    hook.remove()
+    assert stored_calls == 2 * ev.epochs and len(calls) == 2 * 2 * ev.epochs
+    assert "teacher stored (one relabel pass): KL T 20" in res["protocol"] and len(res["per_net"]["convnet"]) == 2
+    assert ev(syn, real, 0)["per_net"] == res["per_net"]  # the same seed replays the same plan
+
+
 # --- RDED ---------------------------------------------------------------------------------------------------------
 
 def test_rded_keeps_the_lowest_loss_crops():

@@ -20,6 +20,14 @@ plain cosine; RDED hard-codes zeta 2), ``cosine`` (zeta 1) or ``constant``. Mini
 epoch on the whole real test split (the references report the best check after 80 % of the epochs, i.e. select
 on the test set; we do not).
 
+Labels (``labels``): ``online`` (RDED, EDC, SRe2L's CIFAR relabel) draws each student's own batches,
+augmentation and mix and asks the teachers on each; ``stored`` is FKD's / SRe2L's ImageNet relabel (Shen & Xing,
+ECCV 2022; Yin et al. 2023, Sec. 3.3: "relabel" stores each crop's coordinates, flip, mix and soft label once):
+one relabel pass (:meth:`KDEvaluator.relabel`) draws every epoch's batch order and each batch's augmentation seed,
+stores the teachers' logits on those exact images (float32, ``epochs x |S| x K`` values: 6 MB for CIFAR-10 at ipc
+50 and 300 epochs, 600 MB for CIFAR-100), and every student replays that plan, so the teachers run once per
+evaluation, not once per student, and the students differ only in their initialization.
+
 The evaluator ignores S's stored labels except for the CE term (hard labels, argmax of soft ones), so it
 evaluates any S: the random real subset, every earlier method's S, an imported image folder. Teachers come from
 the store (``ddrun teacher``) through :func:`ddrun.fetchers.teachers.load_teachers`; a missing one is a one-line
@@ -53,6 +61,11 @@ log = logging.getLogger("ddrun.evaluate")
 LOSSES = ("kl", "mse_ce")
 SCHEDULES = ("smoothing", "cosine", "constant")
 MIXES = ("cutmix", "mixup", "none")
+LABELS = ("online", "stored")
+
+# one step of a stored relabel plan: the batch's indices into S (int64), the seed of its augmentation and mix, and
+# the teachers' mean logits on the augmented batch (float32 [B, K])
+Relabeled = tuple[torch.Tensor, int, torch.Tensor]
 
 
 def smoothing_factor(epoch: int, epochs: int, zeta: float) -> float:
@@ -97,10 +110,12 @@ class KDEvaluator(EvaluatorContract):
         mix: ``cutmix`` (RDED, EDC, SRe2L ImageNet), ``mixup`` (SRe2L CIFAR-100) or ``none``; mix_alpha: the
             Beta(alpha, alpha) parameter (``torchvision.transforms.v2.CutMix`` / ``MixUp``).
         ema: decay of the evaluated EMA of the student's weights (None: the student itself).
+        labels: ``online`` (each student's own batches, relabeled as they are drawn) or ``stored`` (one relabel
+            plan replayed by every student, FKD-style; module doc).
         name: the student's name in ``per_net`` (None: its class name, lower case).
 
     Raises:
-        ConfigError: unknown loss / schedule / optimizer, or non-positive sizes.
+        ConfigError: unknown loss / schedule / optimizer / mix / labels, or non-positive sizes.
     """
 
     num_eval: int = 1
@@ -114,9 +129,10 @@ class KDEvaluator(EvaluatorContract):
                  zeta: float = 2.0, loss: str = "kl", temperature: float = 20.0, gamma: float = 0.025,
                  batch_train: int | None = None, batch_by_ipc: Mapping[int, int] | None = None,
                  augment: Augment | None = None, mix: str = "cutmix", mix_alpha: float = 1.0, ema: float | None = None,
-                 name: str | None = None):
+                 labels: str = "online", name: str | None = None):
         for key, value, allowed in (("loss", loss, LOSSES), ("schedule", schedule, SCHEDULES),
-                                    ("optimizer", optimizer, ("adamw", "sgd")), ("mix", mix, MIXES)):
+                                    ("optimizer", optimizer, ("adamw", "sgd")), ("mix", mix, MIXES),
+                                    ("labels", labels, LABELS)):
             if value not in allowed:
                 raise ConfigError(f"evaluator.{key}={value!r}: valid values are {list(allowed)}")
         if int(epochs) < 1 or (batch_train is not None and int(batch_train) < 1) or float(temperature) <= 0:
@@ -133,7 +149,7 @@ class KDEvaluator(EvaluatorContract):
         self.batch_by_ipc = {int(k): int(v) for k, v in (batch_by_ipc or {1: 10, 10: 50, 50: 100}).items()}
         self.augment, self.mix, self.mix_alpha = augment, mix, float(mix_alpha)
         self.ema = None if ema is None else float(ema)
-        self.name = name
+        self.labels, self.name = labels, name
         self._pool: list[dict] | None = None
 
     # --- protocol --------------------------------------------------------------------------------------
@@ -154,8 +170,8 @@ class KDEvaluator(EvaluatorContract):
                   "augment": (self.augment.describe() if self.augment else "none")
                   + (f"+{self.mix}{self.mix_alpha:g}" if self.mix != "none" else ""),
                   "learned_lr": False,
-                  "labels": ("teacher online: KL T " + f"{self.temperature:g}" if self.loss == "kl"
-                             else f"teacher online: MSE + {self.gamma:g} CE"),
+                  "labels": (f"teacher {self.labels if self.labels == 'online' else 'stored (one relabel pass)'}: "
+                             + (f"KL T {self.temperature:g}" if self.loss == "kl" else f"MSE + {self.gamma:g} CE")),
                   "teacher": teacher, "ema": self.ema}
         return fields
 
@@ -189,11 +205,9 @@ class KDEvaluator(EvaluatorContract):
                 x, target = mixer(alpha=self.mix_alpha, num_classes=k)(x, y)
         return x, target
 
-    def train_one(self, syn: SyntheticSet, real: RealData, seed: int) -> float:
-        """Train one student from ``seed`` on S with the teachers' online soft labels; its test accuracy (percent),
-        of the EMA weights when ``ema`` is set."""
-        device, pool = real.device, self.teachers(real)
-        net = build_net(self.student, real, seed, device)
+    def _student(self, real: RealData, seed: int):
+        """A fresh student from ``seed`` with its optimizer, per-epoch schedule and EMA (None without ``ema``)."""
+        net = build_net(self.student, real, seed, real.device)
         if self.optimizer == "adamw":
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         else:
@@ -206,17 +220,55 @@ class KDEvaluator(EvaluatorContract):
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(self.ema), use_buffers=True)
-        images, labels = syn.images.detach().to(device), syn.hard_labels().detach().to(device)
-        batch, k = self.batch_size(len(images) // real.num_classes, len(images)), real.num_classes
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(self.epochs):
-            net.train()
-            order = torch.randperm(len(images), generator=g).to(device)
+        return net, opt, sched, ema
+
+    def _s(self, syn: SyntheticSet, real: RealData) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """S's images and hard labels on the device, the minibatch size and the number of classes."""
+        images, labels = syn.images.detach().to(real.device), syn.hard_labels().detach().to(real.device)
+        return images, labels, self.batch_size(len(images) // real.num_classes, len(images)), real.num_classes
+
+    @staticmethod
+    @torch.no_grad()
+    def _teach(pool: list[dict], x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m["net"](x) for m in pool]).mean(0)
+
+    def relabel(self, syn: SyntheticSet, real: RealData, seed: int) -> list[list[Relabeled]]:
+        """FKD-style relabel (``labels=stored``, module doc): for each of ``epochs`` epochs, a random batch order of
+        S and, per batch, an augmentation seed and the teachers' mean logits on the batch augmented and mixed from
+        that seed. Returns one list of :data:`Relabeled` steps per epoch; replaying a step with :meth:`_batch`
+        reproduces the labelled images exactly."""
+        pool, (images, labels, batch, k) = self.teachers(real), self._s(syn, real)
+        g, plan = torch.Generator().manual_seed(seed), []
+        for _ in tqdm(range(self.epochs), desc="relabel", leave=False, disable=None):
+            steps, order = [], torch.randperm(len(images), generator=g).to(images.device)
             for start in range(0, len(order), batch):
-                idx = order[start:start + batch]
-                x, target = self._batch(images[idx], labels[idx], k, g)
-                with torch.no_grad():
-                    t = torch.stack([m["net"](x) for m in pool]).mean(0)
+                idx, s = order[start:start + batch], int(torch.randint(2**62, (1,), generator=g))
+                x, _ = self._batch(images[idx], labels[idx], k, torch.Generator().manual_seed(s))
+                steps.append((idx, s, self._teach(pool, x)))
+            plan.append(steps)
+        return plan
+
+    def _epochs(self, syn: SyntheticSet, real: RealData, g: torch.Generator, plan: list[list[Relabeled]] | None):
+        """Each epoch's labelled batches ``(x, target, teacher logits)``: drawn and relabeled online from ``g``, or
+        replayed from a stored ``plan``."""
+        images, labels, batch, k = self._s(syn, real)
+        for e in range(self.epochs):
+            if plan is not None:
+                yield ((*self._batch(images[idx], labels[idx], k, torch.Generator().manual_seed(s)), t)
+                       for idx, s, t in plan[e])
+                continue
+            pool, order = self.teachers(real), torch.randperm(len(images), generator=g).to(images.device)
+            yield ((*xt, self._teach(pool, xt[0])) for xt in
+                   (self._batch(images[idx], labels[idx], k, g) for idx in order.split(batch)))
+
+    def train_one(self, syn: SyntheticSet, real: RealData, seed: int,
+                  plan: list[list[Relabeled]] | None = None) -> float:
+        """Train one student from ``seed`` on S with the teachers' soft labels, online or from a stored ``plan``
+        (:meth:`relabel`); its test accuracy (percent), of the EMA weights when ``ema`` is set."""
+        net, opt, sched, ema = self._student(real, seed)
+        for batches in self._epochs(syn, real, torch.Generator().manual_seed(seed), plan):
+            net.train()
+            for x, target, t in batches:
                 loss = kd_loss(self.loss, net(x), t, target, self.temperature, self.gamma)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -237,7 +289,8 @@ class KDEvaluator(EvaluatorContract):
         Raises:
             DataError: no teacher in the store for this setting (prints the ``ddrun teacher`` command).
         """
-        accs = [self.train_one(syn, real, derive_seed(seed, 104729, r))
+        plan = self.relabel(syn, real, derive_seed(seed, 104729, -1)) if self.labels == "stored" else None
+        accs = [self.train_one(syn, real, derive_seed(seed, 104729, r), plan)
                 for r in tqdm(range(self.num_eval), desc="evaluate (kd)", leave=False, disable=None)]
         return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                 "per_net": {self._name(): accs}, "protocol": self.protocol(),

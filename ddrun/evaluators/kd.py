@@ -241,8 +241,8 @@ class KDEvaluator(EvaluatorContract):
         g, plan = torch.Generator().manual_seed(seed), []
         for _ in tqdm(range(self.epochs), desc="relabel", leave=False, disable=None):
             steps, order = [], torch.randperm(len(images), generator=g).to(images.device)
-            for start in range(0, len(order), batch):
-                idx, s = order[start:start + batch], int(torch.randint(2**62, (1,), generator=g))
+            for idx in order.split(batch):
+                s = int(torch.randint(2**62, (1,), generator=g))
                 x, _ = self._batch(images[idx], labels[idx], k, torch.Generator().manual_seed(s))
                 steps.append((idx, s, self._teach(pool, x)))
             plan.append(steps)

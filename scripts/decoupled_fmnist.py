@@ -13,6 +13,8 @@ a ConvNet-BN-32 student, ``KD_EPOCHS`` epochs, the evaluator=kd defaults otherwi
 zeta 2, RandomResizedCrop + flip + CutMix, KL T 20, RDED's batch per ipc), the same teacher for every S; the
 hard-label protocol: ConvNet-32 (instance norm), 300 epochs, the DC protocol otherwise (evaluator=default).
 ``--methods dm --ipc 10`` adds DM (200 iterations, ConvNet-32, batch_real 64) under the same two protocols.
+``evaluate --kd-scale 1.0`` evaluates under the KD protocol without the crop (RDED's own validation at factor 1);
+``--num-eval N`` other than the default (4 students under KD at ipc 1, else 2) is its own row (``kdn8``).
 """
 
 from __future__ import annotations

@@ -489,6 +489,7 @@ def test_presets_carry_the_reference_settings(dataset):
     assert [make_cfg(["method=gvbsm", f"dataset={dataset}", f"ipc={i}"]).objective.ipc_per_batch
             for i in (1, 10, 50)] == [1, 10, 10]
     assert gvbsm.evaluator.loss == "mse_ce" and gvbsm.evaluator.schedule == "cosine" and gvbsm.evaluator.ema is None
+    assert (gvbsm.evaluator.labels, edc.evaluator.labels, sre2l.evaluator.labels) == ("stored", "online", "online")
     assert (gvbsm.evaluator.gamma, gvbsm.evaluator.optimizer) == {"cifar100": (0.15, "sgd"),
                                                                    "tiny_imagenet": (0.1, "sgd")}.get(dataset,
                                                                                                      (0.15, "adamw"))

@@ -230,6 +230,7 @@ class KDEvaluator(EvaluatorContract):
     @staticmethod
     @torch.no_grad()
     def _teach(pool: list[dict], x: torch.Tensor) -> torch.Tensor:
+        """The pool's mean logits float ``[B, K]`` on the batch ``x`` (no gradient)."""
         return torch.stack([m["net"](x) for m in pool]).mean(0)
 
     def relabel(self, syn: SyntheticSet, real: RealData, seed: int) -> list[list[Relabeled]]:

@@ -233,6 +233,14 @@ class KDEvaluator(EvaluatorContract):
         """The pool's mean logits float ``[B, K]`` on the batch ``x`` (no gradient)."""
         return torch.stack([m["net"](x) for m in pool]).mean(0)
 
+    def _labelled(self, images: torch.Tensor, labels: torch.Tensor, k: int, pool: list[dict], steps):
+        """The labelled batches ``(x, target, teacher logits)`` of ``steps`` ``(idx, generator, logits or None)``:
+        ``images[idx]`` augmented and mixed from the generator, labelled by the given logits (a stored plan) or by
+        the pool on ``x`` (None). The one place a KD batch is made: online, in a relabel pass and in its replay."""
+        for idx, gen, t in steps:
+            x, target = self._batch(images[idx], labels[idx], k, gen)
+            yield x, target, self._teach(pool, x) if t is None else t
+
     def relabel(self, syn: SyntheticSet, real: RealData, seed: int) -> list[list[Relabeled]]:
         """FKD-style relabel (``labels=stored``, module doc): for each of ``epochs`` epochs, a random batch order of
         S and, per batch, an augmentation seed and the teachers' mean logits on the batch augmented and mixed from
@@ -241,26 +249,24 @@ class KDEvaluator(EvaluatorContract):
         pool, (images, labels, batch, k) = self.teachers(real), self._s(syn, real)
         g, plan = torch.Generator().manual_seed(seed), []
         for _ in tqdm(range(self.epochs), desc="relabel", leave=False, disable=None):
-            steps, order = [], torch.randperm(len(images), generator=g).to(images.device)
-            for idx in order.split(batch):
-                s = int(torch.randint(2**62, (1,), generator=g))
-                x, _ = self._batch(images[idx], labels[idx], k, torch.Generator().manual_seed(s))
-                steps.append((idx, s, self._teach(pool, x)))
-            plan.append(steps)
+            order = torch.randperm(len(images), generator=g).to(images.device).split(batch)
+            seeds = [int(torch.randint(2**62, (1,), generator=g)) for _ in order]
+            steps = [(idx, torch.Generator().manual_seed(s), None) for idx, s in zip(order, seeds)]
+            plan.append([(idx, s, t) for idx, s, (_, _, t) in
+                         zip(order, seeds, self._labelled(images, labels, k, pool, steps))])
         return plan
 
     def _epochs(self, syn: SyntheticSet, real: RealData, g: torch.Generator, plan: list[list[Relabeled]] | None):
         """Each epoch's labelled batches ``(x, target, teacher logits)``: drawn and relabeled online from ``g``, or
         replayed from a stored ``plan``."""
-        images, labels, batch, k = self._s(syn, real)
+        pool, (images, labels, batch, k) = self.teachers(real), self._s(syn, real)
         for e in range(self.epochs):
-            if plan is not None:
-                yield ((*self._batch(images[idx], labels[idx], k, torch.Generator().manual_seed(s)), t)
-                       for idx, s, t in plan[e])
-                continue
-            pool, order = self.teachers(real), torch.randperm(len(images), generator=g).to(images.device)
-            yield ((*xt, self._teach(pool, xt[0])) for xt in
-                   (self._batch(images[idx], labels[idx], k, g) for idx in order.split(batch)))
+            if plan is None:
+                order = torch.randperm(len(images), generator=g).to(images.device).split(batch)
+                steps = [(idx, g, None) for idx in order]
+            else:
+                steps = [(idx, torch.Generator().manual_seed(s), t) for idx, s, t in plan[e]]
+            yield self._labelled(images, labels, k, pool, steps)
 
     def train_one(self, syn: SyntheticSet, real: RealData, seed: int,
                   plan: list[list[Relabeled]] | None = None) -> float:

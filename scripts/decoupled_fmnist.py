@@ -95,19 +95,23 @@ def evaluate(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
             protocols = [(p, kd_protocol(ipc) if p == "kd" else HARD) for p in args.protocols.split(",")]
-            if args.kd_epochs:  # only the KD protocol with another number of epochs, e.g. kd300
-                protocols = [(f"kd{args.kd_epochs}", kd_protocol(ipc, args.kd_epochs))]
-            if args.kd_scale:  # only the KD protocol with another crop scale (lo, 1), e.g. kds1.0: no crop (RDED's)
-                scale = f"evaluator.augment.scale=[{args.kd_scale},1.0]"
-                protocols = [(f"kds{args.kd_scale}", [*kd_protocol(ipc), scale])]
+            if args.kd_epochs or args.kd_scale:  # only the KD protocol, with other epochs and / or crop scale (lo, 1)
+                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale)]
             for proto, over in protocols:
-                n = args.num_eval or num_students(proto, ipc)
+                n, default = args.num_eval or num_students(proto, ipc), num_students(proto, ipc)
                 # another number of students than the default is another row (kd -> kdn8), not a rerun in place
-                d = args.out / "eval" / f"{m}_ipc{ipc}_{proto}{'' if n == num_students(proto, ipc) else f'n{n}'}"
+                d = args.out / "eval" / f"{m}_ipc{ipc}_{proto}{'' if n == default else f'n{n}'}"
                 if (d / "results.json").is_file():
                     continue
                 run(["evaluate", f"synthetic={s_dir(args, m, ipc) / 'synthetic.pt'}", *over,
                      f"evaluator.num_eval={n}", f"label={m}", f"hydra.run.dir={d}"], args)
+
+
+def kd_variant(ipc: int, epochs: int | None, scale: float | None) -> tuple[str, list[str]]:
+    """The KD protocol with another number of epochs (``kd300``) and / or crop scale (``kds1.0``: RandomResizedCrop
+    (1, 1), i.e. no crop, RDED's validation at factor 1; both: ``kd300s1.0``): its row name and overrides."""
+    over = kd_protocol(ipc, epochs) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else [])
+    return f"kd{epochs or ''}{f's{scale}' if scale else ''}", over
 
 
 def num_students(proto: str, ipc: int) -> int:

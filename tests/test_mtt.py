@@ -230,15 +230,19 @@ def test_same_seed_same_result_and_modes_agree(tiny_root, tmp_path):
     make_buffer(tiny_root, tmp_path / "buffers")
     runs = {}
     fp32 = ["speed.tf32=false"] if CUDA else []  # the plain-vs-memory-efficient tolerance is float32 rounding's
-    for name, extra in (("a", []), ("b", []), ("me", ["objective.memory_efficient=true"])):
-        out = distill(make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "evaluator.num_eval=0", "iterations=2",
-                                        *fp32, *extra)), tmp_path / name)
+    for name, extra in (("a", ["iterations=2"]), ("b", ["iterations=2"]), ("plain", ["iterations=1"]),
+                        ("me", ["iterations=1", "objective.memory_efficient=true"])):
+        out = distill(make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "evaluator.num_eval=0", *fp32, *extra)),
+                      tmp_path / name)
         runs[name] = torch.load(out["synthetic"], weights_only=True)
     assert_same_s(runs["a"]["images"], runs["b"]["images"])
     assert_same_s(runs["a"]["lr"], runs["b"]["lr"])
-    # two updates of S (lr_img 1000 amplifies float rounding quickly on this tiny problem, so no more)
-    torch.testing.assert_close(runs["a"]["images"], runs["me"]["images"], rtol=0, atol=1e-4)
-    torch.testing.assert_close(runs["a"]["lr"], runs["me"]["lr"], rtol=1e-5, atol=0)
+    # one update of S: lr_img 1000 turns a gradient difference of 1e-7 into 1e-4. Not two: on this tiny problem
+    # the second iteration's gradient jumps by ~1e-5 when S moves by ~1e-6 (measured: a kink of the ReLU net),
+    # so float rounding in the first update decides whether the two modes land on the same side of it
+    torch.testing.assert_close(runs["plain"]["images"], runs["me"]["images"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(runs["plain"]["lr"], runs["me"]["lr"], rtol=1e-5, atol=0)
+    assert not torch.equal(runs["plain"]["images"], runs["a"]["images"])  # the second update moved S
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Zhao et al., "Dataset Condensation with Gradient Matching", ICLR 2021, Sec. 4 ("ConvNet"), following
 Gidaris & Komodakis 2018: ``depth`` blocks of [3x3 conv (``width`` filters) -> norm -> act -> pool], then one
 linear classifier. Defaults are the reference's: width 128, depth 3, ReLU, instance norm (implemented as
-``GroupNorm(C, C)``, one group per channel, affine), average pooling 2x2. 28x28 single-channel inputs get
-padding 3 in the first conv, so they are treated as 32x32.
+``GroupNorm(C, C)``, one group per channel, affine), average pooling 2x2 (:class:`AvgPool2x2`). 28x28
+single-channel inputs get padding 3 in the first conv, so they are treated as 32x32.
 """
 
 from __future__ import annotations
@@ -16,7 +16,33 @@ from ddrun.utils import ConfigError
 
 _ACTS = {"relu": lambda: nn.ReLU(inplace=True), "sigmoid": nn.Sigmoid, "leakyrelu": lambda: nn.LeakyReLU(0.01),
          "swish": nn.SiLU}
-_POOLS = {"avgpooling": lambda: nn.AvgPool2d(2, 2), "maxpooling": lambda: nn.MaxPool2d(2, 2), "none": None}
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2, 2)`` (stride 2, odd rows and columns dropped): the same values up to float rounding.
+
+    On the CPU a contiguous NCHW input ``[..., H, W]`` is pooled as two strided sums (rows, then columns) times
+    1/4: their forward, backward and double backward are plain reductions and broadcasts, 1.6x faster on one CPU
+    thread than ``avg_pool2d``'s kernels at 10 x 128 x 32 x 32 (MTT's unrolled steps at ipc 1 run their pooling
+    forward, backward and double backward 20 times an iteration). Other devices and layouts (channels-last) use
+    ``avg_pool2d``, one kernel.
+    """
+
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, h, w = x.shape
+        h2, w2 = h // 2, w // 2
+        if x.device.type != "cpu" or not x.is_contiguous() or not (h2 and w2):
+            return super().forward(x)
+        if h % 2 or w % 2:
+            x = x[..., :2 * h2, :2 * w2].contiguous()
+        rows = x.reshape(*lead, h2, 2, 2 * w2).sum(-2)
+        return rows.reshape(*lead, h2, w2, 2).sum(-1) * 0.25
+
+
+_POOLS = {"avgpooling": AvgPool2x2, "maxpooling": lambda: nn.MaxPool2d(2, 2), "none": None}
 
 
 def _norm(kind: str, c: int, hw: tuple[int, int]) -> nn.Module | None:

@@ -16,6 +16,7 @@ from torch import nn
 from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
 from ddrun.evaluators.kd import kd_loss, smoothing_factor
+from ddrun.evaluators.relabel_files import load_plan, save_plan
 from ddrun.init.rded import select_crops, stitch
 from ddrun.nets import ConvNet
 from ddrun.data.transforms import BatchAugment
@@ -374,6 +375,40 @@ def test_stored_labels_replay_one_relabel_pass_for_every_student(tiny_root, tmp_
     assert stored_calls == 2 * ev.epochs and len(calls) == 2 * 2 * ev.epochs
     assert "teacher stored (one relabel pass): KL T 20" in res["protocol"] and len(res["per_net"]["convnet"]) == 2
     assert ev(syn, real, 0)["per_net"] == res["per_net"]  # the same seed replays the same plan
+
+
+def test_relabel_file_is_written_once_and_replayed_by_later_evaluations(tiny_root, tmp_path):
+    # FKD's label files: the second evaluation reads the plan (the teacher never runs) and trains the same students;
+    # another S gets its own file; a damaged file is named; a file of another setting is refused naming the key
+    make_teacher(tiny_root, tmp_path / "store")
+    real = build(make_cfg(tiny_args(tiny_root, tmp_path)).dataset)
+    syn = build(make_cfg(["init=real"]).init)(real, 2, torch.Generator().manual_seed(0))
+    rdir = tmp_path / "relabel"
+    ev = kd(tiny_root, tmp_path / "store", "evaluator.labels=stored", f"evaluator.relabel_dir={rdir}")
+    first = ev(syn, real, 0)
+    files = list(rdir.glob("relabel-*.pt"))
+    assert len(files) == 1
+    ev2 = kd(tiny_root, tmp_path / "store", "evaluator.labels=stored", f"evaluator.relabel_dir={rdir}")
+    calls = []
+    hook = ev2.teachers(real)[0]["net"].register_forward_hook(lambda *a: calls.append(1))
+    again = ev2(syn, real, 0)
+    hook.remove()
+    assert calls == [] and again["per_net"] == first["per_net"]  # read, not relabeled; the same students
+    in_memory = kd(tiny_root, tmp_path / "store", "evaluator.labels=stored")(syn, real, 0)
+    assert in_memory["per_net"] == first["per_net"]  # a replay from the file trains as one from memory
+    other = build(make_cfg(["init=real"]).init)(real, 2, torch.Generator().manual_seed(1))
+    ev2(other, real, 0)
+    assert len(list(rdir.glob("relabel-*.pt"))) == 2
+    files[0].write_bytes(files[0].read_bytes()[:200])
+    with pytest.raises(DataError, match=f"corrupt or truncated relabel file {files[0]}"):
+        ev2(syn, real, 0)
+    plan = ev2.relabel(syn, real, 5)
+    key = {"images": "x", "epochs": 3}
+    save_plan(plan, key, tmp_path / "p.pt")
+    with pytest.raises(DataError, match=r"p.pt: made for another setting \(epochs, images differ\)"):
+        load_plan(tmp_path / "p.pt", {"images": "y", "epochs": 4}, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="relabel_dir=.* needs evaluator.labels=stored"):
+        kd(tiny_root, tmp_path / "store", f"evaluator.relabel_dir={rdir}")
 
 
 # --- RDED ---------------------------------------------------------------------------------------------------------

@@ -26,7 +26,10 @@ ECCV 2022; Yin et al. 2023, Sec. 3.3: "relabel" stores each crop's coordinates, 
 one relabel pass (:meth:`KDEvaluator.relabel`) draws every epoch's batch order and each batch's augmentation seed,
 stores the teachers' logits on those exact images (float32, ``epochs x |S| x K`` values: 6 MB for CIFAR-10 at ipc
 50 and 300 epochs, 600 MB for CIFAR-100), and every student replays that plan, so the teachers run once per
-evaluation, not once per student, and the students differ only in their initialization.
+evaluation, not once per student, and the students differ only in their initialization. With ``relabel_dir``
+the plan is also written to a file there and read back by every later evaluation of the same S with the same
+teachers, epochs, batch size, augmentation, mix and seed, whatever the student (FKD's label files;
+:mod:`ddrun.evaluators.relabel_files`).
 
 The evaluator ignores S's stored labels except for the CE term (hard labels, argmax of soft ones), so it
 evaluates any S: the random real subset, every earlier method's S, an imported image folder. Teachers come from
@@ -50,6 +53,7 @@ from tqdm.auto import tqdm
 from ddrun.contracts import Evaluator as EvaluatorContract
 from ddrun.data.datasets import RealData
 from ddrun.data.transforms import Augment
+from ddrun.evaluators.relabel_files import Relabeled, load_plan, plan_key, plan_path, save_plan
 from ddrun.nets import build_net
 from ddrun.protocol import net_kwargs
 from ddrun.synthetic import SyntheticSet
@@ -62,10 +66,6 @@ LOSSES = ("kl", "mse_ce")
 SCHEDULES = ("smoothing", "cosine", "constant")
 MIXES = ("cutmix", "mixup", "none")
 LABELS = ("online", "stored")
-
-# one step of a stored relabel plan: the batch's indices into S (int64), the seed of its augmentation and mix, and
-# the teachers' mean logits on the augmented batch (float32 [B, K])
-Relabeled = tuple[torch.Tensor, int, torch.Tensor]
 
 
 def smoothing_factor(epoch: int, epochs: int, zeta: float) -> float:
@@ -112,10 +112,13 @@ class KDEvaluator(EvaluatorContract):
         ema: decay of the evaluated EMA of the student's weights (None: the student itself).
         labels: ``online`` (each student's own batches, relabeled as they are drawn) or ``stored`` (one relabel
             plan replayed by every student, FKD-style; module doc).
+        relabel_dir: with ``labels=stored``, the directory of relabel files (written once, read by later
+            evaluations; :mod:`ddrun.evaluators.relabel_files`). None: the plan lives in memory for one evaluation.
         name: the student's name in ``per_net`` (None: its class name, lower case).
 
     Raises:
-        ConfigError: unknown loss / schedule / optimizer / mix / labels, or non-positive sizes.
+        ConfigError: unknown loss / schedule / optimizer / mix / labels, non-positive sizes, or ``relabel_dir``
+            without ``labels=stored``.
     """
 
     num_eval: int = 1
@@ -129,7 +132,7 @@ class KDEvaluator(EvaluatorContract):
                  zeta: float = 2.0, loss: str = "kl", temperature: float = 20.0, gamma: float = 0.025,
                  batch_train: int | None = None, batch_by_ipc: Mapping[int, int] | None = None,
                  augment: Augment | None = None, mix: str = "cutmix", mix_alpha: float = 1.0, ema: float | None = None,
-                 labels: str = "online", name: str | None = None):
+                 labels: str = "online", relabel_dir: str | None = None, name: str | None = None):
         for key, value, allowed in (("loss", loss, LOSSES), ("schedule", schedule, SCHEDULES),
                                     ("optimizer", optimizer, ("adamw", "sgd")), ("mix", mix, MIXES),
                                     ("labels", labels, LABELS)):
@@ -139,6 +142,9 @@ class KDEvaluator(EvaluatorContract):
             raise ConfigError("evaluator: epochs and batch_train must be >= 1 and temperature > 0")
         if ema is not None and not 0.0 < float(ema) < 1.0:
             raise ConfigError(f"evaluator.ema={ema}: must be in (0, 1) or null")
+        if relabel_dir is not None and labels != "stored":
+            raise ConfigError(f"evaluator.relabel_dir={relabel_dir} stores relabel plans: it needs "
+                              f"evaluator.labels=stored (now {labels})")
         self.student, self.teacher_nets = student, {"teacher": teacher_net, **dict(extra_teacher_nets or {})}
         self.recipe, self.num_teachers, self.buffers, self.data = recipe, num_teachers, buffers, data
         self.teacher_dir, self.num_eval, self.epochs = teacher_dir, int(num_eval), int(epochs)
@@ -149,7 +155,7 @@ class KDEvaluator(EvaluatorContract):
         self.batch_by_ipc = {int(k): int(v) for k, v in (batch_by_ipc or {1: 10, 10: 50, 50: 100}).items()}
         self.augment, self.mix, self.mix_alpha = augment, mix, float(mix_alpha)
         self.ema = None if ema is None else float(ema)
-        self.labels, self.name = labels, name
+        self.labels, self.relabel_dir, self.name = labels, relabel_dir, name
         self._pool: list[dict] | None = None
 
     # --- protocol --------------------------------------------------------------------------------------
@@ -256,6 +262,28 @@ class KDEvaluator(EvaluatorContract):
                          zip(order, seeds, self._labelled(images, labels, k, pool, steps))])
         return plan
 
+    def stored_plan(self, syn: SyntheticSet, real: RealData, seed: int) -> list[list[Relabeled]]:
+        """:meth:`relabel`, or with ``relabel_dir`` the plan of its file for this S, teachers and settings: read
+        when it exists, else made and written there.
+
+        Raises:
+            DataError: the file is corrupt or inconsistent (names it); OSError: it cannot be written.
+        """
+        if self.relabel_dir is None:
+            return self.relabel(syn, real, seed)
+        images, labels, batch, k = self._s(syn, real)
+        key = plan_key(images, labels, [m["net"] for m in self.teachers(real)], epochs=self.epochs,
+                       size=len(images), batch=batch, classes=k, seed=seed, mix=f"{self.mix} {self.mix_alpha:g}",
+                       augment=self.augment.describe() if self.augment else "none")
+        path = plan_path(self.relabel_dir, key)
+        if path.exists():
+            log.info("relabel: reading %s", path)
+            return load_plan(path, key, images.device)
+        plan = self.relabel(syn, real, seed)
+        save_plan(plan, key, path)
+        log.info("relabel: wrote %s", path)
+        return plan
+
     def _epochs(self, syn: SyntheticSet, real: RealData, g: torch.Generator, plan: list[list[Relabeled]] | None):
         """Each epoch's labelled batches ``(x, target, teacher logits)``: drawn and relabeled online from ``g``, or
         replayed from a stored ``plan``."""
@@ -294,9 +322,10 @@ class KDEvaluator(EvaluatorContract):
             the real test split.
 
         Raises:
-            DataError: no teacher in the store for this setting (prints the ``ddrun teacher`` command).
+            DataError: no teacher in the store for this setting (prints the ``ddrun teacher`` command); a corrupt or
+                inconsistent relabel file (names it).
         """
-        plan = self.relabel(syn, real, derive_seed(seed, 104729, -1)) if self.labels == "stored" else None
+        plan = self.stored_plan(syn, real, derive_seed(seed, 104729, -1)) if self.labels == "stored" else None
         accs = [self.train_one(syn, real, derive_seed(seed, 104729, r), plan)
                 for r in tqdm(range(self.num_eval), desc="evaluate (kd)", leave=False, disable=None)]
         return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,

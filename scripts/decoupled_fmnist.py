@@ -42,6 +42,9 @@ DEFAULT_METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm")
 # net.width=32`), cycled per iteration with the ConvNet-BN-64 (its labels and the KD protocol keep the one teacher).
 W32 = ("+fetcher.extra_nets.convnet_bn_w32={_target_: ddrun.nets.ConvNet, _partial_: true, width: 32, depth: 3, "
        "act: relu, norm: batchnorm, pooling: avgpooling}")
+# EDC's and G-VBSM's own evaluation queries an ensemble of teachers online (EDC direct_train.py): `--kd-ensemble`
+# averages the ConvNet-BN-64 teacher's logits with the ConvNet-BN-32 one's, for every S alike (rows "kde")
+ENSEMBLE = W32.replace("fetcher.extra_nets", "evaluator.extra_teacher_nets")
 VARIANTS = {"sre2l_rbn1": ("sre2l", ["objective.r_bn=1.0"]), "gvbsm_roll4": ("gvbsm", ["objective.augment.roll=4"]),
             "gvbsm_pool": ("gvbsm", [W32]), "gvbsm_pool_roll4": ("gvbsm", [W32, "objective.augment.roll=4"]),
             "edc_pool": ("edc", [W32]), "rded_f2": ("rded", ["init.factor=2"])}
@@ -95,8 +98,8 @@ def evaluate(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
             protocols = [(p, kd_protocol(ipc) if p == "kd" else HARD) for p in args.protocols.split(",")]
-            if args.kd_epochs or args.kd_scale:  # only the KD protocol, with other epochs and / or crop scale (lo, 1)
-                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale)]
+            if args.kd_epochs or args.kd_scale or args.kd_ensemble:  # only the KD protocol, another variant of it
+                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale, args.kd_ensemble)]
             for proto, over in protocols:
                 n, default = args.num_eval or num_students(proto, ipc), num_students(proto, ipc)
                 # another number of students than the default is another row (kd -> kdn8), not a rerun in place
@@ -107,11 +110,13 @@ def evaluate(args) -> None:
                      f"evaluator.num_eval={n}", f"label={m}", f"hydra.run.dir={d}"], args)
 
 
-def kd_variant(ipc: int, epochs: int | None, scale: float | None) -> tuple[str, list[str]]:
-    """The KD protocol with another number of epochs (``kd300``) and / or crop scale (``kds1.0``: RandomResizedCrop
-    (1, 1), i.e. no crop, RDED's validation at factor 1; both: ``kd300s1.0``): its row name and overrides."""
-    over = kd_protocol(ipc, epochs) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else [])
-    return f"kd{epochs or ''}{f's{scale}' if scale else ''}", over
+def kd_variant(ipc: int, epochs: int | None, scale: float | None, ensemble: bool = False) -> tuple[str, list[str]]:
+    """The KD protocol with another number of epochs (``kd300``), crop scale (``kds1.0``: RandomResizedCrop (1, 1),
+    i.e. no crop, RDED's validation at factor 1) and / or the two-teacher ensemble (``kde``), composed (e.g.
+    ``kd300s1.0e``): its row name and overrides."""
+    over = kd_protocol(ipc, epochs) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else []) + (
+        [ENSEMBLE] if ensemble else [])
+    return f"kd{epochs or ''}{f's{scale}' if scale else ''}{'e' if ensemble else ''}", over
 
 
 def num_students(proto: str, ipc: int) -> int:
@@ -150,6 +155,8 @@ def main() -> None:
     p.add_argument("--kd-epochs", type=int, help="evaluate: only the KD protocol with this many epochs (kd<N>)")
     p.add_argument("--kd-scale", type=float, help="evaluate: only the KD protocol with RandomResizedCrop scale "
                    "(this, 1) instead of (0.08, 1) (kds<this>)")
+    p.add_argument("--kd-ensemble", action="store_true", help="evaluate: only the KD protocol with the teachers "
+                   "ConvNet-BN-64 and ConvNet-BN-32 averaged (EDC's / G-VBSM's online ensemble; kde)")
     p.add_argument("--protocols", default="kd,hard", help="evaluate: which of kd, hard (default both)")
     p.add_argument("--teacher-epochs", type=int, default=8, help="teacher: epochs of the SRe2L recipe (default 8)")
     p.add_argument("--sre2l-iterations", type=int, default=1000, help="distill: SRe2L's recover iterations at every "

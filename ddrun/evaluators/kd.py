@@ -274,7 +274,7 @@ class KDEvaluator(EvaluatorContract):
         images, labels, batch, k = self._s(syn, real)
         key = plan_key(images, labels, [m["net"] for m in self.teachers(real)], epochs=self.epochs,
                        size=len(images), batch=batch, classes=k, seed=seed, mix=f"{self.mix} {self.mix_alpha:g}",
-                       augment=self.augment.describe() if self.augment else "none")
+                       augment=repr(sorted(vars(self.augment).items())) if self.augment else "none")
         path = plan_path(self.relabel_dir, key)
         if path.exists():
             log.info("relabel: reading %s", path)

@@ -70,7 +70,7 @@ def load_plan(path: str | Path, key: dict, device: torch.device) -> list[list[Re
         UnsafeFile: the file holds pickled objects.
     """
     d = load_tensors(path, "relabel file", ("format", "key", "order", "seeds", "logits"))
-    if d["format"] != FORMAT or d.get("version") != VERSION:
+    if d["format"] != FORMAT or d.get("version") != VERSION or not isinstance(d["key"], dict):
         raise DataError(f"{path}: not a ddrun relabel file of version {VERSION}")
     differ = sorted(k for k in set(key) | set(d["key"]) if key.get(k) != d["key"].get(k))
     if differ:

@@ -64,6 +64,27 @@ def test_28px_inputs_use_the_32px_stems():
         assert make(name, 1, 28).feature_dim == make(name, 3, 32).feature_dim, name
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (3, 4, 7, 9), (4, 5, 5)])
+def test_convnet_pooling_equals_avg_pool2d_to_the_second_derivative(shape):
+    # AvgPool2x2 computes the ConvNet's 2x2 average pooling as strided sums on the CPU: the same values (odd rows and
+    # columns dropped), gradients and second derivatives as nn.AvgPool2d; channels-last inputs keep their layout
+    from torch import nn
+
+    from ddrun.nets.convnet import AvgPool2x2
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ours, ref = AvgPool2x2(), nn.AvgPool2d(2, 2)
+    w = torch.randn_like(ref(x))
+    g1 = torch.autograd.grad(((ours(x) * w) ** 2).sum(), x, create_graph=True)[0]
+    g2 = torch.autograd.grad(((ref(x) * w) ** 2).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(torch.autograd.grad(g1.sum(), x)[0], torch.autograd.grad(g2.sum(), x)[0])
+    cl = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    assert ours(cl).is_contiguous(memory_format=torch.channels_last)
+    assert any(isinstance(m, AvgPool2x2) for m in build(make_cfg(["net=convnet"]).net)(1, 10, (28, 28)).modules())
+
+
 def test_norm_variants_and_bad_norm():
     assert isinstance(make("resnet18_bn", 3, 32).bn1, torch.nn.BatchNorm2d)
     assert isinstance(make("resnet18", 3, 32).bn1, torch.nn.GroupNorm)

@@ -52,11 +52,11 @@ def plan_path(directory: str | Path, key: dict) -> Path:
 
 def save_plan(plan: list[list[Relabeled]], key: dict, path: str | Path) -> None:
     """Write ``plan`` (one list of steps per epoch, every epoch a permutation of S) with its ``key`` to ``path``
-    atomically (the directory is created). Raises OSError when it cannot be written."""
+    atomically (:func:`ddrun.files.atomic_save`, which creates the directory). Raises OSError when it cannot be
+    written."""
     order = torch.stack([torch.cat([idx.cpu() for idx, _, _ in epoch]) for epoch in plan])
     seeds = torch.tensor([[s for _, s, _ in epoch] for epoch in plan], dtype=torch.int64)
     logits = torch.stack([torch.cat([t.cpu() for _, _, t in epoch]) for epoch in plan])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"format": FORMAT, "version": VERSION, "key": key, "order": order, "seeds": seeds,
                  "logits": logits}, path)
 

@@ -509,8 +509,7 @@ class Distillation:
             if extra or st.loss is not None:
                 self.tracker.log({"loss": st.loss, **extra, "seconds": st.seconds}, it)
             return None
-        with speed.autocast(self.device):
-            res = self.evaluator(decoded, real, self.seed)
+        res = speed.evaluate(self.evaluator, decoded, real, self.seed, self.device)
         line = record.evaluation(res, it, real)["protocol_line"]
         res, also = self.evaluate_beside(res, decoded, it)
         stored = self.param.describe(syn)  # the storage budget and what the networks trained on

@@ -198,7 +198,7 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
         sets = (stored, syn)
     if cfg.label:
         identity["method"] = str(cfg.label)
-    res = evaluator(syn, real, seed)
+    res = speed.evaluate(evaluator, syn, real, seed, device)
     out = {**res, **identity, **described, "dataset": real.name, "iteration": identity["iterations"] or 0,
            "seed": seed, "per_arch": record.evaluation(res, 0, real)["per_arch"]}
     if run_dir is not None:

@@ -280,7 +280,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=2, help="timed outer iterations per case")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--set", nargs="*", default=[], help="extra overrides for every case (state them in reports)")
+    p.add_argument("--set", nargs="+", action="extend", default=[],
+                   help="extra overrides for every case (state them in reports); repeated --set flags add up")
     p.add_argument("--only", help="regular expression: run only the cases whose label matches, e.g. 'kip|rfad'")
     p.add_argument("--eval-epochs", type=int, default=300, help="epochs of each network in the eval group")
     p.add_argument("--save", help="write every case's result to this JSON file (a baseline for --compare)")

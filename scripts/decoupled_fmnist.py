@@ -14,7 +14,9 @@ zeta 2, RandomResizedCrop + flip + CutMix, KL T 20, RDED's batch per ipc), the s
 hard-label protocol: ConvNet-32 (instance norm), 300 epochs, the DC protocol otherwise (evaluator=default).
 ``--methods dm --ipc 10`` adds DM (200 iterations, ConvNet-32, batch_real 64) under the same two protocols.
 ``evaluate --kd-scale 1.0`` evaluates under the KD protocol without the crop (RDED's own validation at factor 1);
-``--num-eval N`` other than the default (4 students under KD at ipc 1, else 2) is its own row (``kdn8``).
+``--num-eval N`` other than the default (4 students under KD at ipc 1, else 2) is its own row (``kdn8``);
+``evaluate --kd-student resnet18_bn`` trains the issue's default student, ResNet-18-BN (CIFAR stem), instead of the
+ConvNet-BN-32 (``kdr18``).
 """
 
 from __future__ import annotations
@@ -58,9 +60,13 @@ KD_EPOCHS = {1: 1000, 10: 500, 50: 300}
 HARD = ["evaluator=default", "net=convnet", "net.width=32", "evaluator.epochs=300"]
 
 
-def kd_protocol(ipc: int, epochs: int | None = None) -> list[str]:
-    return ["evaluator=kd", *TEACHER, "net@evaluator.student=convnet_bn", "evaluator.student.width=32",
-            f"evaluator.epochs={epochs or KD_EPOCHS[ipc]}"]
+# other students (`--kd-student`): the overrides and the row suffix
+STUDENTS = {"convnet_bn_w32": (["net@evaluator.student=convnet_bn", "evaluator.student.width=32"], ""),
+            "resnet18_bn": (["net@evaluator.student=resnet18_bn"], "r18")}
+
+
+def kd_protocol(ipc: int, epochs: int | None = None, student: str = "convnet_bn_w32") -> list[str]:
+    return ["evaluator=kd", *TEACHER, *STUDENTS[student][0], f"evaluator.epochs={epochs or KD_EPOCHS[ipc]}"]
 
 
 def run(cmd: list[str], args) -> None:
@@ -98,8 +104,8 @@ def evaluate(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
             protocols = [(p, kd_protocol(ipc) if p == "kd" else HARD) for p in args.protocols.split(",")]
-            if args.kd_epochs or args.kd_scale or args.kd_ensemble:  # only the KD protocol, another variant of it
-                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale, args.kd_ensemble)]
+            if args.kd_epochs or args.kd_scale or args.kd_ensemble or args.kd_student:  # only KD, another variant
+                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale, args.kd_ensemble, args.kd_student)]
             for proto, over in protocols:
                 n, default = args.num_eval or num_students(proto, ipc), num_students(proto, ipc)
                 # another number of students than the default is another row (kd -> kdn8), not a rerun in place
@@ -110,13 +116,15 @@ def evaluate(args) -> None:
                      f"evaluator.num_eval={n}", f"label={m}", f"hydra.run.dir={d}"], args)
 
 
-def kd_variant(ipc: int, epochs: int | None, scale: float | None, ensemble: bool = False) -> tuple[str, list[str]]:
+def kd_variant(ipc: int, epochs: int | None, scale: float | None, ensemble: bool = False,
+               student: str | None = None) -> tuple[str, list[str]]:
     """The KD protocol with another number of epochs (``kd300``), crop scale (``kds1.0``: RandomResizedCrop (1, 1),
-    i.e. no crop, RDED's validation at factor 1) and / or the two-teacher ensemble (``kde``), composed (e.g.
-    ``kd300s1.0e``): its row name and overrides."""
-    over = kd_protocol(ipc, epochs) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else []) + (
+    i.e. no crop, RDED's validation at factor 1), the two-teacher ensemble (``kde``) and / or another student
+    (``kdr18``: ResNet-18-BN), composed (e.g. ``kd300s1.0e``): its row name and overrides."""
+    student = student or "convnet_bn_w32"
+    over = kd_protocol(ipc, epochs, student) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else []) + (
         [ENSEMBLE] if ensemble else [])
-    return f"kd{epochs or ''}{f's{scale}' if scale else ''}{'e' if ensemble else ''}", over
+    return f"kd{epochs or ''}{f's{scale}' if scale else ''}{'e' if ensemble else ''}{STUDENTS[student][1]}", over
 
 
 def num_students(proto: str, ipc: int) -> int:
@@ -157,6 +165,8 @@ def main() -> None:
                    "(this, 1) instead of (0.08, 1) (kds<this>)")
     p.add_argument("--kd-ensemble", action="store_true", help="evaluate: only the KD protocol with the teachers "
                    "ConvNet-BN-64 and ConvNet-BN-32 averaged (EDC's / G-VBSM's online ensemble; kde)")
+    p.add_argument("--kd-student", choices=sorted(STUDENTS), help="evaluate: only the KD protocol with this "
+                   "student (default convnet_bn_w32; resnet18_bn: the issue's default student, rows kdr18)")
     p.add_argument("--protocols", default="kd,hard", help="evaluate: which of kd, hard (default both)")
     p.add_argument("--teacher-epochs", type=int, default=8, help="teacher: epochs of the SRe2L recipe (default 8)")
     p.add_argument("--sre2l-iterations", type=int, default=1000, help="distill: SRe2L's recover iterations at every "

@@ -235,7 +235,7 @@ def run_eval_case(overrides: list[str]) -> dict:
     with RssPeak() as mem:
         base = RssPeak.rss()
         t0 = time.perf_counter()
-        res = evaluator(syn, real, int(cfg.seed))
+        res = speed.evaluate(evaluator, syn, real, int(cfg.seed), device)  # under speed.autocast, as ddrun does
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

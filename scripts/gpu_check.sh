@@ -8,7 +8,8 @@
 #   4. scripts/bench.py at the issue's settings (Fashion-MNIST, ConvNet-3 width 128, batch_real 256, DSA):
 #      DM ipc 1/10/50, DC and DSA ipc 1/10, MTT ipc 1/10 (20 syn_steps, plain vs memory-efficient), the speed knobs
 #      (channels_last, class-batched DC/DSA, deterministic) on DM/DC/DSA ipc 1, and the eval group (5 ConvNets x
-#      300 epochs at ipc 10, one after the other vs stacked);
+#      300 epochs at ipc 10, one after the other vs stacked; and stacked under speed.autocast=bf16: its time and
+#      accuracy beside float32's, the parity check of the bf16 option);
 #   5. a summary (GPU, versions, failed tests, the bench tables) in $OUT/gpu_summary.md when $OUT is set, else
 #      on stdout. Every phase has its own time limit and the summary is rewritten after each, so a cut-short run
 #      still leaves what it did.
@@ -76,7 +77,7 @@ if [ "$CPU" = 1 ]; then
 else
   # the tests this issue touched first (a cut-short run still reports them), then the rest of the suite
   TESTS=(tests/test_speed.py tests/test_distill.py tests/test_resume.py tests/test_mtt.py tests/test_evaluate_cmd.py tests)
-  TEST_S=${GPU_CHECK_TEST_S:-210}
+  TEST_S=${GPU_CHECK_TEST_S:-190}
 fi
 note "pytest ${TESTS[*]} (limit ${TEST_S}s)"
 timeout -k 10 "$TEST_S" "$PY" -m pytest -v -rfE -p no:cacheprovider -o addopts="" "${TESTS[@]}" >"$WORK/pytest.log" 2>&1
@@ -103,7 +104,7 @@ summary() {
     fi
     echo
     echo "## Benchmarks"
-    for name in methods knobs deterministic mtt eval; do
+    for name in methods knobs deterministic mtt eval bf16; do
       [ -f "$WORK/bench_$name.md" ] && { echo; cat "$WORK/bench_$name.md"; }
     done
   } >"$SUMMARY"
@@ -129,6 +130,7 @@ if [ "$CPU" = 1 ]; then
   bench mtt "$BENCH_S" --groups mtt --ipc 1 --only 'syn_steps 10 memory' --iters 1 --warmup 0 \
     --set objective.lr_lr=1e-9 objective.syn_steps=2
   bench eval "$BENCH_S" --groups eval --eval-epochs 2 --set dataset.test_subset=20
+  bench bf16 "$BENCH_S" --groups eval --eval-epochs 2 --only sequential --set dataset.test_subset=20 speed.autocast=bf16
 else
   # the issue's GPU table: DM ipc 1/10/50, DC ipc 1/10, DSA ipc 1; then what the knobs cost or save
   bench methods 90 --groups basic --ipc 1,10,50 --only '^(dm ipc(1|10|50)|dc ipc(1|10)|dsa ipc1)$'
@@ -136,6 +138,7 @@ else
   bench deterministic 20 --groups basic --ipc 1 --only '^dsa ipc1$' --set deterministic=true
   bench mtt 60 --groups mtt --ipc 1,10 --only 'syn_steps 20' --set objective.lr_lr=1e-9
   bench eval 65 --groups eval --eval-epochs 300
+  bench bf16 20 --groups eval --eval-epochs 300 --only stacked --set speed.autocast=bf16
 fi
 summary
 note "done in $(elapsed)s; summary: $SUMMARY"

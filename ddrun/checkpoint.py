@@ -14,8 +14,8 @@ stop signals.
   for ``stale_after_s`` seconds (other host) is stale and taken over.
 - :class:`StopSignals` turns SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM and submitit send before a timeout or a
   preemption; submitit uses USR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise) and Ctrl-C (SIGINT) into "save
-  a checkpoint at the next safe point, then stop", handing the signal on to the handler that was installed before (submitit's, which
-  requeues the job) or, where there was none, stopping with :class:`Preempted`.
+  a checkpoint at the next safe point, then stop", handing the signal on to the handler that was installed
+  before (submitit's, which requeues the job) or, where there was none, stopping with :class:`Preempted`.
 """
 
 from __future__ import annotations

@@ -201,7 +201,8 @@ class Distillation:
         self.early = self._early_stopping()
         self.real = build(cfg.dataset).to(self.device)
         self.syn = self._initial_set(ckpt)
-        self.fetcher = build(cfg.fetcher)(real=self.real, device=self.device, seed=self.seed) if self.objective else None
+        self.fetcher = (build(cfg.fetcher)(real=self.real, device=self.device, seed=self.seed) if self.objective
+                        else None)
         if self.early is not None:
             self.early.draw(self.real, self.seed)
         self.optimizer = self.scheduler = None

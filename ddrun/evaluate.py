@@ -122,7 +122,8 @@ def load_set(cfg, real: RealData):
         source.update(run_dir=str(path.parent), seed=made.get("seed"), setting=made.get("setting"))
     except Exception:  # noqa: BLE001 - an outside file, or a run without a record: the file alone identifies it
         pass
-    identity = {"method": meta.get("method") or "external", "ipc": int(meta.get("ipc", len(syn.images) // real.num_classes)),
+    identity = {"method": meta.get("method") or "external",
+                "ipc": int(meta.get("ipc", len(syn.images) // real.num_classes)),
                 "iterations": meta.get("iteration"), "source": source}
     return syn, identity
 

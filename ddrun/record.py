@@ -14,9 +14,9 @@ One record holds everything that makes a number in a table traceable to exactly 
                        "parametrization", "soft_labels", "learned_lr"}
     source            (evaluate) the evaluated file, and the run directory and config hash it records
     evaluations       [{"iteration", "protocol" (fields, ddrun.protocol; with "test": {"dataset", "images",
-                       "subset"}), "protocol_line", "acc_mean", "acc_std", "per_net", "per_arch", "extra"}] — the final
-                      evaluation under every protocol the run was evaluated with (a rerun with another evaluator
-                      appends, never relabels)
+                       "subset"}), "protocol_line", "acc_mean", "acc_std", "per_net", "per_arch", "extra"}]
+                      — the final evaluation under every protocol the run was evaluated with (a rerun with another
+                      evaluator appends, never relabels)
     best              {"iteration", "acc_mean", "acc_std", "protocol_line"}: the best evaluation of the run under the
                       last protocol (MTT's papers report the best over their evaluations; ddrun reports both)
     versions          {"ddrun", "torch", "torchvision", "python"}; device; host; written (time)

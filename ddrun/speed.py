@@ -69,7 +69,8 @@ def _checked(values: Mapping) -> Speed:
     fields = {f.name for f in dataclasses.fields(Speed)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"speed.{unknown[0]}: unknown setting; valid settings are {sorted(fields - {'deterministic'})}")
+        raise ConfigError(f"speed.{unknown[0]}: unknown setting; valid settings are "
+                          f"{sorted(fields - {'deterministic'})}")
     for key, allowed in _CHOICES.items():
         if key in values and values[key] not in allowed:
             raise ConfigError(f"speed.{key}={values[key]!r}: valid values are {list(allowed)}")

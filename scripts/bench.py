@@ -52,7 +52,8 @@ def basic_cases(args) -> list[tuple[str, list[str]]]:
 
 def perf_matching_cases(args) -> list[tuple[str, list[str]]]:
     """Performance matching (issue 4): DD, KIP, RFAD, FRePo at each ipc."""
-    return [(f"{m} ipc{ipc}", [f"method={m}", f"ipc={ipc}"]) for m in ("dd", "kip", "rfad", "frepo") for ipc in args.ipc]
+    return [(f"{m} ipc{ipc}", [f"method={m}", f"ipc={ipc}"]) for m in ("dd", "kip", "rfad", "frepo")
+            for ipc in args.ipc]
 
 
 MTT_BUFFERS = ROOT / "outputs" / "bench_buffers"

@@ -316,7 +316,8 @@ def test_kd_losses():
     assert kd_loss("kl", t, t, y, 20.0, 0.0).item() == pytest.approx(0.0, abs=1e-7)
     assert kd_loss("kl", s, t, y, 20.0, 0.0).item() > 0
     ce = torch.nn.functional.cross_entropy(s, torch.tensor([0, 1, 2, 3]))
-    assert kd_loss("mse_ce", s, t, y, 1.0, 0.5).item() == pytest.approx((((s - t) ** 2).mean() + 0.5 * ce).item(), rel=1e-5)
+    want = (((s - t) ** 2).mean() + 0.5 * ce).item()
+    assert kd_loss("mse_ce", s, t, y, 1.0, 0.5).item() == pytest.approx(want, rel=1e-5)
 
 
 def kd(root, store, *extra):

@@ -72,8 +72,8 @@ def sweep(tmp_path) -> Path:
 def test_fixture_sweep_gives_the_expected_table(sweep, tmp_path):
     res = report([str(sweep)], out=str(tmp_path / "rep"))
     lines = res["table"].splitlines()
-    assert lines[0] == ("| dataset | ipc | method | arch | accuracy % (mean ± std over seeds) | n | seeds | iterations | "
-                        "best % (over evaluations) |")
+    assert lines[0] == ("| dataset | ipc | method | arch | accuracy % (mean ± std over seeds) | n | seeds | "
+                        "iterations | best % (over evaluations) |")
     # each run contributes the mean of its 2 networks; mean ± population std over the 2 seeds
     assert lines[2:6] == [
         "| fashion_mnist | 1 | random | convnet | 32.00 ± 2.00 ^1 | 2 | 0,1 | 0 | 32.00 ± 2.00 |",

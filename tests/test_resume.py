@@ -29,9 +29,10 @@ from ddrun.utils import DataError, DdrunError
 ITERATIONS = 16
 # DSA with an inner loop: every iteration draws augmentations, a fresh network and trains it on S, so a resume
 # that lost any generator, optimizer or RNG state would not end bitwise equal.
-BASE = ["method=dsa", "ipc=2", "net.width=8", "schedule.outer_loop=2", "schedule.inner_loop=1", "objective.batch_real=4",
-        "dataset=mnist", "dataset.system_dirs=[]", "logger=none", "evaluator.num_eval=0", "log_every=1",
-        f"eval_every={ITERATIONS}", "eval_at_start=false", f"iterations={ITERATIONS}", "checkpoint_every=3"]
+BASE = ["method=dsa", "ipc=2", "net.width=8", "schedule.outer_loop=2", "schedule.inner_loop=1",
+        "objective.batch_real=4", "dataset=mnist", "dataset.system_dirs=[]", "logger=none", "evaluator.num_eval=0",
+        "log_every=1", f"eval_every={ITERATIONS}", "eval_at_start=false", f"iterations={ITERATIONS}",
+        "checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")

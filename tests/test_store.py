@@ -75,7 +75,8 @@ def test_another_setting_or_recipe_is_refused_naming_the_difference(tmp_path):
                        directory=store.dir)
     with pytest.raises(DataError, match="was made with another setting: net.width: 4 in the teacher collection, 8"):
         other.open_for_reading()
-    with pytest.raises(DataError, match=r"no teacher collection at .*; create it with `ddrun teacher dataset=other net=convnet net.depth=1.* recipe=sre2l"):
+    with pytest.raises(DataError, match=r"no teacher collection at .*; create it with `ddrun teacher dataset=other "
+                                        r"net=convnet net.depth=1.* recipe=sre2l"):
         teachers(tmp_path, name="other").open_for_reading()
 
 

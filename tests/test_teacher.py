@@ -27,7 +27,8 @@ def test_layout_manifest_and_full_state_dict(tiny_root, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     assert m["kind"] == "teachers" and m["setting"]["recipe"] == "sre2l" and "augment" not in m["setting"]
     assert m["training"]["epochs"] == 2 and m["training"]["lr"] == 0.1 and m["training"]["augment"]["flip"] is False
-    assert m["command"].startswith("ddrun teacher dataset=mnist net=convnet net.norm=batchnorm net.width=8 recipe=sre2l")
+    assert m["command"].startswith("ddrun teacher dataset=mnist net=convnet net.norm=batchnorm net.width=8 "
+                                   "recipe=sre2l")
     entry = m["teachers"]["0"]
     f = d / "teacher_0000.pt"
     assert entry["bytes"] == f.stat().st_size and entry["sha256"] == file_digest(f) and 0 <= entry["test_acc"] <= 100

@@ -453,7 +453,8 @@ def _read_images(name: str, samples: Sequence[tuple[str, int]], im_size: Sequenc
             with Image.open(path) as im:
                 images.append(tf(im.convert("RGB")))
         except Exception as exc:
-            raise DataError(f"dataset {name}: corrupt or unreadable image {path} ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"dataset {name}: corrupt or unreadable image {path} "
+                            f"({type(exc).__name__}: {exc})") from None
         labels.append(y)
     return torch.stack(images), labels
 

@@ -163,15 +163,17 @@ class KDEvaluator(EvaluatorContract):
         return self.name or getattr(self.student, "func", self.student).__name__.lower()
 
     def protocol_fields(self) -> dict:
-        teachers = " + ".join(f"{getattr(f, 'func', f).__name__}({', '.join(f'{k} {v}' for k, v in net_kwargs(f).items())})"
-                              for f in self.teacher_nets.values())
+        teachers = " + ".join(
+            f"{getattr(f, 'func', f).__name__}({', '.join(f'{k} {v}' for k, v in net_kwargs(f).items())})"
+            for f in self.teacher_nets.values())
         teacher = f"{teachers} x{self.num_teachers or 'all'}, recipe {self.recipe}"
         if self._pool is not None:
             teacher += ", test acc " + "/".join(f"{m['test_acc']:.2f}" for m in self._pool)
         fields = {"evaluator": "kd", "archs": [self._name()], "nets": {self._name(): net_kwargs(self.student)},
                   "num_eval": self.num_eval, "epochs": self.epochs, "optimizer": self.optimizer, "lr": self.lr,
                   "lr_schedule": self.schedule + (f" zeta {self.zeta:g}" if self.schedule == "smoothing" else ""),
-                  "momentum": 0.9 if self.optimizer == "sgd" else "betas (0.9, 0.999)", "weight_decay": self.weight_decay,
+                  "momentum": 0.9 if self.optimizer == "sgd" else "betas (0.9, 0.999)",
+                  "weight_decay": self.weight_decay,
                   "batch": self.batch_train or f"by ipc {self.batch_by_ipc}",
                   "augment": (self.augment.describe() if self.augment else "none")
                   + (f"+{self.mix}{self.mix_alpha:g}" if self.mix != "none" else ""),

@@ -10,8 +10,8 @@ online step on S, or is re-initialized when its counter has passed ``max_online_
 
 Online training (reference ``create_train_state`` / ``train_step``): Adam at ``lr_net`` (3e-4), a random batch
 of ``batch_train`` images of S (all of S when smaller), MSE against S's regression targets
-(``SyntheticSet.regression_targets``; ``loss: ce``: soft cross-entropy on the labels as logits). The pool networks are built by
-the ``net`` factory with ``net_kwargs`` (FRePo: BatchNorm, ``norm: batchnorm``).
+(``SyntheticSet.regression_targets``; ``loss: ce``: soft cross-entropy on the labels as logits). The pool networks
+are built by the ``net`` factory with ``net_kwargs`` (FRePo: BatchNorm, ``norm: batchnorm``).
 
 The whole pool (weights, Adam states, counters, reset counts) is in :meth:`state_dict`, so a resumed run
 continues with the same pool.

@@ -62,4 +62,5 @@ def bn_variant(net: nn.Module) -> str:
     """``net=<choice>`` of the BatchNorm variant of ``net``'s architecture, or a sentence naming the BatchNorm
     architectures when it has none (MLP, LeNet)."""
     name = BN_VARIANTS.get(type(net).__name__)
-    return f"net={name}" if name else f"a BatchNorm architecture ({', '.join('net=' + v for v in BN_VARIANTS.values())})"
+    return f"net={name}" if name else \
+        f"a BatchNorm architecture ({', '.join('net=' + v for v in BN_VARIANTS.values())})"

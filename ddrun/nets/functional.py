@@ -49,7 +49,8 @@ def forward(net: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
     return functional_call(net, params, (x,))
 
 
-def minibatches(n: int, batch_size: int | None, steps: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+def minibatches(n: int, batch_size: int | None, steps: int,
+                generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """``steps`` index batches over ``n`` items: a fresh random permutation each pass, cut into ``batch_size``
     chunks (all ``n`` when None), as MTT's ``batch_syn`` (Cazenavette et al. 2022, ``distill.py``)."""
     b = n if not batch_size else min(batch_size, n)

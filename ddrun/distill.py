@@ -529,7 +529,8 @@ class Distillation:
         "<name>/acc_std": ..})``; each result states its own protocol."""
         if not self.beside:
             return res, {}
-        results = {name: ev(decoded, self.real, self.seed) for name, ev in self.beside.items()}
+        results = {name: speed.evaluate(ev, decoded, self.real, self.seed, self.device)
+                   for name, ev in self.beside.items()}
         flat = {f"{name}/{k}": r[k] for name, r in results.items() for k in ("acc_mean", "acc_std")}
         for name, r in results.items():
             log.info("iteration %d: %s %.2f +- %.2f (%s)", it, name, r["acc_mean"], r["acc_std"], r["protocol"])

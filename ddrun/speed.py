@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ddrun.protocol import describe
 from ddrun.utils import ConfigError
 
 _CHOICES = {"batched_classes": ("auto", True, False), "tf32": ("default", True, False),
@@ -179,12 +180,13 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def evaluate(evaluator: Callable, syn, real, seed: int, device: torch.device) -> dict:
-    """``evaluator(syn, real, seed)`` under :func:`autocast`; its result's protocol (``protocol_fields`` and the
-    ``protocol`` line) gains ``precision`` when the precision was lowered, so such accuracies say so."""
+    """``evaluator(syn, real, seed)`` under :func:`autocast`; its result's ``protocol_fields`` gain ``precision``
+    when the precision was lowered, and its ``protocol`` line is described again from them
+    (:func:`ddrun.protocol.describe`, as every evaluator's line is), so such accuracies say so."""
     with autocast(device):
         res = evaluator(syn, real, seed)
     lowered = precision(device)
     if lowered is None:
         return res
-    return {**res, "protocol": f"{res.get('protocol', '')}, precision {lowered}",
-            "protocol_fields": {**res.get("protocol_fields", {}), "precision": lowered}}
+    fields = {**res["protocol_fields"], "precision": lowered}
+    return {**res, "protocol_fields": fields, "protocol": describe(fields)}

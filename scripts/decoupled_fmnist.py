@@ -63,9 +63,10 @@ HARD = ["evaluator=default", "net=convnet", "net.width=32", "evaluator.epochs=30
 # other students (`--kd-student`): the overrides and the row suffix
 STUDENTS = {"convnet_bn_w32": (["net@evaluator.student=convnet_bn", "evaluator.student.width=32"], ""),
             "resnet18_bn": (["net@evaluator.student=resnet18_bn"], "r18")}
+STUDENT = "convnet_bn_w32"  # the table's student
 
 
-def kd_protocol(ipc: int, epochs: int | None = None, student: str = "convnet_bn_w32") -> list[str]:
+def kd_protocol(ipc: int, epochs: int | None = None, student: str = STUDENT) -> list[str]:
     return ["evaluator=kd", *TEACHER, *STUDENTS[student][0], f"evaluator.epochs={epochs or KD_EPOCHS[ipc]}"]
 
 
@@ -121,7 +122,7 @@ def kd_variant(ipc: int, epochs: int | None, scale: float | None, ensemble: bool
     """The KD protocol with another number of epochs (``kd300``), crop scale (``kds1.0``: RandomResizedCrop (1, 1),
     i.e. no crop, RDED's validation at factor 1), the two-teacher ensemble (``kde``) and / or another student
     (``kdr18``: ResNet-18-BN), composed (e.g. ``kd300s1.0e``): its row name and overrides."""
-    student = student or "convnet_bn_w32"
+    student = student or STUDENT
     over = kd_protocol(ipc, epochs, student) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else []) + (
         [ENSEMBLE] if ensemble else [])
     return f"kd{epochs or ''}{f's{scale}' if scale else ''}{'e' if ensemble else ''}{STUDENTS[student][1]}", over

@@ -14,7 +14,10 @@
 #      on stdout. Every phase has its own time limit and the summary is rewritten after each, so a cut-short run
 #      still leaves what it did.
 # DDRUN_GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny subset (seconds-sized settings): the script's
-# own test. Time limits (seconds) can be changed with GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S.
+# own test. Time limits (seconds) can be changed with GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S; GPU_CHECK_TESTS (pytest
+# arguments, or "none") and GPU_CHECK_BENCHES (names among "methods knobs deterministic mtt eval bf16") pick what
+# runs, so a short second lease reruns only what a fix touched. Where pytest-xdist is importable the suite runs in
+# GPU_CHECK_WORKERS processes (8 by default on a GPU, 2 CPU threads each; 0 runs it in one process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -79,9 +82,24 @@ else
   TESTS=(tests/test_speed.py tests/test_distill.py tests/test_resume.py tests/test_mtt.py tests/test_evaluate_cmd.py tests)
   TEST_S=${GPU_CHECK_TEST_S:-190}
 fi
-note "pytest ${TESTS[*]} (limit ${TEST_S}s)"
-timeout -k 10 "$TEST_S" "$PY" -m pytest -v -rfE -p no:cacheprovider -o addopts="" "${TESTS[@]}" >"$WORK/pytest.log" 2>&1
-TEST_RC=$?
+[ -n "${GPU_CHECK_TESTS:-}" ] && eval "TESTS=($GPU_CHECK_TESTS)"   # shell words: -k "a or b" stays one
+WORKERS=${GPU_CHECK_WORKERS:-$( [ "$CPU" = 1 ] && echo 0 || echo 8 )}
+XDIST=()
+if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "$WORKERS")
+  [ "${TESTS[*]}" = "tests/test_speed.py tests/test_distill.py tests/test_resume.py tests/test_mtt.py tests/test_evaluate_cmd.py tests" ] \
+    && TESTS=(tests)   # in parallel the order no longer decides what a cut-short run reports
+fi
+if [ "${TESTS[*]}" = none ]; then
+  : >"$WORK/pytest.log"; TEST_RC=skipped
+else
+  note "pytest ${XDIST[*]} ${TESTS[*]} (limit ${TEST_S}s)"
+  OMP_NUM_THREADS=$( [ ${#XDIST[@]} -gt 0 ] && echo 2 || echo "${OMP_NUM_THREADS:-}" ) \
+    timeout -k 10 "$TEST_S" "$PY" -m pytest -v -rfE -p no:cacheprovider -o addopts="" "${XDIST[@]}" "${TESTS[@]}" \
+    >"$WORK/pytest.log" 2>&1
+  TEST_RC=$?
+fi
+[ -n "${OUT:-}" ] && cp "$WORK/pytest.log" "$OUT/pytest.log"
 TEST_T=$(elapsed)
 
 summary() {
@@ -90,13 +108,14 @@ summary() {
     echo
     echo "- machine: $ENV_LINE"
     echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); elapsed $(elapsed) s"
-    echo "- tests: \`pytest -v ${TESTS[*]}\` exit $TEST_RC$( [ "$TEST_RC" = 124 ] && echo " (cut at ${TEST_S}s)") in ${TEST_T} s:" \
+    echo "- tests: \`pytest -v ${XDIST[*]} ${TESTS[*]}\` exit $TEST_RC$( [ "$TEST_RC" = 124 ] && echo " (cut at ${TEST_S}s)") in ${TEST_T} s:" \
       "$(grep -cE '(PASSED|XPASS)( |$)' "$WORK/pytest.log") passed, $(grep -cE ' (FAILED|ERROR)( |$)' "$WORK/pytest.log") failed/error," \
       "$(grep -cE ' SKIPPED( |$)' "$WORK/pytest.log") skipped"
     echo
     echo "## Failed tests"
     echo
-    grep -E '^(tests/[^ ]+) (FAILED|ERROR)' "$WORK/pytest.log" | sed 's/ *\[ *[0-9]*%\]$//; s/^/- /' || true
+    grep -E '^(tests/[^ ]+) (FAILED|ERROR)|(FAILED|ERROR) tests/' "$WORK/pytest.log" | grep -Ev '^(FAILED|ERROR) ' \
+      | sed -E 's/ *\[ *[0-9]*%\]$//; s/^\[gw[0-9]+\] \[ *[0-9]+%\] (FAILED|ERROR) (.*)/\2 \1/; s/^/- /' || true
     if grep -q "short test summary info" "$WORK/pytest.log"; then
       echo; echo "pytest's summary:"; echo '```'
       sed -n '/short test summary info/,$p' "$WORK/pytest.log" | grep -E '^(FAILED|ERROR)' | cut -c1-300
@@ -113,8 +132,10 @@ summary
 
 # ---- 4. benchmarks ----------------------------------------------------------------------------------------------
 BENCH_S=${GPU_CHECK_BENCH_S:-200}
+BENCHES=" ${GPU_CHECK_BENCHES:-methods knobs deterministic mtt eval bf16} "
 bench() {  # bench NAME LIMIT_S ARGS...: one bench.py run, its table in $WORK/bench_NAME.md
   local name=$1 limit=$2; shift 2
+  [[ "$BENCHES" == *" $name "* ]] || return 0
   note "bench $name: $* (limit ${limit}s)"
   { echo "### $name"; echo; echo "\`python scripts/bench.py $*\`"; echo; } >"$WORK/bench_$name.md"
   timeout -k 5 "$limit" "$PY" scripts/bench.py --device "$DEVICE" "$@" >>"$WORK/bench_$name.md" 2>"$WORK/bench_$name.err"

@@ -34,6 +34,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from ddrun import speed
 from ddrun.files import atomic_save, safe_load
 from ddrun.store import EXPERT_KEYS, Collection, command_for, setting_diff, setting_of
 from ddrun.schema import check_common
@@ -171,6 +172,7 @@ def buffer(cfg: DictConfig) -> dict:
     """
     check_common(cfg, "buffer")
     device = resolve_device(cfg.device)
+    speed.configure(None, bool(cfg.deterministic))
     seed_everything(int(cfg.seed))
     real = build(cfg.dataset).to(device)
     net_factory = build(cfg.net)

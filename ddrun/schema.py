@@ -29,7 +29,7 @@ def knob(default, lo: float | None = None, hi: float | None = None, exclusive_lo
 @dataclass
 class Common:
     """What every command has: the config groups it composes (typed Any: each group's component checks its own
-    values), the seed, the device and the progress lines."""
+    values), the seed, the device, ``deterministic`` (``ddrun.speed``) and the progress lines."""
 
     paths: Any = None
     dataset: Any = None
@@ -39,6 +39,7 @@ class Common:
     logger: Any = None
     seed: int = knob(0, 0)
     device: str = "auto"
+    deterministic: bool = False
     progress_every: float = knob(60.0, 0)
 
 
@@ -75,7 +76,6 @@ class DistillSchema(Common):
     syn_optimizer: Any = None
     syn_scheduler: Any = None
     speed: Any = None
-    deterministic: bool = False
 
 
 @dataclass
@@ -85,7 +85,6 @@ class EvaluateSchema(Common):
     label: Optional[str] = None
     parametrization: Any = None
     speed: Any = None
-    deterministic: bool = False
 
 
 @dataclass

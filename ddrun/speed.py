@@ -66,7 +66,7 @@ def current() -> Speed:
     return _current
 
 
-def _checked(values: Mapping) -> Speed:
+def _checked(values: Mapping, base: Speed | None = None) -> Speed:
     fields = {f.name for f in dataclasses.fields(Speed)}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -77,7 +77,7 @@ def _checked(values: Mapping) -> Speed:
             raise ConfigError(f"speed.{key}={values[key]!r}: valid values are {list(allowed)}")
     if "cpu_chunk" in values and int(values["cpu_chunk"]) < 1:
         raise ConfigError(f"speed.cpu_chunk={values['cpu_chunk']}: must be >= 1 (images per forward pass)")
-    return Speed(**{**dataclasses.asdict(_current), **values})
+    return Speed(**{**dataclasses.asdict(_current if base is None else base), **values})
 
 
 def _apply(s: Speed) -> None:
@@ -91,7 +91,9 @@ def _apply(s: Speed) -> None:
 
 
 def configure(speed: Mapping | None = None, deterministic: bool = False) -> Speed:
-    """Apply the ``speed`` config node and ``deterministic`` to this process (torch's flags and :func:`current`).
+    """Apply the ``speed`` config node and ``deterministic`` to this process (torch's flags and :func:`current`);
+    settings ``speed`` leaves out take their defaults (``ddrun buffer`` / ``ddrun teacher`` pass only
+    ``deterministic``).
 
     Raises:
         ConfigError: an unknown setting or value (names the key and the valid values).
@@ -99,7 +101,7 @@ def configure(speed: Mapping | None = None, deterministic: bool = False) -> Spee
     global _current
     values = {k: v for k, v in dict(speed or {}).items()}
     values["deterministic"] = bool(deterministic)
-    s = _checked(values)
+    s = _checked(values, Speed())
     _apply(s)
     _current = s
     return s

@@ -30,6 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ddrun import speed
 from ddrun.files import atomic_save, safe_load
 from ddrun.schema import check_common
 from ddrun.store import Collection, command_for, teacher_payload, teacher_setting
@@ -188,6 +189,7 @@ def teacher(cfg: DictConfig) -> dict:
     recipe = recipe_of(cfg)
     _check(cfg, recipe)
     device = resolve_device(cfg.device)
+    speed.configure(None, bool(cfg.deterministic))
     seed_everything(int(cfg.seed))
     real = build(cfg.dataset).to(device)
     net_factory = build(cfg.net)

@@ -50,6 +50,13 @@ if ! "$PY" -c "$need" 2>/dev/null; then
   fi
 fi
 [ -e ddrun/conf ] || ln -s ../conf ddrun/conf   # ddrun.conf from the checkout without installing (as pip -e does)
+# the `ddrun` command beside the interpreter (scripts/sbatch_example.sh, and so its test, call it): where it is missing,
+# ddrun itself is installed editable, without dependencies and without an index
+if ! "$PY" -c "import os, sys; sys.exit(not os.path.exists(os.path.join(os.path.dirname(sys.executable), 'ddrun')))"; then
+  note "installing the ddrun command: pip install --no-deps --no-build-isolation --no-index -e ."
+  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$WORK/pip_ddrun.log" 2>&1 \
+    || note "pip install -e . failed ($WORK/pip_ddrun.log): the tests that call the ddrun command will fail"
+fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export WANDB_MODE=offline WANDB_SILENT=true CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 if [ "$CPU" = 1 ]; then DEVICE=cpu; else DEVICE=auto; fi
@@ -154,7 +161,7 @@ if [ "$CPU" = 1 ]; then
   bench bf16 "$BENCH_S" --groups eval --eval-epochs 2 --only sequential --set dataset.test_subset=20 speed.autocast=bf16
 else
   # the GPU table: DM ipc 1/10/50, DC ipc 1/10, DSA ipc 1; then what the knobs cost or save
-  bench methods 90 --groups basic --ipc 1,10,50 --only '^(dm ipc(1|10|50)|dc ipc(1|10)|dsa ipc1)$'
+  bench methods 90 --groups basic --ipc 1,10,50 --only '^(dm ipc(1|10|50)|dc ipc(1|10)|dsa ipc1)$' --iters 4
   bench knobs 35 --groups basic --ipc 1 --only '^(dm|dc) ipc1$' --set speed.channels_last=false speed.batched_classes=false
   bench deterministic 20 --groups basic --ipc 1 --only '^dsa ipc1$' --set deterministic=true
   bench mtt 60 --groups mtt --ipc 1,10 --only 'syn_steps 20' --set objective.lr_lr=1e-9

@@ -16,10 +16,14 @@ FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
 # device=auto (every test's default) runs on CUDA where it is available (scripts/gpu_check.sh).
 CUDA = torch.cuda.is_available()
-# "The same S" on a GPU: float sums in cuDNN's convolutions and in atomics-based backward kernels (DSA's
-# grid_sample) are reordered from run to run, so two runs with one seed agree to rounding carried through a few
-# updates of S, not bitwise. The tolerance of the GPU variants (S in normalized units, |S| ~ 1-3); the CPU keeps
-# the bitwise claim, and `deterministic=true` brings it back on a GPU (tests/test_speed.py).
+# "The same S" on a GPU: float sums in cuDNN's convolutions, cuBLAS and atomics-based backward kernels (DSA's
+# grid_sample) are reordered from run to run, and Adam's normalized steps (and sign-like updates of S) turn those
+# last-bit differences into lr-sized steps of S within a few iterations: on an H200, repeated and resumed runs of
+# this suite ended 0.03-0.9 apart (S in normalized units). So every test whose claim is "the same S" (a repeat, a
+# resume, a requeue) adds SAME_S to its overrides: `deterministic=true` on a GPU (deterministic kernels, cuBLAS
+# workspace setting: tests/test_speed.py checks that it repeats S), nothing on the CPU, where runs repeat anyway.
+# It then compares with assert_same_s: bitwise on the CPU, within GPU_TOL on CUDA.
+SAME_S = ["deterministic=true"] if CUDA else []
 GPU_TOL = dict(rtol=1e-3, atol=1e-3)
 
 

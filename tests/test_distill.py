@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import wandb_files
-from conftest import assert_same_s, make_cfg
+from conftest import SAME_S, assert_same_s, make_cfg
 from ddrun.distill import distill
 
 
@@ -36,9 +36,9 @@ def test_run_directory_contents(tiny_root, tmp_path, method):
 
 
 def test_same_seed_same_synthetic_set(tiny_root, tmp_path):
-    a = distill(tiny(tiny_root, "method=dsa", "evaluator.num_eval=0"), tmp_path / "a")
-    b = distill(tiny(tiny_root, "method=dsa", "evaluator.num_eval=0"), tmp_path / "b")
-    c = distill(tiny(tiny_root, "method=dsa", "evaluator.num_eval=0", "seed=1"), tmp_path / "c")
+    a = distill(tiny(tiny_root, "method=dsa", "evaluator.num_eval=0", *SAME_S), tmp_path / "a")
+    b = distill(tiny(tiny_root, "method=dsa", "evaluator.num_eval=0", *SAME_S), tmp_path / "b")
+    c = distill(tiny(tiny_root, "method=dsa", "evaluator.num_eval=0", "seed=1", *SAME_S), tmp_path / "c")
     sa, sb, sc = (torch.load(Path(o["synthetic"]), weights_only=True)["images"] for o in (a, b, c))
     assert_same_s(sa, sb)
     assert not torch.equal(sa, sc)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same_s, make_cfg
+from conftest import SAME_S, assert_same_s, make_cfg
 from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
 from ddrun.distill import distill
@@ -266,7 +266,7 @@ KERNEL_SMALL = ["objective.kernel.n_models=1", "objective.kernel.net_kwargs.widt
                                                      "syn_scheduler.total=6"])])  # the cosine spans the run
 def test_resume_continues_to_the_same_synthetic_set(tiny_root, tmp_path, method, extra):
     """RFAD's Platt scale and FRePo's pool are part of the checkpoint: an interrupted run ends with the same S."""
-    args = [f"method={method}", "evaluator.num_eval=0", *extra]
+    args = [f"method={method}", "evaluator.num_eval=0", *extra, *SAME_S]
     straight = distill(tiny(tiny_root, *args, "iterations=6"), tmp_path / "straight")
     distill(tiny(tiny_root, *args, "iterations=3"), tmp_path / "resumed")
     resumed = distill(tiny(tiny_root, *args, "iterations=6"), tmp_path / "resumed")
@@ -333,7 +333,7 @@ def test_soft_labels_round_trip_through_synthetic_pt_and_the_evaluator(fmnist_ro
     """Learned soft labels are saved as float logits, load back unchanged, and the evaluator trains with them:
     the same images with soft labels pointing at the wrong class give a far lower accuracy."""
     cfg = fmnist(fmnist_root, "method=kip", "init=real", "iterations=2", "objective.batch_real=10", *KERNEL_SMALL,
-                 "beside.kip.num_eval=0")
+                 "beside.kip.num_eval=0", *SAME_S)  # SAME_S: the evaluation below repeats the run's
     out = distill(cfg, tmp_path / "run")
     saved = torch.load(out["synthetic"], weights_only=True)
     assert saved["labels"].dtype == torch.float32 and saved["labels"].shape == (10, 10)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same_s, make_cfg
+from conftest import SAME_S, assert_same_s, make_cfg
 from formats import write_mnist_like
 from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
@@ -171,7 +171,8 @@ def test_resume_restores_the_step_sizes_and_ends_with_the_same_synthetic_set(tmp
     def cfg(iterations):
         return make_cfg(["method=dd", "dataset=mnist", f"paths.data={tmp_path}", "dataset.system_dirs=[]", "ipc=2",
                          "objective.syn_steps=2", "objective.syn_epochs=2", "debug=smoke", "beside.convnet.num_eval=0",
-                         "logger=none", "evaluator.num_eval=0", "objective.batch_real=4", f"iterations={iterations}"])
+                         "logger=none", "evaluator.num_eval=0", "objective.batch_real=4", f"iterations={iterations}",
+                         *SAME_S])
 
     straight = distill(cfg(6), tmp_path / "straight")
     distill(cfg(3), tmp_path / "resumed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -27,7 +28,10 @@ def test_wheel_ships_config_tree_and_composes(tmp_path):
             "with initialize_config_module('ddrun.conf', version_base='1.3'):\n"
             "    c = compose('distill', ['method=dsa', 'ipc=10'])\n"
             "print(c.schedule.outer_loop, c.preset.name)")
+    # the wheel's files first; PYTHONPATH entries of the environment (dependencies installed there) after them,
+    # but never the checkout
+    deps = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
     out = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+                         env={"PYTHONPATH": os.pathsep.join([str(site), *deps]), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["10", "dsa"]

@@ -76,7 +76,9 @@ def test_dc_with_batchnorm_keeps_whole_batches(tiny_root):
     cfg, real, syn = setting(tiny_root, "method=dc", "objective.batch_real=10", "net.norm=batchnorm")
     loop = loss_and_grad(cfg, real, syn, **WHOLE)
     fast = loss_and_grad(cfg, real, syn, cpu_chunk=3, batched_classes=True)
-    assert torch.equal(loop[0], fast[0]) and torch.equal(loop[1], fast[1])
+    assert_same(loop, fast)  # chunks or a vmap would move BatchNorm's statistics far beyond this tolerance
+    if DEVICE.type == "cpu":  # the very same computation (a GPU reorders its float sums from call to call)
+        assert torch.equal(loop[0], fast[0]) and torch.equal(loop[1], fast[1])
 
 
 def test_match_loss_over_stacked_classes_is_the_sum_of_per_class_losses():
@@ -217,3 +219,25 @@ def test_bf16_autocast_trains_like_float32_and_every_accuracy_says_so(tiny_root)
         assert res["protocol_fields"].get("precision") == (None if mode == "none" else "bf16 autocast")
     assert abs(losses["bf16"][0] - losses["none"][0]) < 0.05, losses
     assert min(losses["bf16"]) < 0.6 * losses["bf16"][0] and min(losses["none"]) < 0.6 * losses["none"][0], losses
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_matmul_resized_crop_is_torchvisions_with_the_same_draws(flip):
+    """The recover stage's batch RandomResizedCrop + flip as two matrix products (the form used on CUDA under
+    deterministic=true) gives torchvision's images from the same seed, up to float rounding, with a gradient."""
+    from torchvision.transforms import v2
+
+    from ddrun.data.transforms import resized_crop_flip_matmul
+
+    x = torch.randn(4, 3, 28, 28, dtype=torch.float64, requires_grad=True)
+    ops = [v2.RandomResizedCrop([28, 28], scale=(0.08, 1.0), antialias=True)] + ([v2.RandomHorizontalFlip()] if flip
+                                                                                  else [])
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ref = v2.Compose(ops)(x)
+        torch.manual_seed(seed)
+        ours = resized_crop_flip_matmul(x, (0.08, 1.0), flip)
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+        g_ref, = torch.autograd.grad(ref.square().sum(), x)
+        g_ours, = torch.autograd.grad(ours.square().sum(), x)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-9)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import assert_same_s, make_cfg
+from conftest import SAME_S, assert_same_s, make_cfg
 from formats import write_mnist_like
 from ddrun.distill import distill
 from ddrun.report import report
@@ -107,7 +107,7 @@ def test_local_launcher_runs_jobs_and_a_stop_signal_requeues_and_resumes(root, t
     PID its run-directory lock names) mid-run: ddrun checkpoints, submitit requeues, the restarted job resumes and
     ends with S bitwise equal to an uninterrupted run's. `ddrun report` then tables the sweep."""
     common = [*TINY, f"paths.data={root}", "ipc=2", "iterations=40", "eval_every=40", "schedule.outer_loop=2",
-              "schedule.inner_loop=1", "checkpoint_every=1000"]
+              "schedule.inner_loop=1", "checkpoint_every=1000", *SAME_S]
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "ddrun.cli", "distill", "-m", "hydra/launcher=local",
                              "method=dsa,dm", *common, f"hydra.sweep.dir={sweep}"], stdout=subprocess.PIPE,

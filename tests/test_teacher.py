@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import SAME_S, assert_same_s, make_cfg
 from teacher_helpers import make_teacher, tiny_args
 
 from ddrun.contracts import Fetched, Fetcher
@@ -45,7 +45,7 @@ def test_layout_manifest_and_full_state_dict(tiny_root, tmp_path):
 
 
 def test_killed_teacher_resumes_to_the_same_weights(tiny_root, tmp_path, monkeypatch):
-    straight = make_teacher(tiny_root, tmp_path / "a", epochs=4)
+    straight = make_teacher(tiny_root, tmp_path / "a", *SAME_S, epochs=4)
     import ddrun.teachers
 
     real_epoch, calls = ddrun.teachers.train_epoch, []
@@ -58,14 +58,16 @@ def test_killed_teacher_resumes_to_the_same_weights(tiny_root, tmp_path, monkeyp
 
     monkeypatch.setattr(ddrun.teachers, "train_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        make_teacher(tiny_root, tmp_path / "b", epochs=4)
+        make_teacher(tiny_root, tmp_path / "b", *SAME_S, epochs=4)
     partial = next((tmp_path / "b").glob("teachers/*/*/*/teacher_0000.partial"))
     assert torch.load(partial / "state.pt", weights_only=True)["epoch"] == 2
     monkeypatch.setattr(ddrun.teachers, "train_epoch", real_epoch)
-    resumed = make_teacher(tiny_root, tmp_path / "b", epochs=4)
+    resumed = make_teacher(tiny_root, tmp_path / "b", *SAME_S, epochs=4)
     a = torch.load(Path(straight["dir"]) / "teacher_0000.pt", weights_only=True)["state_dict"]
     b = torch.load(Path(resumed["dir"]) / "teacher_0000.pt", weights_only=True)["state_dict"]
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(a) == set(b)
+    for k in a:
+        assert_same_s(a[k], b[k])
 
 
 def test_recipe_schedule_and_other_recipe_refused(tiny_root, tmp_path):

@@ -12,6 +12,10 @@ v2 transforms draw from torch's global generator; every call here draws a seed f
 runs the transform inside ``torch.random.fork_rng`` with that seed, so results depend on the caller's generator
 only (a run repeats from its seed, resumes identically) and the global random state is left untouched. Images are
 float ``[B, C, H, W]`` in any (normalized) space.
+
+On CUDA under ``deterministic=true`` (``torch.use_deterministic_algorithms``) the batch's RandomResizedCrop is
+written as two matrix products (:func:`resized_crop_flip_matmul`, the same draws and interpolation weights as
+torchvision's): ``F.interpolate``'s bilinear backward has no deterministic CUDA kernel, a matrix product's has.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from ddrun.utils import ConfigError
@@ -54,6 +59,28 @@ def _geometric(kind: str, size: Sequence[int], padding: int, scale: Sequence[flo
     if flip:
         ops.append(v2.RandomHorizontalFlip())
     return v2.Compose(ops)
+
+
+def _resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """The weights ``[n_out, n_in]`` (``like``'s dtype and device) of torch's antialiased bilinear resize along one
+    axis, read off by resizing the identity (the interpolation is linear and separable; the other axis keeps its
+    2 pixels exactly: with 1 pixel the antialiased CPU kernel returns zeros)."""
+    eye = torch.eye(n_in, dtype=like.dtype, device=like.device).reshape(n_in, 1, n_in, 1).expand(-1, -1, -1, 2)
+    return F.interpolate(eye, size=(n_out, 2), mode="bilinear", align_corners=False, antialias=True)[:, 0, :, 0].T
+
+
+def resized_crop_flip_matmul(x: torch.Tensor, scale: Sequence[float], flip: bool) -> torch.Tensor:
+    """``v2.Compose([v2.RandomResizedCrop(size, scale, antialias=True), v2.RandomHorizontalFlip()])`` of the batch
+    ``x`` float ``[B, C, H, W]`` (one draw, back to (H, W)) with the resize as ``R_h @ crop @ R_w^T``: the same
+    random draws from torch's global generator as torchvision, values equal up to float rounding, and a backward
+    without atomics (deterministic on CUDA)."""
+    size = list(x.shape[-2:])
+    p = v2.RandomResizedCrop(size, scale=(float(scale[0]), float(scale[1])), antialias=True).make_params([x])
+    part = x[..., p["top"]:p["top"] + p["height"], p["left"]:p["left"] + p["width"]]
+    out = _resize_matrix(p["height"], size[0], x) @ part @ _resize_matrix(p["width"], size[1], x).T
+    if flip and torch.rand(1) < 0.5:  # v2.RandomHorizontalFlip(p=0.5): flips when rand < p
+        out = out.flip(-1)
+    return out
 
 
 class Augment:
@@ -135,9 +162,10 @@ class BatchAugment:
         if self.roll and not self.roll_last:
             x = self._roll(x, generator)
         if self.kind != "none" or self.flip:
+            matmul = self.kind == "resized_crop" and x.is_cuda and torch.are_deterministic_algorithms_enabled()
             tf = _geometric(self.kind, x.shape[-2:], self.padding, self.scale, self.flip, 0.0)
             with _seeded_from(generator):
-                x = tf(x)
+                x = resized_crop_flip_matmul(x, self.scale, self.flip) if matmul else tf(x)
         if self.roll and self.roll_last:
             x = self._roll(x, generator)
         return x

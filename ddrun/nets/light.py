@@ -47,7 +47,7 @@ class MobileNetV2(torchvision.models.MobileNetV2):
         self.feature_dim = self.last_channel
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1)), 1)
+        return self.features(x).mean((2, 3))  # global average pooling (deterministic backward on CUDA)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))

@@ -105,8 +105,8 @@ else
     timeout -k 10 "$TEST_S" "$PY" -m pytest -v -rfE -p no:cacheprovider -o addopts="" "${XDIST[@]}" "${TESTS[@]}" \
     >"$WORK/pytest.log" 2>&1
   TEST_RC=$?
+  [ -n "${OUT:-}" ] && cp "$WORK/pytest.log" "$OUT/pytest.log"
 fi
-[ -n "${OUT:-}" ] && cp "$WORK/pytest.log" "$OUT/pytest.log"
 TEST_T=$(elapsed)
 
 summary() {

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ddrun.conf
-from conftest import assert_same_s, make_cfg
+from conftest import SAME_S, assert_same_s, make_cfg
 from ddrun.contracts import Evaluator, Fetched, Fetcher, Initializer, Objective, Parametrization
 from ddrun.distill import distill
 from ddrun.protocol import describe
@@ -152,7 +152,7 @@ def _stages(marker=None):
 
 
 def test_post_distillation_stages_run_once_and_resume(tiny_root, tmp_path):
-    base = ["method=dm", "iterations=2", "evaluator.num_eval=0"]
+    base = ["method=dm", "iterations=2", "evaluator.num_eval=0", *SAME_S]
     plain = distill(tiny(tiny_root, *base), tmp_path / "plain")
     staged = distill(tiny(tiny_root, *base, *_stages()), tmp_path / "staged")
     s0 = torch.load(plain["synthetic"], weights_only=True)["images"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import SAME_S, assert_same_s, make_cfg
+from ddrun import speed
 from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
 from ddrun.distill import distill
@@ -21,7 +22,7 @@ from ddrun.nets import ConvNet
 from ddrun.nets.kernels import EmpiricalNTK, RandomFeatureNNGP, relu_nngp
 from ddrun.objectives.krr import KIP, RFAD, FRePo, krr_predict, label_margin
 from ddrun.synthetic import SyntheticSet
-from ddrun.utils import ConfigError, DdrunError, build
+from ddrun.utils import ConfigError, DdrunError, build, resolve_device
 
 
 def tiny_real(k=3, n=12, hw=16, seed=0) -> RealData:
@@ -339,8 +340,11 @@ def test_soft_labels_round_trip_through_synthetic_pt_and_the_evaluator(fmnist_ro
     assert saved["labels"].dtype == torch.float32 and saved["labels"].shape == (10, 10)
     syn = SyntheticSet.load(out["synthetic"])
     assert syn.soft and torch.equal(syn.labels, saved["labels"]) and syn.hard_labels().tolist() == list(range(10))
-    real, evaluator = build(cfg.dataset), build(cfg.evaluator)
-    right = evaluator(syn, real, seed=0)["acc_mean"]
+    # on the run's device, under its settings (deterministic=true on a GPU): the run's evaluation repeated
+    device = resolve_device("auto")
+    real, evaluator = build(cfg.dataset).to(device), build(cfg.evaluator)
+    with speed.using(deterministic=bool(SAME_S)):
+        right = evaluator(syn.to(device), real, seed=0)["acc_mean"]
     assert right == pytest.approx(out["acc_mean"])  # the run's evaluation used the same soft labels
     wrong = SyntheticSet(syn.images, syn.labels.roll(1, dims=1), 10)
     assert evaluator(wrong, real, seed=0)["acc_mean"] < right - 30

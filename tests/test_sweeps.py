@@ -130,6 +130,9 @@ def test_local_launcher_runs_jobs_and_a_stop_signal_requeues_and_resumes(root, t
     assert f"resuming from {job0}/checkpoint.pt at iteration {stopped}" in log and 3 <= stopped < 40
     assert len(list((sweep / ".submitit").glob("*/*_log.out"))) >= 2  # submitit's per-job logs
     ref = distill(make_cfg(["method=dsa", *common]), tmp_path / "ref")
+    # the job saw the GPU where there is one (submitit's local default, gpus_per_node 0, would hide it)
+    assert json.loads((job0 / "results.json").read_text())["device"] == \
+        json.loads((tmp_path / "ref" / "results.json").read_text())["device"]
     assert_same_s(torch.load(job0 / "synthetic.pt", weights_only=True)["images"],
                   torch.load(ref["synthetic"], weights_only=True)["images"])
     res = report([str(sweep)], plot=False)

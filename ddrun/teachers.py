@@ -35,7 +35,7 @@ from ddrun.files import atomic_save, safe_load
 from ddrun.schema import check_common
 from ddrun.store import Collection, command_for, teacher_payload, teacher_setting
 from ddrun.utils import ConfigError, DataError, DdrunError, build, command_errors, derive_seed, resolve_device, \
-    seed_everything
+    host_to, seed_everything
 
 log = logging.getLogger("ddrun.teacher")
 
@@ -90,7 +90,7 @@ def train_epoch(net, opt, real, augment, batch: int, generator: torch.Generator)
     cross-entropy and the training accuracy in percent (on the augmented batches)."""
     net.train()
     x_all, y_all = real.train_images, real.train_labels
-    order = torch.randperm(len(x_all), generator=generator).to(x_all.device)
+    order = host_to(torch.randperm(len(x_all), generator=generator), x_all.device)
     total, correct = 0.0, 0
     for start in range(0, len(order), batch):
         idx = order[start:start + batch]

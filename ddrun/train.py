@@ -8,6 +8,7 @@ from torch import nn
 from ddrun import speed
 from ddrun.data.augment import DSA
 from ddrun.losses import soft_cross_entropy
+from ddrun.utils import host_to
 
 
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -20,7 +21,7 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
     """
     net.train()
     n = len(images)
-    order = torch.randperm(n, generator=generator).to(images.device)
+    order = host_to(torch.randperm(n, generator=generator), images.device)
     total = 0.0
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
@@ -111,7 +112,7 @@ def train_epoch_ensemble(ens: Ensemble, images: torch.Tensor, labels: torch.Tens
     ``generators[e]`` exactly as :func:`train_epoch` would with that generator, so each member sees the batches
     and DSA draws of its sequential run."""
     n = len(images)
-    orders = [torch.randperm(n, generator=g).to(images.device) for g in generators]
+    orders = [host_to(torch.randperm(n, generator=g), images.device) for g in generators]
     for start in range(0, n, batch_size):
         xs, ys = [], []
         for order, g in zip(orders, generators):

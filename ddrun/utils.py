@@ -92,6 +92,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 
+def host_to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t.to(device, dtype)`` for a CPU tensor drawn on the host (random draws, indices, parameters), without
+    stalling the host: to a GPU through pinned memory with ``non_blocking=True``. A plain copy from pageable memory
+    synchronizes the stream (PyTorch waits for it), so a loop that moves its draws that way waits for every kernel
+    queued before each draw and runs one launch at a time. The same values either way."""
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    elif t.device != device:
+        t = t.to(device)
+    return t if dtype is None else t.to(dtype)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (all devices) from one ``seed``; return a CPU generator seeded with it."""
     random.seed(seed)

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ddrun.utils import ConfigError
+from ddrun.utils import ConfigError, host_to
 
 _OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -79,7 +79,7 @@ class DSA:
     # ---- ops -------------------------------------------------------------------------------------------
     @staticmethod
     def _rand(n, g, x, shape=(1, 1, 1)):
-        return torch.rand(n, generator=g).to(device=x.device, dtype=x.dtype).view(n, *shape)
+        return host_to(torch.rand(n, generator=g), x.device, x.dtype).view(n, *shape)
 
     def _brightness(self, x, n, g):
         return x + (self._rand(n, g, x) - 0.5) * self.p["brightness"]
@@ -100,7 +100,7 @@ class DSA:
         """Bilinear resampling of ``x`` by the affine maps ``theta`` ``[n, 2, 3]`` (zeros outside, corners aligned):
         ``F.grid_sample``, or with ``gather`` (default: on CUDA under ``torch.use_deterministic_algorithms``,
         where grid_sample's backward has no deterministic kernel) the same interpolation written with gathers."""
-        theta = theta.to(device=x.device, dtype=x.dtype).expand(x.shape[0], 2, 3)
+        theta = host_to(theta, x.device, x.dtype).expand(x.shape[0], 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=True)
         if gather is None:
             gather = x.is_cuda and torch.are_deterministic_algorithms_enabled()
@@ -126,8 +126,8 @@ class DSA:
         sh, sw = int(H * self.p["crop"] + 0.5), int(W * self.p["crop"] + 0.5)
         dy = torch.randint(-sh, sh + 1, (n, 1), generator=g).expand(B, 1)
         dx = torch.randint(-sw, sw + 1, (n, 1), generator=g).expand(B, 1)
-        rows = (torch.arange(H).view(1, H) + dy + 1).clamp(0, H + 1).to(x.device)
-        cols = (torch.arange(W).view(1, W) + dx + 1).clamp(0, W + 1).to(x.device)
+        rows = host_to((torch.arange(H).view(1, H) + dy + 1).clamp(0, H + 1), x.device)
+        cols = host_to((torch.arange(W).view(1, W) + dx + 1).clamp(0, W + 1), x.device)
         xp = F.pad(x, [1, 1, 1, 1])
         b = torch.arange(B, device=x.device).view(B, 1, 1)
         out = xp.permute(0, 2, 3, 1)[b, rows.view(B, H, 1), cols.view(B, 1, W)]
@@ -137,8 +137,8 @@ class DSA:
         """Zero one square of ``cutout * size`` pixels at a random centre (clipped at the borders)."""
         B, _, H, W = x.shape
         ch, cw = int(H * self.p["cutout"] + 0.5), int(W * self.p["cutout"] + 0.5)
-        cy = torch.randint(0, H + (1 - ch % 2), (n, 1), generator=g).expand(B, 1).to(x.device)
-        cx = torch.randint(0, W + (1 - cw % 2), (n, 1), generator=g).expand(B, 1).to(x.device)
+        cy = host_to(torch.randint(0, H + (1 - ch % 2), (n, 1), generator=g), x.device).expand(B, 1)
+        cx = host_to(torch.randint(0, W + (1 - cw % 2), (n, 1), generator=g), x.device).expand(B, 1)
         ys = torch.arange(H, device=x.device).view(1, H)
         xs = torch.arange(W, device=x.device).view(1, W)
         in_y = (ys >= cy - ch // 2) & (ys < cy - ch // 2 + ch)

@@ -26,7 +26,7 @@ import torch
 import torchvision
 
 from ddrun.files import file_digest, temporary_path
-from ddrun.utils import DataError
+from ddrun.utils import DataError, host_to
 
 
 @dataclass
@@ -91,7 +91,7 @@ class RealData:
         """``n`` training images of class ``c`` drawn without replacement (all of them, shuffled, when the class
         has fewer). Returns float32 ``[n, C, H, W]`` on ``self.device``. ``generator`` is a CPU generator."""
         idx = self.class_index(c)
-        perm = torch.randperm(len(idx), generator=generator)[:n].to(idx.device)
+        perm = host_to(torch.randperm(len(idx), generator=generator)[:n], idx.device)
         return self.train_images[idx[perm]]
 
     def balanced_sample(self, per_class: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor,

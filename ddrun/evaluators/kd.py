@@ -58,7 +58,7 @@ from ddrun.nets import build_net
 from ddrun.protocol import net_kwargs
 from ddrun.synthetic import SyntheticSet
 from ddrun.train import accuracy
-from ddrun.utils import ConfigError, derive_seed
+from ddrun.utils import ConfigError, derive_seed, host_to
 
 log = logging.getLogger("ddrun.evaluate")
 
@@ -257,7 +257,7 @@ class KDEvaluator(EvaluatorContract):
         pool, (images, labels, batch, k) = self.teachers(real), self._s(syn, real)
         g, plan = torch.Generator().manual_seed(seed), []
         for _ in tqdm(range(self.epochs), desc="relabel", leave=False, disable=None):
-            order = torch.randperm(len(images), generator=g).to(images.device).split(batch)
+            order = host_to(torch.randperm(len(images), generator=g), images.device).split(batch)
             seeds = [int(torch.randint(2**62, (1,), generator=g)) for _ in order]
             steps = [(idx, torch.Generator().manual_seed(s), None) for idx, s in zip(order, seeds)]
             plan.append([(idx, s, t) for idx, s, (_, _, t) in
@@ -292,7 +292,7 @@ class KDEvaluator(EvaluatorContract):
         pool, (images, labels, batch, k) = self.teachers(real), self._s(syn, real)
         for e in range(self.epochs):
             if plan is None:
-                order = torch.randperm(len(images), generator=g).to(images.device).split(batch)
+                order = host_to(torch.randperm(len(images), generator=g), images.device).split(batch)
                 steps = [(idx, g, None) for idx in order]
             else:
                 steps = [(idx, torch.Generator().manual_seed(s), t) for idx, s, t in plan[e]]

@@ -28,7 +28,7 @@ from ddrun.contracts import Fetched, Fetcher
 from ddrun.data.datasets import RealData
 from ddrun.losses import soft_cross_entropy
 from ddrun.synthetic import SyntheticSet
-from ddrun.utils import ConfigError, derive_seed
+from ddrun.utils import ConfigError, derive_seed, host_to
 
 
 class PoolFetcher(Fetcher):
@@ -88,7 +88,7 @@ class PoolFetcher(Fetcher):
         images, labels = syn.images.detach(), syn.labels.detach()
         idx = None
         if len(images) > self.batch_train:
-            idx = torch.randperm(len(images), generator=generator)[:self.batch_train].to(images.device)
+            idx = host_to(torch.randperm(len(images), generator=generator)[:self.batch_train], images.device)
             images, labels = images[idx], labels[idx]
         net = m["net"].train().requires_grad_(True)
         out = net(images)

@@ -28,7 +28,7 @@ from ddrun.data.datasets import RealData
 from ddrun.nets.functional import forward, unflatten
 from ddrun.store import EXPERT_KEYS, Collection, setting_of
 from ddrun.synthetic import SyntheticSet
-from ddrun.utils import ConfigError, DataError
+from ddrun.utils import ConfigError, DataError, host_to
 
 log = logging.getLogger("ddrun.init")
 
@@ -75,7 +75,7 @@ def _pick_correct(experts: ExpertBuffer, real: RealData, c: int, ipc: int, gener
     """``ipc`` random training images of class ``c`` that the experts classify correctly (expert 0 first, then
     the next for what is missing; random ones of the class when no expert finds enough)."""
     idx = real.class_index(c)
-    order = idx[torch.randperm(len(idx), generator=generator).to(idx.device)]
+    order = idx[host_to(torch.randperm(len(idx), generator=generator), idx.device)]
     chosen: list[int] = []
     for p in params:
         if len(chosen) == ipc:

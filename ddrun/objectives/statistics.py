@@ -63,7 +63,7 @@ from ddrun.data.datasets import RealData
 from ddrun.data.transforms import BatchAugment
 from ddrun.nets import bn_variant, has_batchnorm
 from ddrun.synthetic import SyntheticSet
-from ddrun.utils import ConfigError
+from ddrun.utils import ConfigError, host_to
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,7 +380,7 @@ class StatisticsMatching(Objective):
             is_conv = entry["layers"][i][1] == "conv"
             keep = None
             if is_conv and self.conv_drop > 0:
-                keep = (torch.rand(g_count, generator=generator) >= self.conv_drop).to(a.device)
+                keep = host_to(torch.rand(g_count, generator=generator) >= self.conv_drop, a.device)
             terms = [("", channel_stats_grouped)] + ([("patch_", patch_stats_grouped)] if self.patch and is_conv
                                                      else [])
             for prefix, stats_of in terms:

@@ -96,9 +96,10 @@ def host_to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = N
     """``t.to(device, dtype)`` for a CPU tensor drawn on the host (random draws, indices, parameters), without
     stalling the host: to a GPU through pinned memory with ``non_blocking=True``. A plain copy from pageable memory
     synchronizes the stream (PyTorch waits for it), so a loop that moves its draws that way waits for every kernel
-    queued before each draw and runs one launch at a time. The same values either way."""
+    queued before each draw and runs one launch at a time. The same values either way. A view with repeated elements
+    (``expand``) is made contiguous first: pinning keeps the strides, and a copy into such a tensor is refused."""
     if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
+        t = t.contiguous().pin_memory().to(device, non_blocking=True)
     elif t.device != device:
         t = t.to(device)
     return t if dtype is None else t.to(dtype)

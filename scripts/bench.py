@@ -16,6 +16,7 @@ Usage:
     python scripts/bench.py --groups eval --eval-epochs 300  # 5 ConvNets at ipc 10: one after the other vs stacked
     python scripts/bench.py --save base.json                # on one commit ...
     python scripts/bench.py --compare base.json             # ... then on another: speed ratio of every case
+    python scripts/bench.py --groups eval --eval-epochs 20 --only stacked --profile 25   # where the time goes
 
 Groups are registered in ``GROUPS``: a name -> function returning a list of ``(label, overrides)``; a case may
 also name a ``setup`` callable (e.g. to build a buffer first) through ``SETUPS``. The ``eval`` group times the
@@ -28,11 +29,17 @@ rounding carried through training).
 speed ratio ``baseline seconds / seconds`` of each case found in FILE (> 1: this commit is faster). Speed settings
 (``conf/speed``: ``speed.channels_last``, ``speed.batched_classes`` ...) and ``deterministic=true`` are overrides
 like any other (``--set speed.channels_last=false``).
+
+``--profile N`` runs the timed region of every case under ``torch.profiler`` (CPU, and CUDA on a GPU) and prints,
+after the table, the N operators with the most self time (device time on a GPU, CPU time on the CPU). The table's
+times are then measured under the profiler, which slows launch-bound code: use them for where the time goes, not
+for speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -175,7 +182,22 @@ class RssPeak:
         self._t.join()
 
 
-def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
+@contextlib.contextmanager
+def profiled(rows: int, cuda: bool, out: dict):
+    """``torch.profiler`` over the block when ``rows`` > 0: the table of the ``rows`` operators with the most self
+    time (device time on a GPU) goes to ``out["profile"]``."""
+    if rows <= 0:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        yield
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out["profile"] = prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def run_case(overrides: list[str], warmup: int, iters: int, profile_rows: int = 0) -> dict:
     """Build the run exactly as ``ddrun distill`` does (``ddrun.distill.Distillation`` in a temporary directory, no
     evaluation, no logging) and time ``iters`` of its iterations after ``warmup``."""
     import tempfile
@@ -197,7 +219,8 @@ def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            with RssPeak() as mem:
+            prof: dict = {}
+            with RssPeak() as mem, profiled(profile_rows, cuda, prof):
                 base = RssPeak.rss()
                 t0 = time.perf_counter()
                 for it in range(warmup, warmup + iters):
@@ -210,10 +233,10 @@ def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - base
     return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": run.schedule.steps,
             "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if cuda else None}
+            "gpu": torch.cuda.get_device_name(device) if cuda else None, **prof}
 
 
-def run_eval_case(overrides: list[str]) -> dict:
+def run_eval_case(overrides: list[str], profile_rows: int = 0) -> dict:
     """Time one evaluation (``cfg.evaluator`` on S from ``cfg.init``) as ``ddrun distill`` builds it."""
     import statistics
 
@@ -233,7 +256,8 @@ def run_eval_case(overrides: list[str]) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with RssPeak() as mem:
+    prof: dict = {}
+    with RssPeak() as mem, profiled(profile_rows, cuda, prof):
         base = RssPeak.rss()
         t0 = time.perf_counter()
         res = speed.evaluate(evaluator, syn, real, int(cfg.seed), device)  # under speed.autocast, as ddrun does
@@ -244,7 +268,7 @@ def run_eval_case(overrides: list[str]) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - base
     return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": "-",
             "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "acc": f"{statistics.fmean(accs):.2f} ± {statistics.pstdev(accs):.2f}"}
+            "acc": f"{statistics.fmean(accs):.2f} ± {statistics.pstdev(accs):.2f}", **prof}
 
 
 def commit() -> str:
@@ -287,12 +311,14 @@ def main() -> None:
     p.add_argument("--eval-epochs", type=int, default=300, help="epochs of each network in the eval group")
     p.add_argument("--save", help="write every case's result to this JSON file (a baseline for --compare)")
     p.add_argument("--compare", help="a JSON file written by --save: add the speed ratio of every case to it")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print each case's N operators with the most self time (torch.profiler; times under it)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         spec = json.loads(args.one)
-        out = run_eval_case(spec["overrides"]) if spec.get("eval") else \
-            run_case(spec["overrides"], spec["warmup"], spec["iters"])
+        out = run_eval_case(spec["overrides"], spec["profile"]) if spec.get("eval") else \
+            run_case(spec["overrides"], spec["warmup"], spec["iters"], spec["profile"])
         print(json.dumps(out))
         return
     args.ipc = [int(i) for i in args.ipc.split(",")]
@@ -316,7 +342,7 @@ def main() -> None:
                 if label in SETUPS:
                     SETUPS[label](args)
                 spec = json.dumps({"overrides": [*common, *overrides], "warmup": args.warmup, "iters": args.iters,
-                                   "eval": eval_table})
+                                   "eval": eval_table, "profile": args.profile})
                 r = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, cwd=ROOT)
                 if r.returncode != 0:
                     msg = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -324,6 +350,9 @@ def main() -> None:
                     continue
                 results[label] = json.loads(r.stdout.strip().splitlines()[-1])
                 print(row(label, results[label], baseline), flush=True)
+    for label, res in results.items():
+        if not label.startswith("_") and "profile" in res:
+            print(f"\n{label} (under torch.profiler):\n```\n{res.pop('profile').rstrip()}\n```", flush=True)
     if args.save:
         Path(args.save).write_text(json.dumps(results, indent=1))
     for group in (g for g in groups if g in TABLES):

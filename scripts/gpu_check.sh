@@ -15,7 +15,8 @@
 #      still leaves what it did.
 # DDRUN_GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny subset (seconds-sized settings): the script's
 # own test. Time limits (seconds) can be changed with GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S; GPU_CHECK_TESTS (pytest
-# arguments, or "none") and GPU_CHECK_BENCHES (names among "methods knobs deterministic mtt eval bf16") pick what
+# arguments, or "none") and GPU_CHECK_BENCHES (names among "methods knobs deterministic mtt eval bf16", and the
+# opt-in "profile_eval profile_mtt": torch.profiler tables of the stacked evaluator and MTT's two gradients) pick what
 # runs, so a short second lease reruns only what a fix touched. Where pytest-xdist is importable the suite runs in
 # GPU_CHECK_WORKERS processes (8 by default on a GPU, 2 CPU threads each; 0 runs it in one process).
 set -uo pipefail
@@ -130,7 +131,7 @@ summary() {
     fi
     echo
     echo "## Benchmarks"
-    for name in methods knobs deterministic mtt eval bf16; do
+    for name in methods knobs deterministic mtt eval bf16 profile_eval profile_mtt; do
       [ -f "$WORK/bench_$name.md" ] && { echo; cat "$WORK/bench_$name.md"; }
     done
   } >"$SUMMARY"
@@ -159,6 +160,9 @@ if [ "$CPU" = 1 ]; then
     --set objective.lr_lr=1e-9 objective.syn_steps=2
   bench eval "$BENCH_S" --groups eval --eval-epochs 2 --set dataset.test_subset=20
   bench bf16 "$BENCH_S" --groups eval --eval-epochs 2 --only sequential --set dataset.test_subset=20 speed.autocast=bf16
+  bench profile_eval "$BENCH_S" --groups eval --eval-epochs 1 --only stacked --profile 10 --set dataset.test_subset=20
+  bench profile_mtt "$BENCH_S" --groups mtt --ipc 1 --only 'syn_steps 10 memory' --iters 1 --warmup 0 --profile 10 \
+    --set objective.lr_lr=1e-9 objective.syn_steps=2
 else
   # the GPU table: DM ipc 1/10/50, DC ipc 1/10, DSA ipc 1; then what the knobs cost or save
   bench methods 90 --groups basic --ipc 1,10,50 --only '^(dm ipc(1|10|50)|dc ipc(1|10)|dsa ipc1)$' --iters 4
@@ -167,6 +171,9 @@ else
   bench mtt 60 --groups mtt --ipc 1,10 --only 'syn_steps 20' --set objective.lr_lr=1e-9
   bench eval 65 --groups eval --eval-epochs 300
   bench bf16 20 --groups eval --eval-epochs 300 --only stacked --set speed.autocast=bf16
+  # opt-in (GPU_CHECK_BENCHES=...profile_eval profile_mtt): where the time of the two missed targets goes
+  bench profile_eval 40 --groups eval --eval-epochs 20 --only stacked --profile 25
+  bench profile_mtt 40 --groups mtt --ipc 1 --only 'syn_steps 20' --profile 25 --set objective.lr_lr=1e-9
 fi
 summary
 note "done in $(elapsed)s; summary: $SUMMARY"

@@ -99,10 +99,8 @@ def host_to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = N
     queued before each draw and runs one launch at a time. The same values either way. A view with repeated elements
     (``expand``) is made contiguous first: pinning keeps the strides, and a copy into such a tensor is refused."""
     if device.type == "cuda":
-        t = t.contiguous().pin_memory().to(device, non_blocking=True)
-    elif t.device != device:
-        t = t.to(device)
-    return t if dtype is None else t.to(dtype)
+        return t.contiguous().pin_memory().to(device, dtype, non_blocking=True)
+    return t.to(device, dtype)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -163,9 +163,11 @@ class BatchAugment:
             x = self._roll(x, generator)
         if self.kind != "none" or self.flip:
             matmul = self.kind == "resized_crop" and x.is_cuda and torch.are_deterministic_algorithms_enabled()
-            tf = _geometric(self.kind, x.shape[-2:], self.padding, self.scale, self.flip, 0.0)
             with _seeded_from(generator):
-                x = resized_crop_flip_matmul(x, self.scale, self.flip) if matmul else tf(x)
+                if matmul:
+                    x = resized_crop_flip_matmul(x, self.scale, self.flip)
+                else:
+                    x = _geometric(self.kind, x.shape[-2:], self.padding, self.scale, self.flip, 0.0)(x)
         if self.roll and self.roll_last:
             x = self._roll(x, generator)
         return x

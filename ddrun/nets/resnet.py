@@ -41,12 +41,14 @@ class ResNet18(torchvision.models.ResNet):
         self.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
+        # global average pooling is a mean in embed (AdaptiveAvgPool2d's CUDA backward is not deterministic)
+        del self.avgpool
         self.feature_dim = 512
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean((2, 3))  # global average pooling; AdaptiveAvgPool2d's CUDA backward is not deterministic
+        return x.mean((2, 3))  # global average pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.embed(x))

@@ -82,27 +82,28 @@ for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte 
 done
 
 # ---- 3. the test suite ----------------------------------------------------------------------------------------
+WORKERS=${GPU_CHECK_WORKERS:-$( [ "$CPU" = 1 ] && echo 0 || echo 8 )}
+XDIST=() THREADS=()
+if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "$WORKERS") THREADS=(OMP_NUM_THREADS=2)
+fi
 if [ "$CPU" = 1 ]; then
   TESTS=(tests/test_speed.py -k "dm_chunked or match_loss or bad_speed or deterministic_repeats")
   TEST_S=${GPU_CHECK_TEST_S:-300}
 else
-  # the tests this issue touched first (a cut-short run still reports them), then the rest of the suite
-  TESTS=(tests/test_speed.py tests/test_distill.py tests/test_resume.py tests/test_mtt.py tests/test_evaluate_cmd.py tests)
   TEST_S=${GPU_CHECK_TEST_S:-190}
+  if [ ${#XDIST[@]} -gt 0 ]; then
+    TESTS=(tests)   # in parallel the order no longer decides what a cut-short run reports
+  else  # the tests this issue touched first (a cut-short run still reports them), then the rest of the suite
+    TESTS=(tests/test_speed.py tests/test_distill.py tests/test_resume.py tests/test_mtt.py tests/test_evaluate_cmd.py tests)
+  fi
 fi
 [ -n "${GPU_CHECK_TESTS:-}" ] && eval "TESTS=($GPU_CHECK_TESTS)"   # shell words: -k "a or b" stays one
-WORKERS=${GPU_CHECK_WORKERS:-$( [ "$CPU" = 1 ] && echo 0 || echo 8 )}
-XDIST=()
-if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
-  XDIST=(-n "$WORKERS")
-  [ "${TESTS[*]}" = "tests/test_speed.py tests/test_distill.py tests/test_resume.py tests/test_mtt.py tests/test_evaluate_cmd.py tests" ] \
-    && TESTS=(tests)   # in parallel the order no longer decides what a cut-short run reports
-fi
 if [ "${TESTS[*]}" = none ]; then
   : >"$WORK/pytest.log"; TEST_RC=skipped
 else
   note "pytest ${XDIST[*]} ${TESTS[*]} (limit ${TEST_S}s)"
-  OMP_NUM_THREADS=$( [ ${#XDIST[@]} -gt 0 ] && echo 2 || echo "${OMP_NUM_THREADS:-}" ) \
+  env "${THREADS[@]}" \
     timeout -k 10 "$TEST_S" "$PY" -m pytest -v -rfE -p no:cacheprovider -o addopts="" "${XDIST[@]}" "${TESTS[@]}" \
     >"$WORK/pytest.log" 2>&1
   TEST_RC=$?

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -76,7 +78,7 @@ class Ensemble:
 
         self.size = len(nets)
         self.params, self.buffers = stack_module_state(nets)
-        self.base = copy.deepcopy(nets[0]).to("meta")
+        self.base, self._loss = _stacked_loss(copy.deepcopy(nets[0]).to("meta"), speed.current().compile)
 
     def _call(self, params, buffers, x):
         from torch.func import functional_call
@@ -85,11 +87,11 @@ class Ensemble:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Sum over members of each member's mean loss on its own batch: ``x`` float ``[E, B, C, H, W]``, ``y``
-        int64 ``[E, B]`` or soft logits ``[E, B, K]`` (the gradient of member e's parameters is that of its loss)."""
+        int64 ``[E, B]`` or soft logits ``[E, B, K]`` (the gradient of member e's parameters is that of its loss).
+        Under ``speed.compile`` the vmapped forward and backward are one ``torch.compile``d function (fused
+        normalization, activation and pooling kernels), compiled once per architecture and process."""
         self.base.train()
-        losses = torch.func.vmap(lambda p, b, xe, ye: soft_cross_entropy(self._call(p, b, xe), ye))(
-            self.params, self.buffers, x, y)
-        return losses.sum()
+        return self._loss(self.params, self.buffers, x, y)
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> list[float]:
@@ -103,6 +105,30 @@ class Ensemble:
             pred = fn(self.params, self.buffers, images[start:start + step]).argmax(-1)
             correct += (pred == labels[start:start + step]).sum(-1)
         return [int(c) / max(len(images), 1) for c in correct]
+
+
+_COMPILED: dict[str, tuple[nn.Module, Callable]] = {}
+
+
+def _stacked_loss(base: nn.Module, compile: bool) -> tuple[nn.Module, Callable]:
+    """``(base, loss)``: ``loss(params, buffers, x, y)`` the sum over members of ``soft_cross_entropy`` of
+    ``functional_call(base, ...)`` under ``vmap``. With ``compile`` the ``torch.compile``d function is kept per
+    architecture (``repr`` of the meta module), together with the ``base`` it closes over, so every evaluation of
+    a run reuses one compilation."""
+    from torch.func import functional_call
+
+    key = repr(base)
+    if compile and key in _COMPILED:
+        return _COMPILED[key]
+
+    def loss(params, buffers, x, y):
+        per_member = torch.func.vmap(lambda p, b, xe, ye: soft_cross_entropy(functional_call(base, (p, b), (xe,)), ye))
+        return per_member(params, buffers, x, y).sum()
+
+    if not compile:
+        return base, loss
+    _COMPILED[key] = (base, torch.compile(loss))
+    return _COMPILED[key]
 
 
 def train_epoch_ensemble(ens: Ensemble, images: torch.Tensor, labels: torch.Tensor,

@@ -236,8 +236,10 @@ def run_case(overrides: list[str], warmup: int, iters: int, profile_rows: int = 
             "gpu": torch.cuda.get_device_name(device) if cuda else None, **prof}
 
 
-def run_eval_case(overrides: list[str], profile_rows: int = 0) -> dict:
-    """Time one evaluation (``cfg.evaluator`` on S from ``cfg.init``) as ``ddrun distill`` builds it."""
+def run_eval_case(overrides: list[str], profile_rows: int = 0, warmup: int = 0) -> dict:
+    """Time one evaluation (``cfg.evaluator`` on S from ``cfg.init``) as ``ddrun distill`` builds it, after
+    ``warmup`` untimed ones in the same process (what a run's later evaluations find: ``speed.compile``'s
+    compilation done, cuDNN's autotuning cached); the first one's seconds are kept as ``first_s``."""
     import statistics
 
     import torch
@@ -256,6 +258,13 @@ def run_eval_case(overrides: list[str], profile_rows: int = 0) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    first = None
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        speed.evaluate(evaluator, syn, real, int(cfg.seed), device)
+        if cuda:
+            torch.cuda.synchronize()
+        first = first if first is not None else time.perf_counter() - t0
     prof: dict = {}
     with RssPeak() as mem, profiled(profile_rows, cuda, prof):
         base = RssPeak.rss()
@@ -268,7 +277,7 @@ def run_eval_case(overrides: list[str], profile_rows: int = 0) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - base
     return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": "-",
             "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "acc": f"{statistics.fmean(accs):.2f} ± {statistics.pstdev(accs):.2f}", **prof}
+            "acc": f"{statistics.fmean(accs):.2f} ± {statistics.pstdev(accs):.2f}", "first_s": first, **prof}
 
 
 def commit() -> str:
@@ -281,6 +290,7 @@ def row(label: str, res: dict, baseline: dict | None) -> str:
     cells = [label, str(res["outer_loop"]), f"{res['seconds']:.3f}", f"{res['peak_mb']:.0f}", dev]
     if "acc" in res:
         cells.insert(3, res["acc"])
+        cells.insert(3, "-" if res.get("first_s") is None else f"{res['first_s']:.3f}")
     if baseline is not None:
         old = baseline.get(label)
         cells.append(f"{old['seconds'] / res['seconds']:.2f}x ({old['seconds']:.3f})" if old else "-")
@@ -292,6 +302,7 @@ def header(eval_table: bool, baseline: dict | None) -> str:
             "device"]
     if eval_table:
         cols.insert(3, "accuracy % (mean ± std)")
+        cols.insert(3, "s first evaluation (--eval-warmup)")
     if baseline is not None:
         cols.append(f"speed vs {baseline.get('_commit', 'baseline')} (its s)")
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
@@ -309,6 +320,8 @@ def main() -> None:
                    help="extra overrides for every case (state them in reports); repeated --set flags add up")
     p.add_argument("--only", help="regular expression: run only the cases whose label matches, e.g. 'kip|rfad'")
     p.add_argument("--eval-epochs", type=int, default=300, help="epochs of each network in the eval group")
+    p.add_argument("--eval-warmup", type=int, default=0, metavar="N",
+                   help="eval group: N untimed evaluations first in the same process (compilation, autotuning)")
     p.add_argument("--save", help="write every case's result to this JSON file (a baseline for --compare)")
     p.add_argument("--compare", help="a JSON file written by --save: add the speed ratio of every case to it")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -317,7 +330,7 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         spec = json.loads(args.one)
-        out = run_eval_case(spec["overrides"], spec["profile"]) if spec.get("eval") else \
+        out = run_eval_case(spec["overrides"], spec["profile"], spec["eval_warmup"]) if spec.get("eval") else \
             run_case(spec["overrides"], spec["warmup"], spec["iters"], spec["profile"])
         print(json.dumps(out))
         return
@@ -342,7 +355,7 @@ def main() -> None:
                 if label in SETUPS:
                     SETUPS[label](args)
                 spec = json.dumps({"overrides": [*common, *overrides], "warmup": args.warmup, "iters": args.iters,
-                                   "eval": eval_table, "profile": args.profile})
+                                   "eval": eval_table, "profile": args.profile, "eval_warmup": args.eval_warmup})
                 r = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, cwd=ROOT)
                 if r.returncode != 0:
                     msg = (r.stderr.strip().splitlines() or ["?"])[-1]

@@ -9,15 +9,15 @@
 #      DM ipc 1/10/50, DC and DSA ipc 1/10, MTT ipc 1/10 (20 syn_steps, plain vs memory-efficient), the speed knobs
 #      (channels_last, class-batched DC/DSA, deterministic) on DM/DC/DSA ipc 1, and the eval group (5 ConvNets x
 #      300 epochs at ipc 10, one after the other vs stacked; and stacked under speed.autocast=bf16: its time and
-#      accuracy beside float32's, the parity check of the bf16 option);
+#      accuracy beside float32's, the parity check of the bf16 option; and stacked under speed.compile=true);
 #   5. a summary (GPU, versions, failed tests, the bench tables) in $OUT/gpu_summary.md when $OUT is set, else
 #      on stdout. Every phase has its own time limit and the summary is rewritten after each, so a cut-short run
 #      still leaves what it did.
 # DDRUN_GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny subset (seconds-sized settings): the script's
 # own test. Time limits (seconds) can be changed with GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S; GPU_CHECK_TESTS (pytest
-# arguments, or "none") and GPU_CHECK_BENCHES (names among "methods knobs deterministic mtt eval bf16", and the
-# opt-in "profile_eval profile_mtt": torch.profiler tables of the stacked evaluator and MTT's two gradients) pick what
-# runs, so a short second lease reruns only what a fix touched. Where pytest-xdist is importable the suite runs in
+# arguments, or "none") and GPU_CHECK_BENCHES (names among "methods knobs deterministic mtt eval bf16 compile", and the
+# opt-in "profile_eval profile_compile profile_mtt": torch.profiler tables of the stacked evaluator, eager and compiled,
+# and MTT's two gradients) pick what runs, so a short second lease reruns only what a fix touched. Where pytest-xdist is importable the suite runs in
 # GPU_CHECK_WORKERS processes (8 by default on a GPU, 2 CPU threads each; 0 runs it in one process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -132,7 +132,7 @@ summary() {
     fi
     echo
     echo "## Benchmarks"
-    for name in methods knobs deterministic mtt eval bf16 profile_eval profile_mtt; do
+    for name in methods knobs deterministic mtt eval bf16 compile profile_eval profile_compile profile_mtt; do
       [ -f "$WORK/bench_$name.md" ] && { echo; cat "$WORK/bench_$name.md"; }
     done
   } >"$SUMMARY"
@@ -141,16 +141,18 @@ summary
 
 # ---- 4. benchmarks ----------------------------------------------------------------------------------------------
 BENCH_S=${GPU_CHECK_BENCH_S:-200}
-BENCHES=" ${GPU_CHECK_BENCHES:-methods knobs deterministic mtt eval bf16} "
+BENCHES=" ${GPU_CHECK_BENCHES:-methods knobs deterministic mtt eval bf16 compile} "
 bench() {  # bench NAME LIMIT_S ARGS...: one bench.py run, its table in $WORK/bench_NAME.md
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 t0; shift 2
   [[ "$BENCHES" == *" $name "* ]] || return 0
+  t0=$(date +%s)
   note "bench $name: $* (limit ${limit}s)"
   { echo "### $name"; echo; echo "\`python scripts/bench.py $*\`"; echo; } >"$WORK/bench_$name.md"
   timeout -k 5 "$limit" "$PY" scripts/bench.py --device "$DEVICE" "$@" >>"$WORK/bench_$name.md" 2>"$WORK/bench_$name.err"
   local rc=$?
   [ $rc = 0 ] || { echo; echo "(exit $rc$( [ $rc = 124 ] && echo ": cut at ${limit}s"); $(tail -1 "$WORK/bench_$name.err"))"; } \
     >>"$WORK/bench_$name.md"
+  echo "(this phase: $(( $(date +%s) - t0 )) s wall, its warm-up run and any compilation included)" >>"$WORK/bench_$name.md"
   summary
 }
 if [ "$CPU" = 1 ]; then
@@ -161,7 +163,10 @@ if [ "$CPU" = 1 ]; then
     --set objective.lr_lr=1e-9 objective.syn_steps=2
   bench eval "$BENCH_S" --groups eval --eval-epochs 2 --set dataset.test_subset=20
   bench bf16 "$BENCH_S" --groups eval --eval-epochs 2 --only sequential --set dataset.test_subset=20 speed.autocast=bf16
+  bench compile "$BENCH_S" --groups eval --eval-epochs 2 --eval-warmup 1 --only stacked --set dataset.test_subset=20 speed.compile=true
   bench profile_eval "$BENCH_S" --groups eval --eval-epochs 1 --only stacked --profile 10 --set dataset.test_subset=20
+  bench profile_compile "$BENCH_S" --groups eval --eval-epochs 1 --eval-warmup 1 --only stacked --profile 10 \
+    --set dataset.test_subset=20 speed.compile=true
   bench profile_mtt "$BENCH_S" --groups mtt --ipc 1 --only 'syn_steps 10 memory' --iters 1 --warmup 0 --profile 10 \
     --set objective.lr_lr=1e-9 objective.syn_steps=2
 else
@@ -170,10 +175,12 @@ else
   bench knobs 35 --groups basic --ipc 1 --only '^(dm|dc) ipc1$' --set speed.channels_last=false speed.batched_classes=false
   bench deterministic 20 --groups basic --ipc 1 --only '^dsa ipc1$' --set deterministic=true
   bench mtt 60 --groups mtt --ipc 1,10 --only 'syn_steps 20' --set objective.lr_lr=1e-9
-  bench eval 65 --groups eval --eval-epochs 300
+  bench eval 80 --groups eval --eval-epochs 300 --eval-warmup 1
   bench bf16 20 --groups eval --eval-epochs 300 --only stacked --set speed.autocast=bf16
-  # opt-in (GPU_CHECK_BENCHES=...profile_eval profile_mtt): where the time of the two missed targets goes
+  bench compile 110 --groups eval --eval-epochs 300 --eval-warmup 1 --only stacked --set speed.compile=true
+  # opt-in (GPU_CHECK_BENCHES=...profile_eval profile_compile profile_mtt): where the time of the missed targets goes
   bench profile_eval 40 --groups eval --eval-epochs 20 --only stacked --profile 25
+  bench profile_compile 80 --groups eval --eval-epochs 20 --eval-warmup 1 --only stacked --profile 25 --set speed.compile=true
   bench profile_mtt 40 --groups mtt --ipc 1 --only 'syn_steps 20' --profile 25 --set objective.lr_lr=1e-9
 fi
 summary

@@ -7,6 +7,8 @@ ill-conditioned channels of instance norm, so float32 comparisons use loose tole
 
 from __future__ import annotations
 
+import os
+import shutil
 import types
 from pathlib import Path
 
@@ -138,6 +140,33 @@ def test_evaluator_ensemble_knob(tiny_root):
     assert len(stacked) == 2 and all(abs(a - b) <= 100 * 3 / len(real.test_labels) for a, b in zip(stacked, sequential))
     with pytest.raises(ConfigError, match="evaluator.ensemble"):
         build(make_cfg(["evaluator.ensemble=maybe"]).evaluator)
+
+
+@pytest.mark.skipif(DEVICE.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (g++ or $CXX)")
+def test_compiled_ensemble_equals_eager_and_compiles_once_per_architecture(tiny_root):
+    """``speed.compile``: the stacked loss and its gradients are the eager ones up to float rounding, training
+    steps agree, and a second ensemble of the same architecture (the next evaluation) reuses the compilation."""
+    cfg, real, _ = setting(tiny_root, "method=dsa")
+    factory = build(cfg.net)
+    x = torch.randn(3, 6, 1, 28, 28, device=DEVICE)
+    y = torch.randint(0, 10, (3, 6), device=DEVICE)
+    ensembles = []
+    for compiled in (False, True, True):
+        with speed.using(compile=compiled):
+            ens = Ensemble([build_net(factory, real, s, DEVICE) for s in (1, 2, 3)])
+        opt = torch.optim.SGD(list(ens.params.values()), lr=0.01, momentum=0.9)
+        for _ in range(2):
+            loss = ens.loss(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ensembles.append(ens)
+    eager, first, second = ensembles
+    assert first._loss is second._loss and first._loss is not eager._loss
+    for ens in (first, second):
+        for k, p in eager.params.items():
+            torch.testing.assert_close(ens.params[k], p, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_speed_settings_are_one_line_errors():

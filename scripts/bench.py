@@ -17,6 +17,7 @@ Usage:
     python scripts/bench.py --save base.json                # on one commit ...
     python scripts/bench.py --compare base.json             # ... then on another: speed ratio of every case
     python scripts/bench.py --groups eval --eval-epochs 20 --only stacked --profile 25   # where the time goes
+    python scripts/bench.py --groups eval --eval-warmup 1 --only stacked --set speed.compile=true  # after compiling
 
 Groups are registered in ``GROUPS``: a name -> function returning a list of ``(label, overrides)``; a case may
 also name a ``setup`` callable (e.g. to build a buffer first) through ``SETUPS``. The ``eval`` group times the

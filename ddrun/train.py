@@ -78,12 +78,8 @@ class Ensemble:
 
         self.size = len(nets)
         self.params, self.buffers = stack_module_state(nets)
-        self.base, self._loss = _stacked_loss(copy.deepcopy(nets[0]).to("meta"), speed.current().compile)
-
-    def _call(self, params, buffers, x):
-        from torch.func import functional_call
-
-        return functional_call(self.base, (params, buffers), (x,))
+        self.compiled = speed.current().compile
+        self.base, self._loss, self._forward = _stacked_fns(copy.deepcopy(nets[0]).to("meta"), self.compiled)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Sum over members of each member's mean loss on its own batch: ``x`` float ``[E, B, C, H, W]``, ``y``
@@ -96,25 +92,31 @@ class Ensemble:
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> list[float]:
         """Top-1 accuracy (fraction) of each member on ``(images, labels)`` in eval mode (one shared batch per
-        step, ``batch_size // E`` images, so the activations match the sequential evaluation's)."""
+        step, ``batch_size // E`` images, so the activations match the sequential evaluation's). Compiled
+        (``speed.compile``), the last batch is padded with zeros to the others' size (one shape, one compilation;
+        the padding's predictions are dropped)."""
         self.base.eval()
         correct = torch.zeros(self.size, dtype=torch.long, device=images.device)
         step = max(1, batch_size // self.size)
-        fn = torch.func.vmap(self._call, in_dims=(0, 0, None))
         for start in range(0, len(images), step):
-            pred = fn(self.params, self.buffers, images[start:start + step]).argmax(-1)
+            x = images[start:start + step]
+            n = len(x)
+            if self.compiled and n < step:
+                x = torch.cat([x, x.new_zeros(step - n, *x.shape[1:])])
+            pred = self._forward(self.params, self.buffers, x)[:, :n].argmax(-1)
             correct += (pred == labels[start:start + step]).sum(-1)
         return [int(c) / max(len(images), 1) for c in correct]
 
 
-_COMPILED: dict[str, tuple[nn.Module, Callable]] = {}
+_COMPILED: dict[str, tuple[nn.Module, Callable, Callable]] = {}
 
 
-def _stacked_loss(base: nn.Module, compile: bool) -> tuple[nn.Module, Callable]:
-    """``(base, loss)``: ``loss(params, buffers, x, y)`` the sum over members of ``soft_cross_entropy`` of
-    ``functional_call(base, ...)`` under ``vmap``. With ``compile`` the ``torch.compile``d function is kept per
-    architecture (``repr`` of the meta module), together with the ``base`` it closes over, so every evaluation of
-    a run reuses one compilation."""
+def _stacked_fns(base: nn.Module, compile: bool) -> tuple[nn.Module, Callable, Callable]:
+    """``(base, loss, forward)`` of an :class:`Ensemble`: ``loss(params, buffers, x, y)`` the sum over members of
+    ``soft_cross_entropy`` of ``functional_call(base, ...)`` under ``vmap`` (``x`` ``[E, B, ...]``), and
+    ``forward(params, buffers, x)`` every member's logits ``[E, B, K]`` on one shared batch ``x`` ``[B, ...]``.
+    With ``compile`` both are ``torch.compile``d and kept per architecture (``repr`` of the meta module), with the
+    ``base`` they close over, so every evaluation of a run reuses one compilation."""
     from torch.func import functional_call
 
     key = repr(base)
@@ -125,9 +127,12 @@ def _stacked_loss(base: nn.Module, compile: bool) -> tuple[nn.Module, Callable]:
         per_member = torch.func.vmap(lambda p, b, xe, ye: soft_cross_entropy(functional_call(base, (p, b), (xe,)), ye))
         return per_member(params, buffers, x, y).sum()
 
+    def forward(params, buffers, x):
+        return torch.func.vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+
     if not compile:
-        return base, loss
-    _COMPILED[key] = (base, torch.compile(loss))
+        return base, loss, forward
+    _COMPILED[key] = (base, torch.compile(loss), torch.compile(forward))
     return _COMPILED[key]
 
 

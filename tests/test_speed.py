@@ -146,7 +146,8 @@ def test_evaluator_ensemble_knob(tiny_root):
                     reason="torch.compile on the CPU needs a C++ compiler (g++ or $CXX)")
 def test_compiled_ensemble_equals_eager_and_compiles_once_per_architecture(tiny_root):
     """``speed.compile``: the stacked loss and its gradients are the eager ones up to float rounding, training
-    steps agree, and a second ensemble of the same architecture (the next evaluation) reuses the compilation."""
+    steps agree, the compiled test pass (its last batch padded) counts what the eager one counts, and a second
+    ensemble of the same architecture (the next evaluation) reuses the compilation."""
     cfg, real, _ = setting(tiny_root, "method=dsa")
     factory = build(cfg.net)
     x = torch.randn(3, 6, 1, 28, 28, device=DEVICE)
@@ -163,10 +164,14 @@ def test_compiled_ensemble_equals_eager_and_compiles_once_per_architecture(tiny_
             opt.step()
         ensembles.append(ens)
     eager, first, second = ensembles
-    assert first._loss is second._loss and first._loss is not eager._loss
+    assert first._loss is second._loss and first._forward is second._forward and first._loss is not eager._loss
     for ens in (first, second):
         for k, p in eager.params.items():
             torch.testing.assert_close(ens.params[k], p, rtol=1e-4, atol=1e-5)
+    images, labels = real.test_images.float()[:50], real.test_labels[:50]
+    want = eager.accuracy(images, labels, 3 * 7)  # batches of 7 images: the last one (1 image) padded when compiled
+    first.params = {k: v.detach().clone() for k, v in eager.params.items()}
+    assert first.accuracy(images, labels, 3 * 7) == want
 
 
 def test_bad_speed_settings_are_one_line_errors():

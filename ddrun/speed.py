@@ -17,9 +17,9 @@ Settings (``conf/speed/default.yaml`` documents the defaults and why):
         (``auto``: on CUDA, where one class at a time is launch-bound; ``true`` / ``false`` force it).
     compile: ``torch.compile`` the evaluator's training step: each network's, or the stacked ensemble's vmapped
         forward and backward and its test pass, compiled once per architecture and process
-        (``ddrun.train.Ensemble``). Off by
-        default: the first evaluation pays the compilation (~26 s on an H200, 20 s-1 min on a CPU), and it needs a
-        C++ compiler / Triton; on an H200 later stacked evaluations run 1.7x faster (issue 12, README).
+        (``ddrun.train.Ensemble``). Off by default: the first evaluation pays the compilation (~26 s on an H200,
+        20 s-1 min on a CPU), and it needs a C++ compiler / Triton; on an H200 later stacked evaluations run 1.7x
+        faster (issue 12, README).
     tf32: TensorFloat-32 on Ampere+ GPUs: ``default`` (torch's: cuDNN convolutions in TF32, matmuls in float32),
         ``true`` (both), ``false`` (neither: float32 throughout, what the GPU variants of the equality tests use).
     autocast: ``none`` | ``bf16``: bfloat16 autocast of the distillation step and the evaluation (CUDA, and CPUs:

@@ -115,11 +115,13 @@ def _stacked_fns(base: nn.Module, compile: bool) -> tuple[nn.Module, Callable, C
     """``(base, loss, forward)`` of an :class:`Ensemble`: ``loss(params, buffers, x, y)`` the sum over members of
     ``soft_cross_entropy`` of ``functional_call(base, ...)`` under ``vmap`` (``x`` ``[E, B, ...]``), and
     ``forward(params, buffers, x)`` every member's logits ``[E, B, K]`` on one shared batch ``x`` ``[B, ...]``.
-    With ``compile`` both are ``torch.compile``d and kept per architecture (``repr`` of the meta module), with the
-    ``base`` they close over, so every evaluation of a run reuses one compilation."""
+    With ``compile`` both are ``torch.compile``d and kept per architecture (the meta module's class, its plain
+    attributes and its ``repr``), with the ``base`` they close over, so every evaluation of a run reuses one
+    compilation."""
     from torch.func import functional_call
 
-    key = repr(base)
+    plain = {k: v for k, v in vars(base).items() if k != "training" and isinstance(v, (bool, int, float, str, tuple))}
+    key = f"{type(base).__module__}.{type(base).__qualname__} {sorted(plain.items())} {base!r}"
     if compile and key in _COMPILED:
         return _COMPILED[key]
 

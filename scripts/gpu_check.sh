@@ -15,10 +15,11 @@
 #      still leaves what it did.
 # DDRUN_GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny subset (seconds-sized settings): the script's
 # own test. Time limits (seconds) can be changed with GPU_CHECK_TEST_S, GPU_CHECK_BENCH_S; GPU_CHECK_TESTS (pytest
-# arguments, or "none") and GPU_CHECK_BENCHES (names among "methods knobs deterministic mtt eval bf16 compile", and the
-# opt-in "profile_eval profile_compile profile_mtt": torch.profiler tables of the stacked evaluator, eager and compiled,
-# and MTT's two gradients) pick what runs, so a short second lease reruns only what a fix touched. Where pytest-xdist is importable the suite runs in
-# GPU_CHECK_WORKERS processes (8 by default on a GPU, 2 CPU threads each; 0 runs it in one process).
+# arguments, or "none") and GPU_CHECK_BENCHES (names among "methods knobs deterministic mtt eval bf16 compile",
+# and the opt-in "profile_eval profile_compile profile_mtt": torch.profiler tables of the stacked evaluator, eager
+# and compiled, and MTT's two gradients) pick what runs, so a short second lease reruns only what a fix touched.
+# Where pytest-xdist is importable the suite runs in GPU_CHECK_WORKERS processes (8 by default on a GPU, 2 CPU
+# threads each; 0 runs it in one process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -152,7 +153,8 @@ bench() {  # bench NAME LIMIT_S ARGS...: one bench.py run, its table in $WORK/be
   local rc=$?
   [ $rc = 0 ] || { echo; echo "(exit $rc$( [ $rc = 124 ] && echo ": cut at ${limit}s"); $(tail -1 "$WORK/bench_$name.err"))"; } \
     >>"$WORK/bench_$name.md"
-  echo "(this phase: $(( $(date +%s) - t0 )) s wall, its warm-up run and any compilation included)" >>"$WORK/bench_$name.md"
+  echo "(this phase: $(( $(date +%s) - t0 )) s wall, its warm-up run and any compilation included)" \
+    >>"$WORK/bench_$name.md"
   summary
 }
 if [ "$CPU" = 1 ]; then
@@ -163,7 +165,8 @@ if [ "$CPU" = 1 ]; then
     --set objective.lr_lr=1e-9 objective.syn_steps=2
   bench eval "$BENCH_S" --groups eval --eval-epochs 2 --set dataset.test_subset=20
   bench bf16 "$BENCH_S" --groups eval --eval-epochs 2 --only sequential --set dataset.test_subset=20 speed.autocast=bf16
-  bench compile "$BENCH_S" --groups eval --eval-epochs 2 --eval-warmup 1 --only stacked --set dataset.test_subset=20 speed.compile=true
+  bench compile "$BENCH_S" --groups eval --eval-epochs 2 --eval-warmup 1 --only stacked \
+    --set dataset.test_subset=20 speed.compile=true
   bench profile_eval "$BENCH_S" --groups eval --eval-epochs 1 --only stacked --profile 10 --set dataset.test_subset=20
   bench profile_compile "$BENCH_S" --groups eval --eval-epochs 1 --eval-warmup 1 --only stacked --profile 10 \
     --set dataset.test_subset=20 speed.compile=true
@@ -180,7 +183,8 @@ else
   bench compile 110 --groups eval --eval-epochs 300 --eval-warmup 1 --only stacked --set speed.compile=true
   # opt-in (GPU_CHECK_BENCHES=...profile_eval profile_compile profile_mtt): where the time of the missed targets goes
   bench profile_eval 40 --groups eval --eval-epochs 20 --only stacked --profile 25
-  bench profile_compile 80 --groups eval --eval-epochs 20 --eval-warmup 1 --only stacked --profile 25 --set speed.compile=true
+  bench profile_compile 80 --groups eval --eval-epochs 20 --eval-warmup 1 --only stacked --profile 25 \
+    --set speed.compile=true
   bench profile_mtt 40 --groups mtt --ipc 1 --only 'syn_steps 20' --profile 25 --set objective.lr_lr=1e-9
 fi
 summary

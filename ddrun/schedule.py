@@ -21,7 +21,7 @@ from ddrun.data.augment import DSA
 from ddrun.data.datasets import RealData
 from ddrun.synthetic import SyntheticSet
 from ddrun.train import train_epoch
-from ddrun.utils import ConfigError
+from ddrun.utils import ConfigError, host_to
 
 
 class Schedule:
@@ -100,7 +100,7 @@ class RealDataSchedule(Schedule):
                                         weight_decay=self.weight_decay)
         net.requires_grad_(True)
         for _ in range(self.inner_loop):
-            idx = torch.randperm(len(real.train_images), generator=generator)[:self.n_data].to(real.device)
+            idx = host_to(torch.randperm(len(real.train_images), generator=generator)[:self.n_data], real.device)
             train_epoch(net, real.train_images[idx], real.train_labels[idx], self._opt, self.batch_train,
                         self.augment, generator)
         return fetched

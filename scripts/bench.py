@@ -259,21 +259,21 @@ def run_eval_case(overrides: list[str], profile_rows: int = 0, warmup: int = 0) 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    first = None
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        speed.evaluate(evaluator, syn, real, int(cfg.seed), device)
-        if cuda:
-            torch.cuda.synchronize()
-        first = first if first is not None else time.perf_counter() - t0
-    prof: dict = {}
-    with RssPeak() as mem, profiled(profile_rows, cuda, prof):
-        base = RssPeak.rss()
+
+    def timed() -> tuple[dict, float]:
         t0 = time.perf_counter()
         res = speed.evaluate(evaluator, syn, real, int(cfg.seed), device)  # under speed.autocast, as ddrun does
         if cuda:
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        return res, time.perf_counter() - t0
+
+    first = timed()[1] if warmup > 0 else None
+    for _ in range(warmup - 1):
+        timed()
+    prof: dict = {}
+    with RssPeak() as mem, profiled(profile_rows, cuda, prof):
+        base = RssPeak.rss()
+        res, dt = timed()
     accs = res["per_net"][next(iter(res["per_net"]))]
     peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - base
     return {"seconds": dt, "peak_mb": peak / 2**20, "device": str(device), "outer_loop": "-",

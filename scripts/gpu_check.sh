@@ -20,6 +20,11 @@
 # and compiled, and MTT's two gradients) pick what runs, so a short second lease reruns only what a fix touched.
 # Where pytest-xdist is importable the suite runs in GPU_CHECK_WORKERS processes (8 by default on a GPU, 2 CPU
 # threads each; 0 runs it in one process).
+# Paper budgets in chunks (opt-in, last): GPU_CHECK_REPRODUCE="dc_ipc10 ..." continues those scripts/reproduce.sh
+# runs for GPU_CHECK_REPRODUCE_S seconds (default 300) from the folders in GPU_CHECK_REPRODUCE_FROM (default
+# .runs/reproduce: what an earlier lease brought back, carried with the copy) and copies them to $OUT/reproduce, so
+# the next lease continues where this one stopped (each run stops at a checkpoint; resumed, it ends with the S of an
+# uninterrupted run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -136,6 +141,10 @@ summary() {
     for name in methods knobs deterministic mtt eval bf16 compile profile_eval profile_compile profile_mtt; do
       [ -f "$WORK/bench_$name.md" ] && { echo; cat "$WORK/bench_$name.md"; }
     done
+    if [ -f "$WORK/reproduce.log" ]; then
+      echo; echo "## Paper-budget runs (scripts/reproduce.sh ${GPU_CHECK_REPRODUCE:-})"; echo; echo '```'
+      cat "$WORK/reproduce.log"; echo '```'
+    fi
   } >"$SUMMARY"
 }
 summary
@@ -188,5 +197,21 @@ else
   bench profile_mtt 40 --groups mtt --ipc 1 --only 'syn_steps 20' --profile 25 --set objective.lr_lr=1e-9
 fi
 summary
+
+# ---- 5. paper budgets in chunks (opt-in) --------------------------------------------------------------------------
+if [ -n "${GPU_CHECK_REPRODUCE:-}" ]; then
+  RDIR=$WORK/reproduce FROM=${GPU_CHECK_REPRODUCE_FROM:-.runs/reproduce}
+  mkdir -p "$RDIR"
+  [ -d "$FROM" ] && cp -r "$FROM/." "$RDIR/"
+  RSET=()
+  [ "$CPU" = 1 ] && RSET=(device=cpu iterations=6 checkpoint_every=1 dataset.train_subset=20 dataset.test_subset=20
+    evaluator.num_eval=1 evaluator.epochs=2 objective.batch_real=8 schedule.inner_loop=2 schedule.outer_loop=2)
+  note "reproduce: $GPU_CHECK_REPRODUCE (limit ${GPU_CHECK_REPRODUCE_S:-300}s, from $FROM)"
+  REPRODUCE_LIMIT_S=${GPU_CHECK_REPRODUCE_S:-300} REPRODUCE_SET="${RSET[*]}" DDRUN="$PY -m ddrun.cli" PYTHON="$PY" \
+    bash scripts/reproduce.sh "$RDIR" $GPU_CHECK_REPRODUCE >"$WORK/reproduce.log" 2>&1 \
+    || echo "(scripts/reproduce.sh exit $?)" >>"$WORK/reproduce.log"
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT/reproduce" && cp -r "$RDIR/." "$OUT/reproduce/"
+  summary
+fi
 note "done in $(elapsed)s; summary: $SUMMARY"
 [ -n "${OUT:-}" ] || cat "$SUMMARY"

@@ -13,18 +13,39 @@
 # Usage: bash scripts/reproduce.sh [OUT [NAME...]]   (e.g. `bash scripts/reproduce.sh outputs/reproduce dc_ipc1`)
 # Budgets: the presets' own (DC/DSA 1000 iterations, KIP 1000, FRePo 500,000, DD 400 epochs = 23,600 iterations).
 # Every run resumes from its checkpoint when rerun (a SLURM requeue or a second call continues it).
+# REPRODUCE_LIMIT_S=N gives this call N seconds of wall time in all: a run still going at the deadline gets SIGTERM,
+# ddrun saves its checkpoint at the next iteration boundary and stops, the runs after it are left for later, and
+# the same command continues them (a paper budget in chunks across short GPU leases: carry OUT to the next one).
+# REPRODUCE_SET="overrides..." appends overrides to every run (the script's own test at a tiny budget).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/reproduce}
 ONLY=" ${*:2} "
-DDRUN=${DDRUN:-.venv/bin/ddrun}
+DDRUN=${DDRUN:-.venv/bin/ddrun}   # e.g. DDRUN="python3 -m ddrun.cli" where ddrun is not installed
 COMMON="seed=0 logger.mode=offline"   # dataset: fashion_mnist, the default
+DEADLINE=${REPRODUCE_LIMIT_S:+$(( $(date +%s) + REPRODUCE_LIMIT_S ))}
+read -r -a EXTRA <<<"${REPRODUCE_SET:-}"
 run() {  # run NAME OVERRIDES...
-  local name=$1; shift
+  local name=$1 left rc; shift
   if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
   if [ -f "$OUT/$name/synthetic.pt" ]; then echo "== $name: done already"; return; fi
-  echo "== $name: $DDRUN distill $COMMON $*"
-  $DDRUN distill $COMMON "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "   failed, see $OUT/$name.log"; return 1; }
+  local cmd=($DDRUN distill $COMMON "$@" "${EXTRA[@]}" hydra.run.dir="$OUT/$name")
+  if [ -n "$DEADLINE" ]; then
+    left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -le 0 ]; then echo "== $name: left for a later call (REPRODUCE_LIMIT_S=$REPRODUCE_LIMIT_S spent)"; return; fi
+    cmd=(timeout -s TERM -k 120 "$left" "${cmd[@]}")
+  fi
+  echo "== $name: ${cmd[*]}"
+  echo "== $(date '+%F %T') ${cmd[*]}" >> "$OUT/$name.log"
+  local start; start=$(wc -l <"$OUT/$name.log")
+  rc=0; "${cmd[@]}" >> "$OUT/$name.log" 2>&1 || rc=$?
+  if [ -n "$DEADLINE" ] && { [ "$rc" = 124 ] || [ "$rc" = 137 ]; }; then
+    local at; at=$(tail -n +"$((start + 1))" "$OUT/$name.log" | grep -oE "stopped by SIGTERM at iteration [0-9]+" | tail -1 | grep -oE "[0-9]+$" || true)
+    if [ -n "$at" ]; then echo "   time limit: stopped at iteration $at, checkpoint in $OUT/$name; the same command continues it"
+    else echo "   time limit: stopped before its first checkpoint of this call (see $OUT/$name.log); the same command continues it"; fi
+    return
+  fi
+  [ "$rc" = 0 ] || { echo "   failed (exit $rc), see $OUT/$name.log"; return 1; }
   grep -E "final accuracy|iteration [0-9]+: (frepo|kip|rfad|convnet) |krr_acc" "$OUT/$name.log" | tail -3
 }
 mkdir -p "$OUT"
@@ -40,4 +61,4 @@ run dd_fixed_ipc1 method=dd ipc=1 fetcher=fixed
 if [ -f conf/dataset/mnist_5k.yaml ]; then
   run dd_fixed_mnist5k_ipc1 method=dd ipc=1 fetcher=fixed dataset=mnist_5k
 fi
-.venv/bin/python scripts/results_table.py "$OUT"
+${PYTHON:-.venv/bin/python} scripts/results_table.py "$OUT"

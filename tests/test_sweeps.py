@@ -177,6 +177,35 @@ def test_sbatch_example_checkpoints_and_requeues(root, tmp_path):
     assert "resuming from" in again.stdout and (run / "synthetic.pt").is_file()
 
 
+def test_reproduce_script_runs_a_paper_budget_in_chunks_under_a_time_limit(root, tmp_path):
+    """scripts/reproduce.sh with REPRODUCE_LIMIT_S (a paper budget across short GPU leases): at the deadline the
+    running job gets SIGTERM, checkpoints and stops, the runs after it are left for a later call, and the same
+    command continues it from its checkpoint in a copy of the output folder (another lease's $OUT) and finishes;
+    a finished run is not run again."""
+    small = [*TINY, f"paths.data={root}", "checkpoint_every=1", "eval_every=100000"]
+    e = env(DDRUN=f"{sys.executable} -m ddrun.cli", PYTHON=sys.executable, REPRODUCE_LIMIT_S="20",
+            REPRODUCE_SET=" ".join([*small, "iterations=100000"]))
+    script = ["bash", str(REPO / "scripts" / "reproduce.sh")]
+    first = subprocess.run([*script, str(tmp_path / "a"), "dc_ipc1", "dsa_ipc1"], env=e, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "== dsa_ipc1: left for a later call (REPRODUCE_LIMIT_S=20 spent)" in first.stdout
+    at = first.stdout.split("time limit: stopped at iteration ")[1].split(",")[0]
+    assert int(at) >= 1 and (tmp_path / "a" / "dc_ipc1" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "a" / "dc_ipc1" / "synthetic.pt").exists()
+    subprocess.run(["cp", "-r", str(tmp_path / "a"), str(tmp_path / "b")], check=True)
+    e.update(REPRODUCE_LIMIT_S="300", REPRODUCE_SET=" ".join([*small, f"iterations={int(at) + 1}"]))
+    again = subprocess.run([*script, str(tmp_path / "b"), "dc_ipc1"], env=e, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = (tmp_path / "b" / "dc_ipc1.log").read_text()
+    assert f"resuming from {tmp_path / 'b' / 'dc_ipc1' / 'checkpoint.pt'} at iteration {at}" in log
+    assert "final accuracy" in again.stdout and (tmp_path / "b" / "dc_ipc1" / "synthetic.pt").is_file()
+    done = subprocess.run([*script, str(tmp_path / "b"), "dc_ipc1"], env=e, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "== dc_ipc1: done already" in done.stdout
+
+
 @pytest.mark.parametrize("command,arg,hint", [
     ("distill", "ipcc=3", "unknown key 'ipcc'; did you mean 'ipc'?"),
     ("evaluate", "evaluater=cross_arch", "unknown key 'evaluater'; did you mean 'evaluator'?"),

@@ -22,8 +22,8 @@
 # threads each; 0 runs it in one process).
 # Paper budgets in chunks (opt-in, last): GPU_CHECK_REPRODUCE="dc_ipc10 ..." continues those scripts/reproduce.sh
 # runs for GPU_CHECK_REPRODUCE_S seconds (default 300) from the folders in GPU_CHECK_REPRODUCE_FROM (default
-# .runs/reproduce: what an earlier lease brought back, carried with the copy) and copies them to $OUT/reproduce, so
-# the next lease continues where this one stopped (each run stops at a checkpoint; resumed, it ends with the S of an
+# .runs/reproduce: what an earlier lease brought back, carried with the copy), working in $OUT/reproduce, so the next
+# lease continues where this one stopped (each run stops at a checkpoint; resumed, it ends with the S of an
 # uninterrupted run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -200,9 +200,13 @@ summary
 
 # ---- 5. paper budgets in chunks (opt-in) --------------------------------------------------------------------------
 if [ -n "${GPU_CHECK_REPRODUCE:-}" ]; then
-  RDIR=$WORK/reproduce FROM=${GPU_CHECK_REPRODUCE_FROM:-.runs/reproduce}
+  # the runs work in $OUT/reproduce itself, so a lease cut short still returns the last checkpoints it wrote
+  RDIR=${OUT:+$OUT/reproduce} FROM=${GPU_CHECK_REPRODUCE_FROM:-.runs/reproduce}
+  RDIR=${RDIR:-$WORK/reproduce}
   mkdir -p "$RDIR"
   [ -d "$FROM" ] && cp -r "$FROM/." "$RDIR/"
+  # a run lock that came with the folders was left by a machine that is gone (a killed lease): not a live run
+  find "$RDIR" -mindepth 2 -maxdepth 2 -name .lock -print -delete | sed 's/^/removed the stale lock /' >&2
   RSET=()
   [ "$CPU" = 1 ] && RSET=(device=cpu iterations=6 checkpoint_every=1 dataset.train_subset=20 dataset.test_subset=20
     evaluator.num_eval=1 evaluator.epochs=2 objective.batch_real=8 schedule.inner_loop=2 schedule.outer_loop=2)
@@ -210,7 +214,6 @@ if [ -n "${GPU_CHECK_REPRODUCE:-}" ]; then
   REPRODUCE_LIMIT_S=${GPU_CHECK_REPRODUCE_S:-300} REPRODUCE_SET="${RSET[*]}" DDRUN="$PY -m ddrun.cli" PYTHON="$PY" \
     bash scripts/reproduce.sh "$RDIR" $GPU_CHECK_REPRODUCE >"$WORK/reproduce.log" 2>&1 \
     || echo "(scripts/reproduce.sh exit $?)" >>"$WORK/reproduce.log"
-  [ -n "${OUT:-}" ] && mkdir -p "$OUT/reproduce" && cp -r "$RDIR/." "$OUT/reproduce/"
   summary
 fi
 note "done in $(elapsed)s; summary: $SUMMARY"

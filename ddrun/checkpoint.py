@@ -77,7 +77,7 @@ def _read(path: Path) -> dict:
         raise ValueError("content digest mismatch (the file was altered or damaged)")
     if state.get("format") != FORMAT:
         raise ValueError(f"written by another ddrun version (format {state.get('format')}, this one reads "
-                         f"{FORMAT}); rerun with resume=false or another run directory")
+                         f"{FORMAT})")
     return state
 
 
@@ -112,8 +112,8 @@ def load_checkpoint(path: str | Path) -> dict | None:
         state["path"] = str(candidate)
         return state
     if problems:
-        raise DataError(f"no readable checkpoint: {'; '.join(problems)}; delete them to start over "
-                        f"(or pass resume=false)")
+        raise DataError(f"no readable checkpoint: {'; '.join(problems)}; to start over, pass resume=false "
+                        f"overwrite=true (moves the run to archive/), or another run directory")
     return None
 
 

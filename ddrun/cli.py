@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddrun: unknown command {cmd!r}; valid commands: {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    bad = bad_top_level_value(cmd, rest) or unwritable_run_dir(cmd, rest)
+    bad = bad_top_level_value(cmd, rest) or unwritable_run_dir(cmd, rest) or other_run_in_run_dir(cmd, rest)
     if bad:
         print(f"ddrun {cmd}: error: {bad}", file=sys.stderr)
         return 1
@@ -119,6 +119,29 @@ def unwritable_run_dir(cmd: str, args: list[str]) -> str | None:
     why = "not a folder" if not existing.is_dir() else "read-only or not writable"
     return (f"cannot write the run directory {target} ({existing} is {why}); pass "
             f"{key.rstrip('=')}=<a writable folder>")
+
+
+def other_run_in_run_dir(cmd: str, args: list[str]) -> str | None:
+    """One line when ``ddrun evaluate`` is pointed (``hydra.run.dir``) at the folder of another command's run (a
+    ``results.json`` of distill / teacher / buffer, or a distill's ``checkpoint.pt`` / ``synthetic.pt``): its
+    record, ``.hydra/`` and metrics would be overwritten. Checked before Hydra writes ``.hydra/``; else None."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    if cmd != "evaluate" or not given or "-m" in args or "--multirun" in args:
+        return None
+    import json
+
+    run_dir = Path(given[-1]).expanduser()
+    other = None
+    try:
+        other = json.loads((run_dir / "results.json").read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if other in (None, "evaluate") and any((run_dir / f).exists() for f in ("checkpoint.pt", "synthetic.pt")):
+        other = "distill"
+    if other in (None, "evaluate"):
+        return None
+    return (f"hydra.run.dir={run_dir} holds a ddrun {other} run: evaluate writes its own results.json, metrics and "
+            f".hydra/ there and would replace that run's; pass hydra.run.dir=<another folder>")
 
 
 def bad_top_level_value(cmd: str, args: list[str]) -> str | None:

@@ -24,7 +24,8 @@ def export(cfg: DictConfig) -> dict:
         ``{"dir", "images", "classes", "soft_labels"}``.
 
     Raises:
-        ConfigError: no ``synthetic``, or an unknown ``format``.
+        ConfigError: no ``synthetic``, or an unknown ``format``; ``out`` is a file, or not empty without
+            ``overwrite=true``, or holds files no ddrun export writes.
         DataError: the file is missing or corrupt.
     """
     import torch
@@ -49,7 +50,7 @@ def export(cfg: DictConfig) -> dict:
         def to_pixels(x):
             return (x * std + mean).clamp(0, 1)
     out = Path(cfg.out) if cfg.out else Path(cfg.synthetic).parent / "imagefolder"
-    return write_imagefolder(syn, to_pixels, out)
+    return write_imagefolder(syn, to_pixels, out, overwrite=bool(cfg.get("overwrite", False)))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ddrun.conf", config_name="export")

@@ -148,12 +148,12 @@ def safe_load(path: str | Path, what: str, mmap: bool = False) -> object:
     except FileNotFoundError:
         raise DataError(f"{what} not found: {path}") from None
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        if "unsupported global" in str(exc).lower():  # a class or function to import: pickled objects
             raise UnsafeFile(f"refused {what} {path}: it holds pickled objects, which ddrun never executes "
                              f"(only tensors and plain containers are read)") from None
         raise DataError(f"corrupt or truncated {what} {path} ({type(exc).__name__})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises assorted errors on damaged files
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = str(exc).splitlines()[0].split(". ")[0].rstrip(".") if str(exc) else ""  # torch's first sentence
         raise DataError(f"corrupt or truncated {what} {path} ({type(exc).__name__}: {first[:200]})") from None
 
 

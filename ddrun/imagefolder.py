@@ -32,21 +32,55 @@ LABELS, META = "labels.pt", "meta.json"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def write_imagefolder(syn: SyntheticSet, to_pixels, out: str | Path) -> dict:
+def _clear_export(out: Path, overwrite: bool) -> None:
+    """Make ``out`` ready for a new export: a missing or empty folder is fine; a folder holding an earlier ddrun
+    export (``meta.json``, class folders of images, ``labels.pt``) is emptied when ``overwrite``; anything else is
+    refused, so that two sets (or a set and the user's files) never mix in one folder.
+
+    Raises:
+        ConfigError: ``out`` is a file; ``out`` is not empty and ``overwrite`` is false; ``out`` holds files that
+            no ddrun export writes (named; they are left untouched).
+    """
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a folder: pass out=<a new or empty folder>")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"out={out} is not empty: pass out=<a new or empty folder>, or overwrite=true to replace "
+                          f"the ddrun export in it")
+    if not (out / META).is_file():
+        raise ConfigError(f"out={out} holds no ddrun export ({META} missing): refusing to replace its files")
+    foreign = [p for p in out.iterdir() if p.name not in (META, LABELS) and not (
+        p.is_dir() and all(f.is_file() and f.suffix.lower() in EXTENSIONS for f in p.iterdir()))]
+    if foreign:
+        raise ConfigError(f"out={out}: {foreign[0]} was not written by ddrun export: refusing to replace the folder")
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def write_imagefolder(syn: SyntheticSet, to_pixels, out: str | Path, overwrite: bool = False) -> dict:
     """Write S into ``out`` (module doc).
 
     Args:
         syn: the synthetic set (images in the dataset's normalized space).
         to_pixels: ``images -> [0, 1] pixels`` (``RealData.to_pixels`` or the inverse of S's recorded
             normalization).
-        out: the folder (created; existing class folders are overwritten file by file).
+        out: the folder: created, or empty.
+        overwrite: replace an earlier ddrun export in ``out`` (nothing else is ever deleted).
 
     Returns:
         ``{"dir", "images", "classes", "soft_labels": bool}``.
+
+    Raises:
+        ConfigError: ``out`` is a file, or holds files and ``overwrite`` is false, or holds files that are not a
+            ddrun export (:func:`_clear_export`).
     """
     from PIL import Image
 
     out = Path(out)
+    _clear_export(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     pixels = to_pixels(syn.images.detach().cpu())
     u8 = (pixels * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -53,6 +53,7 @@ class Result:
     accs: dict[str, list[float]]          # arch -> accuracy (%) of each evaluated network
     best: dict | None = None              # {"iteration", "acc_mean"} over the run's evaluations (distill)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    run_seed: int | None = None           # the record's own seed (an evaluate's student seed; a distill's = seed)
 
     def key(self, arch: str) -> tuple:
         """What must agree for two results to be seeds of one experiment."""
@@ -95,7 +96,8 @@ def results_of(path: Path) -> list[Result]:
                           setting=source.get("setting") or rec.get("setting") or {}, protocol=protocol,
                           protocol_line=line, test_images=test.get("images"),
                           accs={a: [float(v) for v in accs] for a, accs in (ev.get("per_net") or {}).items()},
-                          best=best, curve=_curve(path, line) if rec.get("command") == "distill" else []))
+                          best=best, curve=_curve(path, line) if rec.get("command") == "distill" else [],
+                          run_seed=rec.get("seed")))
     return out
 
 
@@ -136,7 +138,8 @@ class Group:
     method: str
     arch: str
     results: list[Result]
-    values: list[float]      # one per run (seed) or per network (--pool nets)
+    values: list[float]      # one per seed or per network (--pool nets)
+    notes: list[str] = field(default_factory=list)   # seeds found in more than one run, and what was done
 
     @property
     def first(self) -> Result:
@@ -151,6 +154,11 @@ class Group:
         return statistics.pstdev(self.values) if len(self.values) > 1 else 0.0
 
     @property
+    def n(self) -> int:
+        """Runs counted: one per seed (results without a seed one each)."""
+        return len(self.seeds) + sum(r.seed is None for r in self.results)
+
+    @property
     def seeds(self) -> list:
         return sorted({r.seed for r in self.results if r.seed is not None})
 
@@ -162,20 +170,49 @@ class Group:
         return statistics.fmean(bests), statistics.pstdev(bests) if len(bests) > 1 else 0.0
 
 
+def _seed_values(runs: list[tuple[Result, list[float]]], pool: str) -> tuple[list[Result], list[float], list[str]]:
+    """The results, values and notes of one row: each seed counts once. Runs of one seed with the same record seed
+    are repeats (one run copied or rerun elsewhere): the first is kept. Runs of one seed with different record seeds
+    (``ddrun evaluate`` of one S with other student seeds) are more networks of that seed: pooled into its one
+    value (``pool="seeds"``) or all kept (``pool="nets"``). A result without a seed stands alone."""
+    by_seed: dict = {}
+    for r, accs in runs:
+        by_seed.setdefault(r.seed if r.seed is not None else id(r), []).append((r, accs))
+    kept, values, notes = [], [], []
+    for seed, group in by_seed.items():
+        unique: dict = {}
+        for r, accs in group:
+            unique.setdefault(r.run_seed, (r, accs))
+        if len(unique) < len(group):
+            dropped = [str(r.path) for r, _ in group if unique[r.run_seed][0] is not r]
+            first = [str(r.path) for r, _ in unique.values()]
+            notes.append(f"seed {seed} repeated in {', '.join(dropped)}: counted once ({', '.join(first)})")
+        nets = [a for _, accs in unique.values() for a in accs]
+        if len(unique) > 1:
+            kept_how = "every network kept" if pool == "nets" else f"their {len(nets)} networks pooled into one value"
+            notes.append(f"seed {seed}: {len(unique)} evaluations of one set (student seeds "
+                         f"{', '.join(map(str, unique))}), {kept_how}")
+        kept += [r for r, _ in unique.values()]
+        values += nets if pool == "nets" else [statistics.fmean(nets)]
+    return kept, values, notes
+
+
 def group_results(results: list[Result], pool: str = "seeds") -> list[Group]:
-    """Group by :meth:`Result.key`, ordered as the papers' tables: dataset, ipc, the baselines (random, herding,
-    kcenter) before the distillation methods, the full-data upper bound last."""
-    groups: dict[tuple, Group] = {}
+    """Group by :meth:`Result.key` (each seed once: :func:`_seed_values`), ordered as the papers' tables:
+    dataset, ipc, the baselines (random, herding, kcenter) before the distillation methods, the full-data upper
+    bound last."""
+    runs: dict[tuple, list[tuple[Result, list[float]]]] = {}
     for r in results:
         for arch, accs in r.accs.items():
-            if not accs:
-                continue
-            g = groups.setdefault(r.key(arch), Group(r.dataset, r.ipc, r.method, arch, [], []))
-            g.results.append(r)
-            g.values.extend(accs if pool == "nets" else [statistics.fmean(accs)])
-    return sorted(groups.values(), key=lambda g: (g.dataset, _ipc_key(g.ipc), g.method == "full",
-                                                  BASELINES.get(g.method, 3), g.method, g.arch,
-                                                  g.first.command != "distill", g.first.iterations or 0))
+            if accs:
+                runs.setdefault(r.key(arch), []).append((r, accs))
+    groups = []
+    for key, members in runs.items():
+        r, arch = members[0][0], key[3]
+        kept, values, notes = _seed_values(members, pool)
+        groups.append(Group(r.dataset, r.ipc, r.method, arch, kept, values, notes))
+    return sorted(groups, key=lambda g: (g.dataset, _ipc_key(g.ipc), g.method == "full", BASELINES.get(g.method, 3),
+                                         g.method, g.arch, g.first.command != "distill", g.first.iterations or 0))
 
 
 def differences(a: Result, b: Result) -> list[str]:
@@ -232,10 +269,13 @@ def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> st
             notes.append(f"[{len(notes) + 1}] row {i} differs from row {groups.index(family[0]) + 1} in: "
                          f"{'; '.join(differences(family[0].first, g.first)) or 'nothing recorded'}")
             note = f" [{len(notes)}]"
+        for text in g.notes:
+            notes.append(f"[{len(notes) + 1}] row {i}: {text}")
+            note += f" [{len(notes)}]"
         label = g.method + (" (evaluate)" if g.first.command == "evaluate" else "")
         best = g.best
         cells = [g.dataset, str(g.ipc), label + note, g.arch, f"{g.mean:.2f} ± {g.std:.2f} ^{mark}",
-                 str(len(g.results)), ",".join(map(str, g.seeds)) or "–", str(g.first.iterations),
+                 str(g.n), ",".join(map(str, g.seeds)) or "–", str(g.first.iterations),
                  "–" if best is None else f"{best[0]:.2f} ± {best[1]:.2f}"]
         if compare:
             cells.append(_published_cell(pub, g) or "–")
@@ -259,7 +299,7 @@ def write_csv(groups: list[Group], path: Path, compare: bool = False) -> None:
         for g in groups:
             best = g.best
             w.writerow([g.dataset, g.ipc, g.method, g.arch, g.first.command, f"{g.mean:.4f}", f"{g.std:.4f}",
-                        len(g.results), " ".join(map(str, g.seeds)), g.first.iterations,
+                        g.n, " ".join(map(str, g.seeds)), g.first.iterations,
                         "" if best is None else f"{best[0]:.4f}", g.first.protocol_line, g.first.test_images,
                         g.first.setting_hash, _published_cell(pub, g), " ".join(str(r.path) for r in g.results)])
 

@@ -496,6 +496,36 @@ def test_soft_labels_of_the_wrong_shape_are_refused_naming_the_file(tiny_root, t
         read_imagefolder(tmp_path / "f", real)
 
 
+def test_export_never_mixes_two_sets_in_one_folder(tiny_root, tmp_path):
+    """A non-empty `out` is refused (the files stay as they were); overwrite=true replaces an earlier ddrun export
+    completely (no image of the first set is left), but never a folder holding anything else; `out` a file is one
+    line."""
+    from ddrun.export import export
+    from ddrun.imagefolder import read_imagefolder
+
+    real = build(make_cfg(tiny_args(tiny_root, tmp_path)).dataset)
+    meta = {"mean": list(real.mean), "std": list(real.std)}
+    SyntheticSet(real.train_images[:20], torch.randn(20, 10), 10, meta=meta).save(tmp_path / "soft20.pt")
+    SyntheticSet(real.train_images[:10], real.train_labels[:10], 10, meta=meta).save(tmp_path / "hard10.pt")
+    cfg = [f"synthetic={tmp_path / 'soft20.pt'}", f"out={tmp_path / 'f'}"]
+    export(make_cfg(cfg, "export"))
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "f").rglob("*"))
+    second = [f"synthetic={tmp_path / 'hard10.pt'}", f"out={tmp_path / 'f'}"]
+    with pytest.raises(ConfigError, match=r"is not empty: pass out=<a new or empty folder>, or overwrite=true"):
+        export(make_cfg(second, "export"))
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "f").rglob("*")) == before
+    export(make_cfg([*second, "overwrite=true"], "export"))
+    back = read_imagefolder(tmp_path / "f", real)
+    assert len(back.images) == 10 and not back.soft and not (tmp_path / "f" / "labels.pt").exists()
+    (tmp_path / "f" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt was not written by ddrun export"):
+        export(make_cfg([*second, "overwrite=true"], "export"))
+    assert (tmp_path / "f" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "f").rglob("*.png"))) == 10
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        export(make_cfg([f"synthetic={tmp_path / 'hard10.pt'}", f"out={tmp_path / 'afile'}"], "export"))
+
+
 # --- presets ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "mnist"])

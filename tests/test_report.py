@@ -130,6 +130,33 @@ def test_runs_that_differ_are_never_pooled_and_the_difference_is_named(tmp_path)
     assert "evaluate of a saved set" in notes and "dm (evaluate)" in res["table"]
 
 
+def test_a_seed_counts_once_however_many_runs_hold_it(sweep, tmp_path):
+    """The same runs reached through two paths (a sweep copied beside itself) are repeats: each seed is counted once
+    and the footnote names the copies. Evaluations of one S with other student seeds are more networks of that
+    seed: one value per seed (or every network with --pool nets)."""
+    import shutil
+
+    shutil.copytree(sweep, tmp_path / "copy")
+    res = report([str(sweep), str(tmp_path / "copy")], out=str(tmp_path / "rep"), plot=False)
+    dm1 = next(g for g in res["groups"] if (g.method, g.ipc, g.first.command) == ("dm", 1, "distill"))
+    assert dm1.values == [41.0, 45.0] and dm1.n == 2 and dm1.seeds == [0, 1]
+    row = next(line for line in res["table"].splitlines() if "| 1 | dm [" in line)
+    assert "| 43.00 ± 2.00 ^1 | 2 | 0,1 |" in row
+    assert f"seed 0 repeated in {tmp_path / 'copy'}" in res["table"]
+    # two students (evaluate seeds 0 and 1) of the S made with seed 0, one of the S made with seed 1
+    for name, source_seed, student_seed, accs in (("s0a", 0, 0, [60.0]), ("s0b", 0, 1, [62.0]),
+                                                  ("s1", 1, 0, [70.0])):
+        run = write_run(tmp_path / "ev" / name, "edc", 10, student_seed, {0: accs}, 0, command="evaluate")
+        rec = json.loads((run / "results.json").read_text())
+        rec["source"] = {"path": f"S{source_seed}/synthetic.pt", "seed": source_seed}
+        (run / "results.json").write_text(json.dumps(rec))
+    g = report([str(tmp_path / "ev")], plot=False)["groups"][0]
+    assert g.values == [61.0, 70.0] and g.n == 2 and g.seeds == [0, 1]
+    assert "seed 0: 2 evaluations of one set (student seeds 0, 1), their 2 networks pooled" in \
+        report([str(tmp_path / "ev")], plot=False)["table"]
+    assert report([str(tmp_path / "ev")], plot=False, pool="nets")["groups"][0].values == [60.0, 62.0, 70.0]
+
+
 def test_nothing_in_a_run_folder_is_resolved(tmp_path, monkeypatch):
     monkeypatch.setenv("DDRUN_TEST_SECRET", "s3cr3t-api-key")
     run = write_run(tmp_path / "x", "${oc.env:DDRUN_TEST_SECRET}", 1, 0, {0: [10.0]}, 0)

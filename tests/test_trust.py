@@ -58,6 +58,24 @@ def test_a_crafted_checkpoint_executes_nothing(tiny_root, tmp_path):
     assert "holds pickled objects, which ddrun never executes" in r.stderr and "corrupt" not in r.stderr.lower()
 
 
+def test_unreadable_checkpoints_print_a_way_to_start_over_that_works(tiny_root, tmp_path):
+    """Both checkpoints damaged: one line naming them and the overrides that start over; those overrides do (the
+    damaged run is moved to archive/, not deleted)."""
+    run = tmp_path / "run"
+    assert ddrun(*tiny_cli(tiny_root, run, "checkpoint_every=1")).returncode == 0
+    for p in (run / "checkpoint.pt", run / "checkpoint.prev.pt"):
+        p.write_bytes(p.read_bytes()[:40])
+    (run / "synthetic.pt").unlink()  # as if killed before the end
+    r = ddrun(*tiny_cli(tiny_root, run, "checkpoint_every=1"))
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ddrun distill: error:")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    assert f"no readable checkpoint: {run / 'checkpoint.pt'}" in errors[0] and "(RuntimeError: " in errors[0]
+    hint = re.search(r"pass (resume=false overwrite=true)", errors[0]).group(1).split()
+    r = ddrun(*tiny_cli(tiny_root, run, "checkpoint_every=1"), *hint)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "synthetic.pt").is_file() and list((run / "archive").glob("*/checkpoint.pt"))
+
+
 def test_a_pickle_given_to_evaluate_is_refused_as_such(tiny_root, tmp_path):
     marker = tmp_path / "executed"
 
@@ -69,6 +87,13 @@ def test_a_pickle_given_to_evaluate_is_refused_as_such(tiny_root, tmp_path):
     with pytest.raises(DataError, match="refused synthetic set .* holds pickled objects") as err:
         evaluate_cmd(make_cfg([f"paths.data={tiny_root}", *TINY[:3], f"synthetic={tmp_path / 's.pt'}"], "evaluate"))
     assert not marker.exists() and "weights_only=False" not in str(err.value)
+    # random bytes are a damaged file, not a crafted one
+    (tmp_path / "garbage.pt").write_bytes(torch.randint(0, 256, (2000,), dtype=torch.uint8,
+                                                        generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    with pytest.raises(DataError, match=f"corrupt or truncated synthetic set {tmp_path / 'garbage.pt'}") as err:
+        evaluate_cmd(make_cfg([f"paths.data={tiny_root}", *TINY[:3], f"synthetic={tmp_path / 'garbage.pt'}"],
+                              "evaluate"))
+    assert "pickled objects" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,6 +217,24 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path):
     r = ddrun("distill", f"hydra.run.dir={blocker}/run")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"cannot write the run directory {blocker}/run" in r.stderr
+
+
+def test_evaluate_refuses_the_folder_of_another_run(tmp_path):
+    """`ddrun evaluate ... hydra.run.dir=<a distill run>` would replace that run's record, metrics and .hydra/: one
+    line, and the run's files are as they were."""
+    run = tmp_path / "distilled"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"command": "distill", "method": "dm"}))
+    (run / ".hydra" / "overrides.yaml").write_text("- method=dm\n")
+    (run / "synthetic.pt").write_bytes(b"S")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = ddrun("evaluate", f"synthetic={run / 'synthetic.pt'}", f"hydra.run.dir={run}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"hydra.run.dir={run} holds a ddrun distill run" in r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (run / "results.json").unlink()  # a distill still running (no record yet) is refused too
+    r = ddrun("evaluate", f"synthetic={run / 'synthetic.pt'}", f"hydra.run.dir={run}")
+    assert r.returncode == 1 and "holds a ddrun distill run" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -599,5 +599,7 @@ def main(cfg: DictConfig) -> float | None:
     acc = out.get("acc_mean")
     if acc is not None:
         print(f"final accuracy {acc:.2f} +- {out['acc_std']:.2f} ({out['protocol']})")
-    print(f"results in {out['run_dir']} (synthetic.pt, images/, metrics.jsonl, wandb/)")
+    written = ["synthetic.pt", "images/", "metrics.jsonl"] + (["wandb/"] if (Path(out["run_dir"]) / "wandb").is_dir()
+                                                              else [])
+    print(f"results in {out['run_dir']} ({', '.join(written)})")
     return None if acc is None or math.isnan(acc) else acc

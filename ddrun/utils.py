@@ -10,6 +10,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+from hydra.errors import CompactHydraException
 
 T = TypeVar("T")
 
@@ -26,6 +27,11 @@ class DataError(DdrunError):
     """A dataset or buffer file is missing or corrupt; the message names the path."""
 
 
+class JobFailed(CompactHydraException):
+    """A multirun job failed with a :class:`DdrunError`: raised to Hydra, which marks the job failed, runs the
+    others, and at the end prints this message alone (a ``CompactHydraException`` gets no traceback)."""
+
+
 class Preempted(DdrunError):
     """The run stopped on a signal after saving its checkpoint; rerunning the same command resumes it.
 
@@ -38,12 +44,20 @@ class Preempted(DdrunError):
         self.signum = signum
 
 
+def _log_to_files(log: logging.Logger, level: int, message: str) -> None:
+    """Write ``message`` to the run's log file(s) only: the console already gets it once, on stderr."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @contextlib.contextmanager
 def command_errors(command: str, log: logging.Logger):
-    """Inside a Hydra command's ``main``: turn a :class:`DdrunError` into one line on stderr (and the run's log)
-    and exit status 1, without a traceback; in a multirun re-raise it, so the sweep marks this job failed, runs
-    the others and reports the failure at the end. A stop on a signal after checkpointing
-    (:class:`Preempted`) exits with ``128 + signal``, as a process killed by it would.
+    """Inside a Hydra command's ``main``: turn a :class:`DdrunError` into one line on stderr (and in the run's log
+    file) and exit status 1, without a traceback; in a multirun raise it again as a job failure, so the sweep marks
+    this job failed, runs the others and ends with that one line (exit status 1). A stop on a signal after
+    checkpointing (:class:`Preempted`) exits with ``128 + signal``, as a process killed by it would.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -51,14 +65,15 @@ def command_errors(command: str, log: logging.Logger):
     try:
         yield
     except Preempted as exc:
-        log.warning("%s", exc)
+        _log_to_files(log, logging.WARNING, str(exc))
         print(f"ddrun {command}: {exc}", file=sys.stderr)
         sys.exit(128 + exc.signum)
     except DdrunError as exc:
-        log.error("%s", exc)
-        print(f"ddrun {command}: error: {exc}", file=sys.stderr)
+        _log_to_files(log, logging.ERROR, str(exc))
+        line = f"ddrun {command}: error: {exc}"
+        print(line, file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
+            raise JobFailed(f"{line} (job {HydraConfig.get().job.num})") from None
         sys.exit(1)
 
 

@@ -85,9 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddrun: unknown command {cmd!r}; valid commands: {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    bad = bad_top_level_value(cmd, rest) or unwritable_run_dir(cmd, rest) or other_run_in_run_dir(cmd, rest)
+    bad = (bad_top_level_value(cmd, rest) or bad_group_choice(cmd, rest) or unwritable_run_dir(cmd, rest)
+           or other_run_in_run_dir(cmd, rest))
     if bad:
         print(f"ddrun {cmd}: error: {bad}", file=sys.stderr)
+        return 1
+    hint = unknown_keys(cmd, rest)
+    if hint:
+        print(hint, file=sys.stderr)
         return 1
     sys.argv = [f"ddrun {cmd}", *rest]
     module = importlib.import_module(COMMANDS[cmd][0])
@@ -142,6 +147,60 @@ def other_run_in_run_dir(cmd: str, args: list[str]) -> str | None:
         return None
     return (f"hydra.run.dir={run_dir} holds a ddrun {other} run: evaluate writes its own results.json, metrics and "
             f".hydra/ there and would replace that run's; pass hydra.run.dir=<another folder>")
+
+
+SWEEP_SYNTAX = ("(", ")", "[", "]", "{", "}", "*", "$")
+
+
+def bad_group_choice(cmd: str, args: list[str]) -> str | None:
+    """One line for the first ``group=option`` (also ``group@package=option``, ``hydra/launcher=...``, each value
+    of a ``-m`` sweep ``a,b``) whose option the group does not have, listing the valid ones (Hydra's config
+    repository: ddrun's configs and the installed plugins'); else None. Hydra would print about 25 lines."""
+    from hydra.core.object_type import ObjectType
+
+    from ddrun.conf import config_repository
+
+    if cmd == "report":
+        return None
+    repo = config_repository()
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not eq or arg.startswith(("+", "~", "-")) or any(c in value for c in SWEEP_SYNTAX) or value == "null":
+            continue
+        group = key.split("@", 1)[0]
+        if "." in group or not repo.group_exists(group):
+            continue
+        options = repo.get_group_options(group, ObjectType.CONFIG)
+        wrong = [v for v in value.split(",") if v not in options]
+        if wrong:
+            return f"{group}={wrong[0]}: no such choice; valid: {', '.join(options)}"
+    return None
+
+
+def unknown_keys(cmd: str, args: list[str]) -> str | None:
+    """The one line per mistyped key of :func:`typo_hint`, but only when Hydra would refuse the overrides: the
+    command's config is composed with them first (not for ``-m`` sweeps, whose values Hydra expands). None when it
+    composes, or when the failure is not a key this can name (Hydra then reports it)."""
+    if cmd == "report" or "-m" in args or "--multirun" in args:
+        return None
+    overrides = [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "hydra/"))]
+    if not overrides:
+        return None
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("ddrun.conf", version_base="1.3"):
+            compose(cmd, overrides=overrides)
+        return None
+    except ConfigCompositionException:
+        return typo_hint(cmd, args)
+    except Exception:  # noqa: BLE001 - anything else is Hydra's to report
+        return None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def bad_top_level_value(cmd: str, args: list[str]) -> str | None:

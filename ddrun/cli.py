@@ -150,6 +150,25 @@ def other_run_in_run_dir(cmd: str, args: list[str]) -> str | None:
 
 
 SWEEP_SYNTAX = ("(", ")", "[", "]", "{", "}", "*", "$")
+VALUE_FLAGS = ("-c", "--cfg", "-p", "--package", "-i", "--info", "-cp", "--config-path", "-cn", "--config-name",
+               "-cd", "--config-dir", "--experimental-rerun")
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    """The ``key=value`` overrides of a Hydra command line: not its flags, nor a flag's value (``-sc install=bash``,
+    ``--cfg job``)."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-sc", "--shell-completion"):
+            skip = True
+        elif arg in VALUE_FLAGS:
+            skip = i + 1 < len(args) and "=" not in args[i + 1]
+        elif "=" in arg and not arg.startswith("-"):
+            out.append(arg)
+    return out
 
 
 def bad_group_choice(cmd: str, args: list[str]) -> str | None:
@@ -163,9 +182,9 @@ def bad_group_choice(cmd: str, args: list[str]) -> str | None:
     if cmd == "report":
         return None
     repo = config_repository()
-    for arg in args:
+    for arg in overrides_of(args):
         key, eq, value = arg.partition("=")
-        if not eq or arg.startswith(("+", "~", "-")) or any(c in value for c in SWEEP_SYNTAX) or value == "null":
+        if arg.startswith(("+", "~")) or any(c in value for c in SWEEP_SYNTAX) or value == "null":
             continue
         group = key.split("@", 1)[0]
         if "." in group or not repo.group_exists(group):
@@ -183,7 +202,9 @@ def unknown_keys(cmd: str, args: list[str]) -> str | None:
     composes, or when the failure is not a key this can name (Hydra then reports it)."""
     if cmd == "report" or "-m" in args or "--multirun" in args:
         return None
-    overrides = [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "hydra/"))]
+    if any(a in ("-sc", "--shell-completion") for a in args):
+        return None
+    overrides = [a for a in overrides_of(args) if not a.startswith(("hydra.", "hydra/"))]
     if not overrides:
         return None
     from hydra import compose, initialize_config_module
@@ -239,7 +260,7 @@ def typo_hint(cmd: str, args: list[str]) -> str | None:
     root = resources.files("ddrun.conf")
     if not root.joinpath(f"{cmd}.yaml").is_file():
         return None
-    keys = [a.split("=", 1)[0] for a in args if "=" in a and not a.startswith(("-", "+", "~"))]
+    keys = [a.split("=", 1)[0] for a in overrides_of(args) if not a.startswith(("+", "~"))]
     keys = [k for k in keys if not k.startswith("hydra") and "@" not in k]
     if not keys:
         return None
@@ -255,7 +276,7 @@ def typo_hint(cmd: str, args: list[str]) -> str | None:
                 yield from group_names(child, f"{prefix}{child.name}/")
 
     groups = set(group_names(root))
-    choices = [a for a in args if "=" in a and a.split("=", 1)[0] in groups]
+    choices = [a for a in overrides_of(args) if a.split("=", 1)[0].split("@", 1)[0] in groups]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("ddrun.conf", version_base="1.3"):

@@ -127,26 +127,28 @@ def unwritable_run_dir(cmd: str, args: list[str]) -> str | None:
 
 
 def other_run_in_run_dir(cmd: str, args: list[str]) -> str | None:
-    """One line when ``ddrun evaluate`` is pointed (``hydra.run.dir``) at the folder of another command's run (a
-    ``results.json`` of distill / teacher / buffer, or a distill's ``checkpoint.pt`` / ``synthetic.pt``): its
-    record, ``.hydra/`` and metrics would be overwritten. Checked before Hydra writes ``.hydra/``; else None."""
-    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-    if cmd != "evaluate" or not given or "-m" in args or "--multirun" in args:
+    """One line when the folder given as ``hydra.run.dir`` holds a run this command would overwrite: a run record
+    (``results.json``) or a distill's ``checkpoint.pt`` / ``synthetic.pt``. Only ``ddrun distill`` may rerun in
+    its own distill folder (that resumes it); ``evaluate`` never rewrites an earlier evaluation. Checked before
+    Hydra writes ``.hydra/``; else None."""
+    given = [a.split("=", 1)[1] for a in overrides_of(args) if a.startswith("hydra.run.dir=")]
+    if cmd == "report" or not given or "-m" in args or "--multirun" in args:
         return None
     import json
 
     run_dir = Path(given[-1]).expanduser()
-    other = None
-    try:
-        other = json.loads((run_dir / "results.json").read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
-        pass
-    if other in (None, "evaluate") and any((run_dir / f).exists() for f in ("checkpoint.pt", "synthetic.pt")):
-        other = "distill"
-    if other in (None, "evaluate"):
+    holder = None
+    if (run_dir / "results.json").is_file():
+        try:
+            holder = json.loads((run_dir / "results.json").read_text()).get("command", "distill")
+        except (OSError, ValueError, AttributeError):
+            holder = "ddrun"
+    if holder is None and any((run_dir / f).exists() for f in ("checkpoint.pt", "synthetic.pt")):
+        holder = "distill"
+    if holder is None or (cmd == "distill" and holder == "distill"):
         return None
-    return (f"hydra.run.dir={run_dir} holds a ddrun {other} run: evaluate writes its own results.json, metrics and "
-            f".hydra/ there and would replace that run's; pass hydra.run.dir=<another folder>")
+    return (f"hydra.run.dir={run_dir} holds a ddrun {holder} run: {cmd} would replace its record, metrics and "
+            f".hydra/; pass hydra.run.dir=<another folder>")
 
 
 SWEEP_SYNTAX = ("(", ")", "[", "]", "{", "}", "*", "$")

@@ -141,7 +141,8 @@ def read_imagefolder(path: str | Path, real: RealData) -> SyntheticSet:
 
     Raises:
         DataError: no images, an unreadable image, or a labels file of the wrong shape (names the file).
-        ConfigError: the folder has more classes than the dataset.
+        ConfigError: a ddrun run folder (pass its ``synthetic.pt``); the folder has another number of classes than
+            the dataset.
     """
     from PIL import Image
     from torchvision.transforms import v2
@@ -149,14 +150,19 @@ def read_imagefolder(path: str | Path, real: RealData) -> SyntheticSet:
     from ddrun.data.datasets import _normalize
 
     root = Path(path)
+    if any((root / f).is_file() for f in ("synthetic.pt", "results.json", "checkpoint.pt")):
+        raise ConfigError(f"{root} is a ddrun run folder, not an image folder: pass synthetic={root / 'synthetic.pt'}")
     samples, classes = _samples(root)
     if not samples:
         raise DataError(f"{root}: no images ({'/'.join(EXTENSIONS)}) in class folders")
-    if len(classes) > real.num_classes:
-        raise ConfigError(f"{root} has {len(classes)} class folders but dataset={real.name} has {real.num_classes} "
-                          f"classes: pass the dataset the set was made from")
+    soft_file = (root / LABELS).is_file()  # soft labels give each image its class; folders only group them
+    if len(classes) > real.num_classes or (len(classes) < real.num_classes and not soft_file):
+        raise ConfigError(f"{root} has {len(classes)} class folders ({', '.join(classes[:12])}"
+                          f"{' ...' if len(classes) > 12 else ''}) but dataset={real.name} has {real.num_classes} "
+                          f"classes: with hard labels every class needs its folder (sorted names give the class order); pass "
+                          f"the dataset the set was made from")
     soft = None
-    if (root / LABELS).is_file():
+    if soft_file:
         soft, samples = _soft_labels(root, samples, real.num_classes)
     mode = "L" if real.channels == 1 else "RGB"
     resize = v2.Resize(list(real.im_size), antialias=True)

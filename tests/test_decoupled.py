@@ -506,7 +506,8 @@ def test_export_never_mixes_two_sets_in_one_folder(tiny_root, tmp_path):
     real = build(make_cfg(tiny_args(tiny_root, tmp_path)).dataset)
     meta = {"mean": list(real.mean), "std": list(real.std)}
     SyntheticSet(real.train_images[:20], torch.randn(20, 10), 10, meta=meta).save(tmp_path / "soft20.pt")
-    SyntheticSet(real.train_images[:10], real.train_labels[:10], 10, meta=meta).save(tmp_path / "hard10.pt")
+    one = torch.cat([torch.nonzero(real.train_labels == k)[:1, 0] for k in range(10)])  # 1 per class
+    SyntheticSet(real.train_images[one], real.train_labels[one], 10, meta=meta).save(tmp_path / "hard10.pt")
     cfg = [f"synthetic={tmp_path / 'soft20.pt'}", f"out={tmp_path / 'f'}"]
     export(make_cfg(cfg, "export"))
     before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "f").rglob("*"))
@@ -524,6 +525,32 @@ def test_export_never_mixes_two_sets_in_one_folder(tiny_root, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         export(make_cfg([f"synthetic={tmp_path / 'hard10.pt'}", f"out={tmp_path / 'afile'}"], "export"))
+
+
+def test_an_image_folder_holds_every_class_and_is_not_a_run_folder(tiny_root, tmp_path):
+    """A folder missing classes, or a ddrun run folder passed instead of its synthetic.pt (whose images/ and wandb/
+    would read as two classes), is refused in one line instead of being scored."""
+    import shutil
+
+    from ddrun.export import export
+    from ddrun.imagefolder import read_imagefolder
+
+    real = build(make_cfg(tiny_args(tiny_root, tmp_path)).dataset)
+    two = torch.cat([torch.nonzero(real.train_labels == k)[:2, 0] for k in range(10)])  # 2 per class
+    SyntheticSet(real.train_images[two], real.train_labels[two], 10,
+                 meta={"mean": list(real.mean), "std": list(real.std)}).save(tmp_path / "s.pt")
+    export(make_cfg([f"synthetic={tmp_path / 's.pt'}", f"out={tmp_path / 'f'}"], "export"))
+    for k in range(3, 10):
+        shutil.rmtree(tmp_path / "f" / f"{k:03d}")
+    with pytest.raises(ConfigError, match="has 3 class folders .* but dataset=mnist has 10 classes: with hard labels"):
+        read_imagefolder(tmp_path / "f", real)
+    run = tmp_path / "run"
+    (run / "images" / "x").mkdir(parents=True)
+    (run / "images" / "synthetic_000000.png").write_bytes((tmp_path / "f" / "000" / "00000.png").read_bytes())
+    shutil.copy(tmp_path / "s.pt", run / "synthetic.pt")
+    with pytest.raises(ConfigError, match=f"{run} is a ddrun run folder, not an image folder: pass "
+                                          f"synthetic={run / 'synthetic.pt'}"):
+        read_imagefolder(run, real)
 
 
 # --- presets ------------------------------------------------------------------------------------------------------

@@ -232,9 +232,21 @@ def test_evaluate_refuses_the_folder_of_another_run(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"hydra.run.dir={run} holds a ddrun distill run" in r.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    for command in ("teacher", "export"):  # no other command writes into it either
+        r = ddrun(command, f"hydra.run.dir={run}")
+        assert r.returncode == 1 and f"holds a ddrun distill run: {command} would replace" in r.stderr
     (run / "results.json").unlink()  # a distill still running (no record yet) is refused too
     r = ddrun("evaluate", f"synthetic={run / 'synthetic.pt'}", f"hydra.run.dir={run}")
     assert r.returncode == 1 and "holds a ddrun distill run" in r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "results.json"} == \
+        {p: b for p, b in before.items() if p.name != "results.json"}
+    # an earlier evaluation is not replaced by another one, nor by a distill
+    done = tmp_path / "evaluated"
+    done.mkdir()
+    (done / "results.json").write_text(json.dumps({"command": "evaluate", "method": "dm"}))
+    for command in ("evaluate", "distill"):
+        r = ddrun(command, f"hydra.run.dir={done}")
+        assert r.returncode == 1 and f"holds a ddrun evaluate run: {command} would replace" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -208,7 +208,11 @@ class Distillation:
         self.optimizer = self.scheduler = None
         if self.objective is not None:
             self.objective.prepare(self.syn, self.real)
-            self.optimizer = build(cfg.syn_optimizer)(self.objective.param_groups(self.syn), lr=self.objective.lr_img)
+            groups = self.objective.param_groups(self.syn)
+            if not groups:
+                raise ConfigError(f"nothing in S is learned: objective.lr_img={self.objective.lr_img} freezes the "
+                                  f"images and no step size or labels are learned; set objective.lr_img > 0")
+            self.optimizer = build(cfg.syn_optimizer)(groups, lr=self.objective.lr_img)
             if cfg.get("syn_scheduler") is not None:
                 self.scheduler = build(cfg.syn_scheduler)(self.optimizer)
         from ddrun.tracking import Tracker

@@ -39,13 +39,13 @@ def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
     k = syn.labels.shape[1] if syn.soft else int(syn.labels.max()) + 1
     if (syn.soft and k != real.num_classes) or k > real.num_classes:
         raise ConfigError(f"{source} has labels of {k} classes but dataset={real.name} has {real.num_classes}")
+    if meta.get("zca") is not None and bool(meta["zca"]) != (real.zca is not None):  # before the normalization
+        raise ConfigError(f"{source} was made {'with' if meta['zca'] else 'without'} ZCA whitening: pass "
+                          f"dataset.zca={str(bool(meta['zca'])).lower()}")
     for key, ours in (("mean", list(real.mean)), ("std", list(real.std))):
         if meta.get(key) is not None and [round(float(v), 6) for v in meta[key]] != [round(v, 6) for v in ours]:
             raise ConfigError(f"{source} was normalized with {key} {meta[key]} but dataset={real.name} uses {ours}; "
                               f"set dataset.mean / dataset.std to the values S was made with")
-    if meta.get("zca") is not None and bool(meta["zca"]) != (real.zca is not None):
-        raise ConfigError(f"{source} was made {'with' if meta['zca'] else 'without'} ZCA whitening; set the "
-                          f"dataset's ZCA option the same way")
     form = getattr(real.zca, "form", None)
     if meta.get("zca") and meta.get("zca_form") and meta["zca_form"] != form:
         raise ConfigError(f"{source} was whitened with the {meta['zca_form']} ZCA form, not {form}: pass "

@@ -401,7 +401,8 @@ def test_relabel_file_is_written_once_and_replayed_by_later_evaluations(tiny_roo
     ev2(other, real, 0)
     assert len(list(rdir.glob("relabel-*.pt"))) == 2
     files[0].write_bytes(files[0].read_bytes()[:200])
-    with pytest.raises(DataError, match=f"corrupt or truncated relabel file {files[0]}"):
+    with pytest.raises(DataError, match=f"corrupt or truncated relabel file {files[0]} .*; delete {files[0]} to "
+                                        "relabel"):
         ev2(syn, real, 0)
     plan = ev2.relabel(syn, real, 5)
     key = {"images": "x", "epochs": 3}
@@ -410,6 +411,8 @@ def test_relabel_file_is_written_once_and_replayed_by_later_evaluations(tiny_roo
         load_plan(tmp_path / "p.pt", {"images": "y", "epochs": 4}, torch.device("cpu"))
     with pytest.raises(ConfigError, match="relabel_dir=.* needs evaluator.labels=stored"):
         kd(tiny_root, tmp_path / "store", f"evaluator.relabel_dir={rdir}")
+    with pytest.raises(ConfigError, match="relabel_dir=.* is a file: pass a folder"):  # before any relabel pass
+        kd(tiny_root, tmp_path / "store", "evaluator.labels=stored", f"evaluator.relabel_dir={files[0]}")
 
 
 # --- RDED ---------------------------------------------------------------------------------------------------------

@@ -158,3 +158,17 @@ def test_pool_learns_on_real_fashion_mnist_and_full_data_is_the_upper_bound(fmni
     full = evaluate_cmd(make_cfg(["full=true", *data, "evaluator=cross_arch", "evaluator.archs=[mlp]",
                                   "evaluator.num_eval=1", "evaluator.epochs=100"], config_name="evaluate"))
     assert full["acc_mean"] > out["per_arch"]["mlp"]["acc_mean"] + 3, (full["acc_mean"], out["per_arch"])
+
+
+def test_a_zca_set_without_zca_names_the_override_first(root):
+    """A set distilled under ZCA (its recorded mean 0) evaluated on the plain dataset: the message names
+    dataset.zca=true, not the normalization the whitening implies."""
+    from ddrun.evaluate import check_compatible
+    from ddrun.synthetic import SyntheticSet
+    from ddrun.utils import build
+
+    real = build(make_cfg([f"paths.data={root}", "dataset=mnist", "dataset.system_dirs=[]"]).dataset)
+    syn = SyntheticSet(torch.zeros(10, 1, 28, 28), torch.arange(10), 10,
+                       meta={"zca": True, "mean": [0.0], "std": [1.0], "dataset": "mnist"})
+    with pytest.raises(ConfigError, match="was made with ZCA whitening: pass dataset.zca=true$"):
+        check_compatible(syn, real, "s.pt")

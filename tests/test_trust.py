@@ -211,6 +211,12 @@ def test_every_knob_is_checked_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_a_set_with_nothing_to_learn_is_one_line(tiny_root, tmp_path):
+    r = ddrun(*tiny_cli(tiny_root, tmp_path / "run", "objective.lr_img=0"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "ddrun distill: error: nothing in S is learned: objective.lr_img=0" in r.stderr
+
+
 def test_an_unwritable_run_directory_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -44,6 +44,7 @@ import logging
 import math
 import statistics
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ from ddrun.nets import build_net
 from ddrun.protocol import net_kwargs
 from ddrun.synthetic import SyntheticSet
 from ddrun.train import accuracy
-from ddrun.utils import ConfigError, derive_seed, host_to
+from ddrun.utils import ConfigError, DataError, derive_seed, host_to
 
 log = logging.getLogger("ddrun.evaluate")
 
@@ -118,7 +119,7 @@ class KDEvaluator(EvaluatorContract):
 
     Raises:
         ConfigError: unknown loss / schedule / optimizer / mix / labels, non-positive sizes, or ``relabel_dir``
-            without ``labels=stored``.
+            without ``labels=stored`` or naming a file.
     """
 
     num_eval: int = 1
@@ -145,6 +146,8 @@ class KDEvaluator(EvaluatorContract):
         if relabel_dir is not None and labels != "stored":
             raise ConfigError(f"evaluator.relabel_dir={relabel_dir} stores relabel plans: it needs "
                               f"evaluator.labels=stored (now {labels})")
+        if relabel_dir is not None and Path(relabel_dir).exists() and not Path(relabel_dir).is_dir():
+            raise ConfigError(f"evaluator.relabel_dir={relabel_dir} is a file: pass a folder (created if missing)")
         self.student, self.teacher_nets = student, {"teacher": teacher_net, **dict(extra_teacher_nets or {})}
         self.recipe, self.num_teachers, self.buffers, self.data = recipe, num_teachers, buffers, data
         self.teacher_dir, self.num_eval, self.epochs = teacher_dir, int(num_eval), int(epochs)
@@ -269,7 +272,8 @@ class KDEvaluator(EvaluatorContract):
         when it exists, else made and written there.
 
         Raises:
-            DataError: the file is corrupt or inconsistent (names it); OSError: it cannot be written.
+            DataError: the file is corrupt or inconsistent (names it, and that deleting it relabels); OSError: it
+                cannot be written.
         """
         if self.relabel_dir is None:
             return self.relabel(syn, real, seed)
@@ -280,7 +284,10 @@ class KDEvaluator(EvaluatorContract):
         path = plan_path(self.relabel_dir, key)
         if path.exists():
             log.info("relabel: reading %s", path)
-            return load_plan(path, key, images.device)
+            try:
+                return load_plan(path, key, images.device)
+            except DataError as exc:
+                raise DataError(f"{exc}; delete {path} to relabel (it is made again)") from None
         plan = self.relabel(syn, real, seed)
         save_plan(plan, key, path)
         log.info("relabel: wrote %s", path)

@@ -180,7 +180,8 @@ def buffer(cfg: DictConfig) -> dict:
     training = {k: (float(cfg[k]) if k in ("lr_teacher", "momentum", "weight_decay") else int(cfg[k]))
                 for k in ("train_epochs", "lr_teacher", "momentum", "weight_decay", "batch_train", "seed")}
     store = Collection(cfg.paths.buffers, "experts", setting_of(real, net_factory, augment))
-    store.open_for_writing(training, command_for("experts", store.setting, cfg.paths.buffers, cfg.paths.data))
+    store.open_for_writing(training, command_for("experts", store.setting, cfg.paths.buffers, cfg.paths.data,
+                                                 training=training))
     indices = list(range(int(cfg.expert_offset), int(cfg.expert_offset) + int(cfg.num_experts)))
     log.info("buffer %s: experts %d..%d, %d epochs each", store.dir, indices[0], indices[-1],
              training["train_epochs"])

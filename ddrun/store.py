@@ -165,10 +165,47 @@ def _net_choice(net_class: str) -> str | None:
     return None
 
 
+def _override_value(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def training_overrides(kind: str, training: dict, dataset: str) -> list[str]:
+    """The overrides that make ``ddrun buffer`` / ``ddrun teacher`` train with ``training`` (a manifest's
+    ``training``: the experts' top-level knobs, or a teacher recipe with its seed) instead of the command's
+    defaults for ``dataset`` (``conf/buffer.yaml``; ``conf/recipe/<name>.yaml`` resolved for the dataset), so that
+    a printed command adds members to an existing collection instead of being refused for another recipe."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    conf = resources.files("ddrun.conf")
+    if kind == "experts":
+        base = OmegaConf.to_container(OmegaConf.load(str(conf / "buffer.yaml")))
+        return [f"{k}={_override_value(v)}" for k, v in training.items() if k in base and base[k] != v]
+    recipe = OmegaConf.create({"recipe": OmegaConf.load(str(conf / "recipe" / f"{training['name']}.yaml")),
+                               "dataset": {"name": dataset}})
+    base = {**OmegaConf.to_container(recipe.recipe, resolve=True), "seed": 0}
+    out = []
+    for k, v in training.items():
+        if k == "seed":
+            out += [f"seed={v}"] if v != 0 else []
+        elif isinstance(v, dict):
+            out += [f"recipe.{k}.{kk}={_override_value(vv)}" for kk, vv in v.items()
+                    if (base.get(k) or {}).get(kk) != vv]
+        elif k != "name" and base.get(k) != v:
+            out.append(f"recipe.{k}={_override_value(v)}")
+    return out
+
+
 def command_for(kind: str, setting: dict, root: str | Path, data: str | Path | None = None,
-                extra: str = "") -> str:
+                extra: str = "", training: dict | None = None) -> str:
     """The command line (``ddrun buffer ...`` / ``ddrun teacher ...``) that creates the collection of
-    ``setting``."""
+    ``setting``; with ``training`` (an existing collection's), also its training settings where they are not the
+    command's defaults (:func:`training_overrides`)."""
     ds, net, aug = setting["dataset"], setting["net"], setting.get("augment")
     args = [f"dataset={ds['name']}"]
     if ds["train_subset"] is not None:
@@ -201,6 +238,8 @@ def command_for(kind: str, setting: dict, root: str | Path, data: str | Path | N
         args.append("augment.strategy=none")
     elif aug["strategy"] != _default_dsa_strategy(ds["name"]):
         args.append(f"augment.strategy={aug['strategy']}")
+    if training:
+        args += training_overrides(kind, training, ds["name"])
     if data is not None:
         args.append(f"paths.data={data}")
     args.append(f"paths.buffers={root}")

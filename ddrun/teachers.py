@@ -194,7 +194,8 @@ def teacher(cfg: DictConfig) -> dict:
     real = build(cfg.dataset).to(device)
     net_factory = build(cfg.net)
     store = Collection(cfg.paths.buffers, "teachers", teacher_setting(real, net_factory, recipe["name"]))
-    store.open_for_writing(recipe, command_for("teachers", store.setting, cfg.paths.buffers, cfg.paths.data))
+    store.open_for_writing(recipe, command_for("teachers", store.setting, cfg.paths.buffers, cfg.paths.data,
+                                               training=recipe))
     indices = list(range(int(cfg.teacher_offset), int(cfg.teacher_offset) + int(cfg.num_teachers)))
     log.info("teachers %s: %d..%d, recipe %s, %d epochs each", store.dir, indices[0], indices[-1], recipe["name"],
              recipe["epochs"])

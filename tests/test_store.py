@@ -158,3 +158,21 @@ def test_concurrent_manifest_updates_keep_every_entry(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(k * 10)]) for k in range(4)]
     assert all(p.wait() == 0 for p in procs)
     assert sorted(store.entries()) == list(range(40))
+
+
+def test_training_overrides_name_what_differs_from_the_command_defaults():
+    """A printed `ddrun buffer` / `ddrun teacher` command for an existing collection carries its training where it
+    is not the default (else running it would be refused for another recipe)."""
+    from ddrun.store import training_overrides
+
+    experts = {"train_epochs": 2, "lr_teacher": 0.01, "momentum": 0.0, "weight_decay": 0.0, "batch_train": 32,
+               "seed": 0}
+    assert training_overrides("experts", experts, "mnist") == ["train_epochs=2", "batch_train=32"]
+    recipe = {"name": "sre2l", "epochs": 200, "batch": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005,
+              "schedule": "cosine", "warmup_epochs": 0, "seed": 3,
+              "augment": {"kind": "crop", "padding": 4, "scale": [0.08, 1.0], "flip": True}}
+    assert training_overrides("teachers", recipe, "cifar10") == ["seed=3"]
+    assert training_overrides("teachers", recipe, "mnist") == ["seed=3", "recipe.augment.flip=true"]  # digits: no flip
+    assert training_overrides("teachers", {**recipe, "seed": 0}, "tiny_imagenet") == [
+        "recipe.epochs=200", "recipe.batch=128", "recipe.lr=0.1", "recipe.weight_decay=0.0005",
+        "recipe.warmup_epochs=0", "recipe.augment.kind=crop"]

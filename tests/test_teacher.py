@@ -105,8 +105,17 @@ def test_fetcher_cycles_a_frozen_pool(tiny_root, tmp_path):
     sampled, _ = fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=2", "fetcher.order=sample")
     assert {sampled.fetch(it).info["index"] for it in range(12)} == {0, 1}
     with pytest.raises(DataError, match=r"holds 2 finished teacher\(s\) of net, 3 needed; train them with "
-                                        r"`ddrun teacher .* num_teachers=3`"):
+                                        r"`ddrun teacher .* num_teachers=3`") as err:
         fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=3")
+    # the printed command carries the pool's own recipe (not the defaults), so run verbatim it adds the third
+    msg = str(err.value)
+    cmd = msg[msg.index("`") + 1:msg.rindex("`")].split()
+    assert "recipe.epochs=2" in cmd and "recipe.batch=32" in cmd
+    from ddrun.teachers import teacher
+
+    out = teacher(make_cfg([*cmd[2:], "dataset.system_dirs=[]"], "teacher"))
+    assert out["trained"] == [2] and out["skipped"] == [0, 1]
+    assert len(fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=3")[0].pool) == 3
 
 
 def test_missing_teacher_prints_the_command_that_makes_it(tiny_root, tmp_path):

@@ -76,13 +76,15 @@ class CheckpointFetcher(Fetcher):
         self.net = self.fresh(derive_seed(seed, NET_SEED_TAG))
         self.store = Collection(buffers, "experts", setting_of(real, net, augment), buffer_dir)
         manifest = self.store.open_for_reading(data)
-        self.epochs = int(manifest.get("training", {}).get("train_epochs", 0))
+        self._training = manifest.get("training")  # printed commands train as this buffer's experts were
+        self.epochs = int((self._training or {}).get("train_epochs", 0))
         last = self.max_start_epoch - 1 + self.expert_epochs
         if last > self.epochs:
             raise ConfigError(f"fetcher.max_start_epoch={self.max_start_epoch} + fetcher.expert_epochs="
                               f"{self.expert_epochs} reach epoch {last}, but the experts in {self.store.dir} were "
                               f"trained {self.epochs} epochs: this needs experts of >= {last} epochs; lower them "
-                              f"or make such a buffer: `{self._command(f'train_epochs={last}')}`")
+                              f"or make such a buffer in another folder (one folder holds one training setting): "
+                              f"`{self._longer(last)}`")
         self.usable = self.store.usable(max_experts)
         if not self.usable:
             raise DataError(f"no usable expert file in {self.store.dir}; run `{self._command()}` again to "
@@ -115,7 +117,12 @@ class CheckpointFetcher(Fetcher):
         return self.min_start_epoch, min(cur + (hi - cur) * int(it) // self.expansion_end_epoch, hi)
 
     def _command(self, extra: str = "") -> str:
-        return command_for("experts", self.store.setting, self.store.root, self.data, extra)
+        return command_for("experts", self.store.setting, self.store.root, self.data, extra, training=self._training)
+
+    def _longer(self, epochs: int) -> str:
+        """The command for a buffer like this one with ``epochs`` epochs per expert, in another folder."""
+        training = {**(self._training or {}), "train_epochs": epochs}
+        return command_for("experts", self.store.setting, "<another folder>", self.data, training=training)
 
     def _load(self, index: int) -> torch.Tensor:
         """The memory-mapped ``[epochs + 1, P]`` trajectory of expert ``index``; raises DataError if unusable."""

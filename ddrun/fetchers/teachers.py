@@ -58,11 +58,12 @@ def load_teachers(nets: Mapping[str, Callable[..., nn.Module]], real: RealData, 
     pool = []
     for name, factory in nets.items():
         store = Collection(buffers, "teachers", teacher_setting(real, factory, recipe), teacher_dir)
-        store.open_for_reading(data)
+        manifest = store.open_for_reading(data)
         usable = store.usable(num_teachers)
         want = 1 if num_teachers is None else int(num_teachers)
-        if len(usable) < want:
-            cmd = command_for("teachers", store.setting, buffers, data, extra=f"num_teachers={want}")
+        if len(usable) < want:  # the collection's own recipe, so that the command adds to it
+            cmd = command_for("teachers", store.setting, buffers, data, extra=f"num_teachers={want}",
+                              training=manifest.get("training"))
             raise DataError(f"{what}: {store.dir} holds {len(usable)} finished teacher(s) of {name}, {want} needed; "
                             f"train them with `{cmd}`")
         entries = store.entries()

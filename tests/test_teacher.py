@@ -118,6 +118,16 @@ def test_fetcher_cycles_a_frozen_pool(tiny_root, tmp_path):
     assert len(fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=3")[0].pool) == 3
 
 
+def test_statistics_refuses_a_net_without_batchnorm_before_asking_for_a_teacher(tiny_root, tmp_path):
+    """method=sre2l with a net without BatchNorm: the refusal comes first (the missing-teacher command would make a
+    teacher the objective then refuses); with objective.bn=false the same net is fine (the missing teacher is next)."""
+    with pytest.raises(ConfigError, match=r"the teacher net \(ConvNet\) has no BatchNorm layer: use net=convnet_bn"):
+        fetcher_of(tiny_root, tmp_path / "store", net=("net=convnet", "net.width=8"))
+    with pytest.raises(DataError, match="no teacher collection"):
+        fetcher_of(tiny_root, tmp_path / "store", "objective.bn=false", "objective.conv=true",
+                   net=("net=convnet", "net.width=8"))
+
+
 def test_missing_teacher_prints_the_command_that_makes_it(tiny_root, tmp_path):
     with pytest.raises(DataError) as err:
         fetcher_of(tiny_root, tmp_path / "store")

@@ -21,6 +21,7 @@ from torch import nn
 
 from ddrun.contracts import Fetched, Fetcher
 from ddrun.data.datasets import RealData
+from ddrun.nets import bn_variant, build_net, has_batchnorm
 from ddrun.store import Collection, command_for, load_teacher, teacher_setting
 from ddrun.utils import ConfigError, DataError, derive_seed
 
@@ -90,20 +91,31 @@ class TeacherFetcher(Fetcher):
             ``(seed, it)``).
         buffers: ``paths.buffers``; data: ``paths.data`` (printed in the command of a missing teacher).
         teacher_dir: an explicit collection directory (single-architecture pools).
+        require_batchnorm: every architecture must have BatchNorm layers (``objective=statistics`` with
+            ``objective.bn``: the config passes ``${objective.bn}``); checked before the store is read.
 
     Raises:
-        DataError, ConfigError: from :func:`load_teachers`; an unknown ``order``.
+        DataError, ConfigError: from :func:`load_teachers`; an unknown ``order``; an architecture without
+            BatchNorm under ``require_batchnorm`` (names the BatchNorm variant).
     """
 
     def __init__(self, net: Callable[..., nn.Module], real: RealData, device: torch.device, seed: int,
                  recipe: str = "sre2l", num_teachers: int | None = 1,
                  extra_nets: Mapping[str, Callable[..., nn.Module]] | None = None, order: str = "cycle",
-                 buffers: str = "buffers", data: str | None = None, teacher_dir: str | None = None):
+                 buffers: str = "buffers", data: str | None = None, teacher_dir: str | None = None,
+                 require_batchnorm: bool = False):
         super().__init__(net, real, device, seed)
         if order not in ("cycle", "sample"):
             raise ConfigError(f"fetcher.order={order!r}: valid values are ['cycle', 'sample']")
         self.order = order
         nets = {"net": net, **dict(extra_nets or {})}
+        if require_batchnorm:  # before the store is read: a missing teacher's command would make a useless one
+            for name, factory in nets.items():
+                built = build_net(factory, real, 0)
+                if not has_batchnorm(built):
+                    raise ConfigError(f"objective=statistics matches BatchNorm statistics, but the teacher {name} "
+                                      f"({type(built).__name__}) has no BatchNorm layer: use {bn_variant(built)} "
+                                      f"(or set objective.bn=false objective.conv=true)")
         self.pool = load_teachers(nets, real, device, recipe, buffers, data, num_teachers, teacher_dir)
 
     def fetch(self, it: int) -> Fetched:

@@ -198,15 +198,26 @@ def bad_group_choice(cmd: str, args: list[str]) -> str | None:
     return None
 
 
+def _first_values(overrides: list[str]) -> list[str]:
+    """A ``-m`` sweep's overrides with each ``a,b,c`` list cut to its first value (the keys are what is checked);
+    function-style sweeps (``range(...)``, ``choice(...)``) are left out."""
+    out = []
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if not any(c in value for c in SWEEP_SYNTAX):
+            out.append(f"{key}={value.split(',')[0]}")
+    return out
+
+
 def unknown_keys(cmd: str, args: list[str]) -> str | None:
-    """The one line per mistyped key of :func:`typo_hint`, but only when Hydra would refuse the overrides: the
-    command's config is composed with them first (not for ``-m`` sweeps, whose values Hydra expands). None when it
-    composes, or when the failure is not a key this can name (Hydra then reports it)."""
-    if cmd == "report" or "-m" in args or "--multirun" in args:
-        return None
-    if any(a in ("-sc", "--shell-completion") for a in args):
+    """One line per mistyped key (:func:`typo_hint`) or per group this command does not have, but only when Hydra
+    would refuse the overrides: the command's config is composed with them first (a ``-m`` sweep with each list's
+    first value). None when it composes, or when the failure is not one this can name (Hydra then reports it)."""
+    if cmd == "report" or any(a in ("-sc", "--shell-completion") for a in args):
         return None
     overrides = [a for a in overrides_of(args) if not a.startswith(("hydra.", "hydra/"))]
+    if "-m" in args or "--multirun" in args:
+        overrides = _first_values(overrides)
     if not overrides:
         return None
     from hydra import compose, initialize_config_module
@@ -216,14 +227,30 @@ def unknown_keys(cmd: str, args: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("ddrun.conf", version_base="1.3"):
-            compose(cmd, overrides=overrides)
-        return None
-    except ConfigCompositionException:
-        return typo_hint(cmd, args)
+            try:
+                compose(cmd, overrides=overrides)
+                return None
+            except ConfigCompositionException:
+                groups = set(compose(cmd, return_hydra_config=True).hydra.runtime.choices)
+        return typo_hint(cmd, overrides) or _foreign_groups(cmd, overrides, groups)
     except Exception:  # noqa: BLE001 - anything else is Hydra's to report
         return None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _foreign_groups(cmd: str, overrides: list[str], groups: set[str]) -> str | None:
+    """One line for a ``group=option`` whose group exists (another command has it) but not in ``cmd``'s config."""
+    from ddrun.conf import config_repository
+
+    repo = config_repository()
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+")
+        group = key.split("@", 1)[0]
+        if "." not in group and group not in groups and repo.group_exists(group):
+            own = sorted(g for g in groups if not g.startswith("hydra/"))
+            return f"ddrun {cmd}: error: {arg}: this command has no {group!r} group (its groups: {', '.join(own)})"
+    return None
 
 
 def bad_top_level_value(cmd: str, args: list[str]) -> str | None:

@@ -32,6 +32,8 @@ def test_unknown_command_lists_commands():
     ("distill", ["hydra/launcher=slurmm"], "hydra/launcher=slurmm: no such choice; valid: basic, local, slurm, "),
     ("evaluate", ["net@evaluator.student=resnet"], "net=resnet: no such choice; valid: "),
     ("teacher", ["dataset=fmnist"], "dataset=fmnist: no such choice; valid: cifar10, cifar100, fashion_mnist, "),
+    ("evaluate", ["debug=smoke"], "debug=smoke: this command has no 'debug' group (its groups: augment, dataset, "),
+    ("teacher", ["logger=none"], "logger=none: this command has no 'logger' group (its groups: dataset, net, "),
 ])
 def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, command, args, line):
     r = ddrun(command, *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")

@@ -240,6 +240,12 @@ def test_mistyped_keys_are_rejected_with_the_nearest_valid_key(tmp_path, command
     assert not (tmp_path / "run").exists()
 
 
+def test_a_mistyped_key_in_a_sweep_is_one_line_before_any_job(tmp_path):
+    r = ddrun("distill", "-m", "method=dm,dc", "ipcc=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert r.returncode == 1 and r.stderr.strip() == "ddrun distill: unknown key 'ipcc'; did you mean 'ipc'?"
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_nearest_key_hints():
     from ddrun.cli import typo_hint
 

@@ -213,6 +213,11 @@ class Evaluator:
 
         return describe(self.protocol_fields())
 
+    def prepare(self, real: RealData) -> None:
+        """Load what the evaluator needs besides S (e.g. the KD evaluator's teachers) before the run's first
+        iteration, so that a missing artefact stops the run at start-up, not at its first evaluation; default:
+        nothing. Raises what loading raises (DataError naming the command that makes the artefact)."""
+
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
         raise NotImplementedError
 

@@ -200,6 +200,9 @@ class Distillation:
         self.stages = {name: build(node) for name, node in (cfg.get("stages") or {}).items()}
         self.early = self._early_stopping()
         self.real = build(cfg.dataset).to(self.device)
+        for ev in [self.evaluator, *self.beside.values()]:
+            if ev is not None:
+                ev.prepare(self.real)  # e.g. the KD evaluator's teachers: missing ones stop the run now
         self.syn = self._initial_set(ckpt)
         self.fetcher = (build(cfg.fetcher)(real=self.real, device=self.device, seed=self.seed) if self.objective
                         else None)

@@ -128,6 +128,19 @@ def test_statistics_refuses_a_net_without_batchnorm_before_asking_for_a_teacher(
                    net=("net=convnet", "net.width=8"))
 
 
+def test_a_kd_evaluation_without_its_teacher_stops_the_run_at_start_up(tiny_root, tmp_path):
+    """method=dm with evaluator=kd and no first evaluation: the missing teacher is found before iteration 1 (the
+    evaluator's prepare), not after eval_every iterations of distillation."""
+    from ddrun.distill import distill
+
+    args = [a for a in tiny_args(tiny_root, tmp_path / "store") if not a.startswith("net")]
+    cfg = make_cfg([*args, "method=dm", "ipc=1", "evaluator=kd", "eval_at_start=false", "iterations=50",
+                    "eval_every=50", "net=convnet_bn", "net.width=8"])
+    with pytest.raises(DataError, match="no teacher collection at .*; create it with `ddrun teacher"):
+        distill(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_missing_teacher_prints_the_command_that_makes_it(tiny_root, tmp_path):
     with pytest.raises(DataError) as err:
         fetcher_of(tiny_root, tmp_path / "store")

@@ -187,6 +187,10 @@ class KDEvaluator(EvaluatorContract):
         return fields
 
     # --- training --------------------------------------------------------------------------------------
+    def prepare(self, real: RealData) -> None:
+        """Load the teacher pool now (:meth:`teachers`): a missing teacher stops a distill run at start-up."""
+        self.teachers(real)
+
     def teachers(self, real: RealData) -> list[dict]:
         """The teacher pool (loaded on first use from the store; DataError with the ``ddrun teacher`` command when
         missing)."""

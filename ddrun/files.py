@@ -147,6 +147,8 @@ def safe_load(path: str | Path, what: str, mmap: bool = False) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise DataError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {path} is a folder, not a file") from None
     except pickle.UnpicklingError as exc:
         if "unsupported global" in str(exc).lower():  # a class or function to import: pickled objects
             raise UnsafeFile(f"refused {what} {path}: it holds pickled objects, which ddrun never executes "

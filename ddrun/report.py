@@ -275,7 +275,8 @@ def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> st
         label = g.method + (" (evaluate)" if g.first.command == "evaluate" else "")
         best = g.best
         cells = [g.dataset, str(g.ipc), label + note, g.arch, f"{g.mean:.2f} ± {g.std:.2f} ^{mark}",
-                 str(g.n), ",".join(map(str, g.seeds)) or "–", str(g.first.iterations),
+                 str(g.n), ",".join(map(str, g.seeds)) or "–",
+                 "–" if g.first.iterations is None else str(g.first.iterations),
                  "–" if best is None else f"{best[0]:.2f} ± {best[1]:.2f}"]
         if compare:
             cells.append(_published_cell(pub, g) or "–")
@@ -299,7 +300,7 @@ def write_csv(groups: list[Group], path: Path, compare: bool = False) -> None:
         for g in groups:
             best = g.best
             w.writerow([g.dataset, g.ipc, g.method, g.arch, g.first.command, f"{g.mean:.4f}", f"{g.std:.4f}",
-                        g.n, " ".join(map(str, g.seeds)), g.first.iterations,
+                        g.n, " ".join(map(str, g.seeds)), "" if g.first.iterations is None else g.first.iterations,
                         "" if best is None else f"{best[0]:.4f}", g.first.protocol_line, g.first.test_images,
                         g.first.setting_hash, _published_cell(pub, g), " ".join(str(r.path) for r in g.results)])
 

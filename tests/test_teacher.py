@@ -104,7 +104,7 @@ def test_fetcher_cycles_a_frozen_pool(tiny_root, tmp_path):
     assert t(real.train_images[:2]).shape == (2, 10)
     sampled, _ = fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=2", "fetcher.order=sample")
     assert {sampled.fetch(it).info["index"] for it in range(12)} == {0, 1}
-    with pytest.raises(DataError, match=r"holds 2 finished teacher\(s\) of net, 3 needed; train them with "
+    with pytest.raises(DataError, match=r"holds 2 finished teacher\(s\), 3 needed; train them with "
                                         r"`ddrun teacher .* num_teachers=3`") as err:
         fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=3")
     # the printed command carries the pool's own recipe (not the defaults), so run verbatim it adds the third

@@ -65,7 +65,7 @@ def load_teachers(nets: Mapping[str, Callable[..., nn.Module]], real: RealData, 
         if len(usable) < want:  # the collection's own recipe, so that the command adds to it
             cmd = command_for("teachers", store.setting, buffers, data, extra=f"num_teachers={want}",
                               training=manifest.get("training"))
-            raise DataError(f"{what}: {store.dir} holds {len(usable)} finished teacher(s) of {name}, {want} needed; "
+            raise DataError(f"{what}: {store.dir} holds {len(usable)} finished teacher(s){_of(name)}, {want} needed; "
                             f"train them with `{cmd}`")
         entries = store.entries()
         for index in usable:
@@ -73,9 +73,14 @@ def load_teachers(nets: Mapping[str, Callable[..., nn.Module]], real: RealData, 
             e = entries[index]
             pool.append({"name": name, "index": index, "net": net, "test_acc": float(e.get("test_acc", float("nan"))),
                          "epochs": int(e.get("epochs", 0)), "dir": str(store.dir)})
-            log.info("teacher %s #%d (%s): test accuracy %.2f%%, %d epochs", name, index, store.dir,
+            log.info("teacher%s #%d (%s): test accuracy %.2f%%, %d epochs", _of(name), index, store.dir,
                      pool[-1]["test_acc"], pool[-1]["epochs"])
     return pool
+
+
+def _of(name: str) -> str:
+    """`` of <arch>`` for a named extra architecture of a pool; nothing for the pool's main net."""
+    return "" if name in ("net", "teacher") else f" of {name}"
 
 
 class TeacherFetcher(Fetcher):

@@ -275,6 +275,7 @@ class Collection:
         self.prefix, _, self.label, self.hint = KINDS[kind]
         self.where = "the buffer" if kind == "experts" else f"the {self.label}"
         self.dir = Path(directory) if directory else collection_dir(root, kind, setting)
+        self.explicit = bool(directory)  # a folder the user named (buffer_dir / teacher_dir), not the keyed one
         self._verified: set[int] = set()
 
     # --- the manifest -------------------------------------------------------------------------------------
@@ -347,6 +348,10 @@ class Collection:
         return m
 
     def _missing_message(self, command: str) -> str:
+        if self.explicit:  # the command below makes the keyed folder, not this one
+            keyed = collection_dir(self.root, self.kind, self.setting)
+            return (f"no {self.label} at {self.dir} (the folder given as buffer_dir / teacher_dir); pass the folder "
+                    f"of an existing one, or drop the option to use the keyed {keyed} (made by `{command}`)")
         msg = f"no {self.label} at {self.dir}; create it with `{command}`{self.hint}"
         base = self.root if self.kind == "experts" else self.root / self.kind
         others = []

@@ -141,6 +141,12 @@ def test_a_kd_evaluation_without_its_teacher_stops_the_run_at_start_up(tiny_root
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_a_missing_teacher_dir_is_named_as_such(tiny_root, tmp_path):
+    with pytest.raises(DataError, match=f"no teacher collection at {tmp_path / 'nowhere'} \\(the folder given as "
+                                        r"buffer_dir / teacher_dir\); pass the folder of an existing one, or drop"):
+        fetcher_of(tiny_root, tmp_path / "store", f"fetcher.teacher_dir={tmp_path / 'nowhere'}")
+
+
 def test_missing_teacher_prints_the_command_that_makes_it(tiny_root, tmp_path):
     with pytest.raises(DataError) as err:
         fetcher_of(tiny_root, tmp_path / "store")

@@ -341,7 +341,15 @@ def main() -> None:
     if unknown:
         p.error(f"unknown group(s) {unknown}; choose from {[*GROUPS, *TABLES]}")
     common = [f"dataset={args.dataset}", f"device={args.device}", "logger=none", *args.set]
-    baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
+    baseline = None
+    if args.compare:
+        try:
+            baseline = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"--compare {args.compare}: not a file written by --save ({type(exc).__name__}: {exc})")
+    labels = [label for g in groups if g in GROUPS for label, _ in GROUPS[g](args)]
+    if args.only and not any(re.search(args.only, label) for label in labels):
+        p.error(f"--only {args.only!r} matches no case of the groups {groups}")
     print(f"# scripts/bench.py  commit {commit()}  dataset={args.dataset}  iters={args.iters} (+{args.warmup} warm-up)"
           f"  extra overrides: {' '.join(args.set) or '(none: the papers settings)'}")
     results: dict = {"_commit": commit(), "_args": vars(args)}

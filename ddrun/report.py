@@ -373,7 +373,8 @@ def report(paths: list[str], out: str | None = None, compare: bool = False, pool
     "files", "not_written"}``: ``not_written`` says where files could not be written (the table is complete).
 
     Raises:
-        DataError: missing paths, no run directories, no finished run, unreadable records.
+        DataError: missing paths, no run directories, no finished run, unreadable records; a ``report.md`` in
+            ``out`` that ddrun report did not write (it is kept).
     """
     results, unfinished = find_results(paths)
     if not results:
@@ -382,6 +383,9 @@ def report(paths: list[str], out: str | None = None, compare: bool = False, pool
     text = table(groups, compare, pool)
     out_dir = Path(out) if out else (Path(paths[0]) if Path(paths[0]).is_dir() else Path("."))
     files, not_written = [], None
+    theirs = out_dir / "report.md"
+    if theirs.is_file() and not theirs.read_text(errors="replace").startswith("| dataset | ipc |"):
+        raise DataError(f"{theirs} exists and was not written by ddrun report: pass --out <another folder>")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.md").write_text(text + "\n")

@@ -157,6 +157,16 @@ def test_a_seed_counts_once_however_many_runs_hold_it(sweep, tmp_path):
     assert report([str(tmp_path / "ev")], plot=False, pool="nets")["groups"][0].values == [60.0, 62.0, 70.0]
 
 
+def test_a_report_md_of_the_users_is_not_overwritten(sweep, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("# my notes\n")
+    with pytest.raises(DataError, match="report.md exists and was not written by ddrun report"):
+        report([str(sweep)], out=str(tmp_path / "mine"), plot=False)
+    assert (tmp_path / "mine" / "report.md").read_text() == "# my notes\n"
+    report([str(sweep)], out=str(tmp_path / "rep"), plot=False)
+    report([str(sweep)], out=str(tmp_path / "rep"), plot=False)  # its own earlier report is replaced
+
+
 def test_nothing_in_a_run_folder_is_resolved(tmp_path, monkeypatch):
     monkeypatch.setenv("DDRUN_TEST_SECRET", "s3cr3t-api-key")
     run = write_run(tmp_path / "x", "${oc.env:DDRUN_TEST_SECRET}", 1, 0, {0: [10.0]}, 0)

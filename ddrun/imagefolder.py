@@ -57,7 +57,10 @@ def _clear_export(out: Path, overwrite: bool) -> None:
     if foreign:
         raise ConfigError(f"out={out}: {foreign[0]} was not written by ddrun export: refusing to replace the folder")
     for p in out.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def write_imagefolder(syn: SyntheticSet, to_pixels, out: str | Path, overwrite: bool = False) -> dict:
@@ -159,8 +162,8 @@ def read_imagefolder(path: str | Path, real: RealData) -> SyntheticSet:
     if len(classes) > real.num_classes or (len(classes) < real.num_classes and not soft_file):
         raise ConfigError(f"{root} has {len(classes)} class folders ({', '.join(classes[:12])}"
                           f"{' ...' if len(classes) > 12 else ''}) but dataset={real.name} has {real.num_classes} "
-                          f"classes: with hard labels every class needs its folder (sorted names give the class order); pass "
-                          f"the dataset the set was made from")
+                          f"classes: with hard labels every class needs its folder (sorted names give the class "
+                          f"order); pass the dataset the set was made from")
     soft = None
     if soft_file:
         soft, samples = _soft_labels(root, samples, real.num_classes)

@@ -53,8 +53,8 @@ def test_bad_windows_and_short_buffers_are_one_line(tiny_root, tmp_path):
     with pytest.raises(ConfigError, match="expansion_end_epoch=null: the growing window"):
         _fetcher(tiny_root, tmp_path / "b", "fetcher.expansion_end_epoch=null")
     with pytest.raises(ConfigError, match=r"reach epoch 5, but the experts .* were trained 3 epochs: this needs "
-                                          r"experts of >= 5 epochs; .*another folder.*`ddrun buffer dataset=mnist .*train_epochs=5 "
-                                          r".*paths.buffers=<another folder>`"):
+                                          r"experts of >= 5 epochs; .*another folder.*`ddrun buffer dataset=mnist "
+                                          r".*train_epochs=5 .*paths.buffers=<another folder>`"):
         _fetcher(tiny_root, tmp_path / "b", "fetcher.max_start_epoch=4", "fetcher.expert_epochs=2")
     with pytest.raises(ConfigError, match=r"init.label_epoch=7: .* epochs 0..3 .* needs experts of >= 7 epochs"):
         distill(make_cfg(datm_args(tiny_root, tmp_path / "b", "init.label_epoch=7")), tmp_path / "run")

@@ -97,7 +97,7 @@ def validate(cfg: DictConfig) -> None:
 # top-level keys that do not change S: left out of the config hash and of the "what differs" of a refused rerun
 NOT_S = ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_every", "iterations", "resume",
          "overwrite", "device", "hydra", "checkpoint_every", "progress_every", "beside", "speed", "deterministic",
-         "keep_best")
+         "keep_best", "beside_protocols")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -193,7 +193,8 @@ class Distillation:
         self.evaluator = build(cfg.evaluator)
         if self.evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
             self.evaluator = None
-        beside = {name: build(node) for name, node in (cfg.get("beside") or {}).items()}
+        beside = {name: build(node) for name, node in (cfg.get("beside") or {}).items()
+                  if cfg.get("beside_protocols", True)}
         self.beside = {name: ev for name, ev in beside.items() if ev.num_eval >= 1}
         self.objective = build(cfg.objective) if has_objective(cfg) else None
         self.schedule, self.param = build(cfg.schedule), build(cfg.parametrization)

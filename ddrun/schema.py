@@ -66,6 +66,7 @@ class DistillSchema(Common):
     stages: Dict[str, Any] = field(default_factory=dict)
     beside: Dict[str, Any] = field(default_factory=dict)
     keep_best: bool = False
+    beside_protocols: bool = True
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
     preset: Any = None
     init: Any = None

@@ -127,7 +127,9 @@ def tiny(root, *extra):
 
 def test_frepo_run_reports_its_own_protocol_beside_the_common_one(tiny_root, tmp_path):
     small = ["method=frepo", "fetcher.num_models=2", "fetcher.max_online_updates=3", "preset.pool_net.width=8",
-             "beside.frepo.net.width=4", "beside.frepo.num_eval=1", "beside.frepo.epochs=3"]
+             "beside.frepo.net.width=4", "beside.frepo.num_eval=1", "beside.frepo.epochs=3",
+             "beside_protocols=true"]  # debug=smoke skips the papers' own protocols (their full budgets): back on
+    assert tiny(tiny_root, "method=frepo").beside_protocols is False
     out = distill(tiny(tiny_root, *small), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "acc_mean" in r]

@@ -296,8 +296,10 @@ def test_corrupt_or_truncated_expert_is_named_and_the_others_used(tiny_root, tmp
     assert f"corrupt expert file {corrupt} (sha256 differs from the manifest)" in text
     for f in (truncated, corrupt):
         f.unlink()
-    with pytest.raises(DataError, match="no usable expert file"):
+    with pytest.raises(DataError, match="no usable expert file") as err:
         distill(make_cfg(mtt_args(tiny_root, tmp_path / "buffers", "fetcher.max_experts=2")), tmp_path / "run3")
+    experts = len(json.loads((d / "manifest.json").read_text())["experts"])
+    assert f"num_experts={experts}` again" in str(err.value)  # the buffer's count, not the command's default
 
 
 def test_start_epochs_beyond_the_buffer_are_refused(tiny_root, tmp_path):

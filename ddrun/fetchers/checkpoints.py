@@ -86,9 +86,10 @@ class CheckpointFetcher(Fetcher):
                               f"or make such a buffer in another folder (one folder holds one training setting): "
                               f"`{self._longer(last)}`")
         self.usable = self.store.usable(max_experts)
-        if not self.usable:
-            raise DataError(f"no usable expert file in {self.store.dir}; run `{self._command()}` again to "
-                            f"(re)train them")
+        if not self.usable:  # the buffer's own count: the command's default (100) would train others too
+            count = max(self.store.entries(), default=0) + 1
+            raise DataError(f"no usable expert file in {self.store.dir}; run `{self._command(f'num_experts={count}')}`"
+                            f" again to (re)train them")
         self._names = [n for n, _ in self.net.named_parameters()]
         log.info("expert buffer %s: %d usable experts, %d epochs each", self.store.dir, len(self.usable),
                  self.epochs)

@@ -188,11 +188,12 @@ def training_overrides(kind: str, training: dict, dataset: str) -> list[str]:
         return [f"{k}={_override_value(v)}" for k, v in training.items() if k in base and base[k] != v]
     recipe = OmegaConf.create({"recipe": OmegaConf.load(str(conf / "recipe" / f"{training['name']}.yaml")),
                                "dataset": {"name": dataset}})
-    base = {**OmegaConf.to_container(recipe.recipe, resolve=True), "seed": 0}
+    seed = OmegaConf.load(str(conf / "teacher.yaml")).seed  # `ddrun teacher`'s top-level seed, not a recipe key
+    base = OmegaConf.to_container(recipe.recipe, resolve=True)
     out = []
     for k, v in training.items():
         if k == "seed":
-            out += [f"seed={v}"] if v != 0 else []
+            out += [f"seed={v}"] if v != seed else []
         elif isinstance(v, dict):
             out += [f"recipe.{k}.{kk}={_override_value(vv)}" for kk, vv in v.items()
                     if (base.get(k) or {}).get(kk) != vv]

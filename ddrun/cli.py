@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module.main()
     except SystemExit as exc:
-        if exc.code == 1:  # Hydra rejected the overrides, or the command failed: name mistyped keys
+        sweep = "-m" in rest or "--multirun" in rest  # unknown_keys composed only the first values of a sweep
+        if exc.code == 1 and sweep:  # Hydra rejected a later value, or a job failed: name mistyped keys
             hint = typo_hint(cmd, rest)
             if hint:
                 print(hint, file=sys.stderr)

@@ -296,7 +296,7 @@ def test_batch_augment_pads_crops_and_rolls_last():
 def test_teacher_without_batchnorm_is_refused_naming_the_bn_variant():
     real = tiny_real(same_classes=False)
     teacher = ConvNet(1, 3, (6, 6), width=4, depth=1, norm="instancenorm").eval()
-    with pytest.raises(ConfigError, match="the teacher ConvNet has no BatchNorm layer: train and use net=convnet_bn"):
+    with pytest.raises(ConfigError, match=r"the teacher net \(ConvNet\) has no BatchNorm layer: use net=convnet_bn"):
         loss_of(objective(), teacher, real, syn_of(real))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ddrun.contracts import Fetched, Fetcher
 from ddrun.data.datasets import RealData
-from ddrun.nets import bn_variant, build_net, has_batchnorm
+from ddrun.nets import build_net, refuse_without_batchnorm
 from ddrun.store import Collection, command_for, load_teacher, teacher_setting
 from ddrun.utils import ConfigError, DataError, derive_seed
 
@@ -116,11 +116,7 @@ class TeacherFetcher(Fetcher):
         nets = {"net": net, **dict(extra_nets or {})}
         if require_batchnorm:  # before the store is read: a missing teacher's command would make a useless one
             for name, factory in nets.items():
-                built = build_net(factory, real, 0)
-                if not has_batchnorm(built):
-                    raise ConfigError(f"objective=statistics matches BatchNorm statistics, but the teacher {name} "
-                                      f"({type(built).__name__}) has no BatchNorm layer: use {bn_variant(built)} "
-                                      f"(or set objective.bn=false objective.conv=true)")
+                refuse_without_batchnorm(build_net(factory, real, 0), name)
         self.pool = load_teachers(nets, real, device, recipe, buffers, data, num_teachers, teacher_dir)
 
     def fetch(self, it: int) -> Fetched:

@@ -64,3 +64,15 @@ def bn_variant(net: nn.Module) -> str:
     name = BN_VARIANTS.get(type(net).__name__)
     return f"net={name}" if name else \
         f"a BatchNorm architecture ({', '.join('net=' + v for v in BN_VARIANTS.values())})"
+
+
+def refuse_without_batchnorm(net: nn.Module, name: str = "net") -> None:
+    """Raise ``ConfigError`` (one line: the teacher config key ``name``, its architecture and
+    :func:`bn_variant`) when ``net`` has no BatchNorm layer, whose running statistics SRe2L's matching needs
+    (Yin et al., NeurIPS 2023, Eq. 2); the one refusal of ``fetcher=teachers`` and ``objective=statistics``."""
+    if not has_batchnorm(net):
+        from ddrun.utils import ConfigError
+
+        raise ConfigError(f"objective=statistics matches BatchNorm statistics, but the teacher {name} "
+                          f"({type(net).__name__}) has no BatchNorm layer: use {bn_variant(net)} "
+                          f"(or set objective.bn=false objective.conv=true)")

@@ -61,7 +61,7 @@ from torch import nn
 from ddrun.contracts import Fetched, Objective
 from ddrun.data.datasets import RealData
 from ddrun.data.transforms import BatchAugment
-from ddrun.nets import bn_variant, has_batchnorm
+from ddrun.nets import refuse_without_batchnorm
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, host_to
 
@@ -289,10 +289,8 @@ class StatisticsMatching(Objective):
         entry = self._teachers.get(id(teacher))
         if entry is not None:
             return entry
-        if self.bn and not has_batchnorm(teacher):
-            raise ConfigError(f"objective=statistics matches BatchNorm statistics, but the teacher "
-                              f"{type(teacher).__name__} has no BatchNorm layer: train and use {bn_variant(teacher)} "
-                              f"(or set objective.bn=false objective.conv=true)")
+        if self.bn:
+            refuse_without_batchnorm(teacher)
         layers = matched_layers(teacher, self.bn, self.conv)
         stats = None
         if self.conv or self.alpha < 1.0:

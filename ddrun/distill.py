@@ -204,9 +204,11 @@ class Distillation:
         for ev in [self.evaluator, *self.beside.values()]:
             if ev is not None:
                 ev.prepare(self.real)  # e.g. the KD evaluator's teachers: missing ones stop the run now
-        self.syn = self._initial_set(ckpt)
+        # the fetcher before S: a missing or short buffer / teacher stops the run before a long init (K-Center's
+        # network training, DATM's expert labels) is spent
         self.fetcher = (build(cfg.fetcher)(real=self.real, device=self.device, seed=self.seed) if self.objective
                         else None)
+        self.syn = self._initial_set(ckpt)
         if self.early is not None:
             self.early.draw(self.real, self.seed)
         self.optimizer = self.scheduler = None

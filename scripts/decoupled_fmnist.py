@@ -12,7 +12,9 @@ iterations; EDC, G-VBSM and RDED run their presets' settings (EDC: 75 iterations
 a ConvNet-BN-32 student, ``KD_EPOCHS`` epochs, the evaluator=kd defaults otherwise (AdamW 1e-3, smoothing
 zeta 2, RandomResizedCrop + flip + CutMix, KL T 20, RDED's batch per ipc), the same teacher for every S; the
 hard-label protocol: ConvNet-32 (instance norm), 300 epochs, the DC protocol otherwise (evaluator=default).
-``--methods dm --ipc 10`` adds DM (200 iterations, ConvNet-32, batch_real 64) under the same two protocols.
+``--methods dm`` adds DM (200 iterations, ConvNet-32, batch_real 64) under the same two protocols; ``--methods mtt``
+MTT at issue 3's CPU setting, after ``python scripts/decoupled_fmnist.py buffer`` (three ConvNet-128 experts, 300
+images per class, 10 epochs).
 ``evaluate --kd-scale 1.0`` evaluates under the KD protocol without the crop (RDED's own validation at factor 1);
 ``--num-eval N`` other than the default (4 students under KD at ipc 1, else 2) is its own row (``kdn8``);
 ``evaluate --kd-student resnet18_bn`` trains the issue's default student, ResNet-18-BN (CIFAR stem), instead of the
@@ -30,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IPCS = (1, 10, 50)
-# every row the table knows, in its order (mtt: evaluate only; copy an MTT S to S/mtt_ipc<N>/)
+# every row the table knows, in its order
 METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm", "gvbsm_roll4", "gvbsm_pool", "gvbsm_pool_roll4",
            "edc_pool", "rded_f2", "dm", "mtt")
 # what `--methods` runs by default: the random subset and every decoupled preset (named, not a slice of METHODS,
@@ -51,7 +53,15 @@ VARIANTS = {"sre2l_rbn1": ("sre2l", ["objective.r_bn=1.0"]), "gvbsm_roll4": ("gv
             "gvbsm_pool": ("gvbsm", [W32]), "gvbsm_pool_roll4": ("gvbsm", [W32, "objective.augment.roll=4"]),
             "edc_pool": ("edc", [W32]), "rded_f2": ("rded", ["init.factor=2"])}
 # earlier methods' S evaluated by the same two protocols (`--methods dm --ipc 10`): DM at a CPU budget
-EARLIER = {"dm": ["net.width=32", "iterations=200", "objective.batch_real=64"]}
+EARLIER = {"dm": ["net.width=32", "iterations=200", "objective.batch_real=64"],
+           # MTT at issue 3's CPU setting (README "Trajectory matching"), from the `buffer` step's three experts
+           "mtt": ["dataset.train_subset=300", "fetcher.expert_epochs=2", "fetcher.max_start_epoch=4",
+                   "fetcher.max_experts=3"]}
+EARLIER_BY_IPC = {"mtt": {1: ["iterations=200", "objective.syn_steps=20"],
+                          10: ["iterations=150", "objective.syn_steps=15", "objective.batch_syn=20"],
+                          50: ["iterations=100", "objective.syn_steps=15", "objective.batch_syn=50"]}}
+# MTT's expert buffer (README "Trajectory matching": ConvNet-128, 300 images per class, 10 epochs, DSA)
+BUFFER = ["dataset.train_subset=300", "num_experts=3", "train_epochs=10", "batch_train=64"]
 TEACHER = ["net=convnet_bn", "net.width=64"]
 # RDED's 300 epochs at RDED's batch per ipc are 300 / 600 / 1500 student steps at ipc 1 / 10 / 50: at ipc 1 and 10
 # the students are far from converged (random real subset, ipc 1: 47.4 % after 300 epochs, 73.7 % after 1000), so
@@ -82,6 +92,11 @@ def teacher(args) -> None:
          f"hydra.run.dir={args.out / 'teacher'}"], args)
 
 
+def buffer(args) -> None:
+    """MTT's experts (``--methods mtt``), in the same artefact store as the teacher."""
+    run(["buffer", *BUFFER, f"hydra.run.dir={args.out / 'buffer'}"], args)
+
+
 def s_dir(args, method: str, ipc: int) -> Path:
     return args.out / "S" / f"{method}_ipc{ipc}"
 
@@ -92,7 +107,7 @@ def distill(args) -> None:
             d = s_dir(args, m, ipc)
             if (d / "synthetic.pt").is_file():
                 continue
-            method, extra = VARIANTS.get(m, (m, EARLIER.get(m, [])))
+            method, extra = VARIANTS.get(m, (m, EARLIER.get(m, []) + EARLIER_BY_IPC.get(m, {}).get(ipc, [])))
             iterations = {"sre2l": args.sre2l_iterations, "gvbsm": args.gvbsm_iterations}.get(method)
             if iterations:
                 extra = [f"iterations={iterations}", *extra]
@@ -154,7 +169,7 @@ def table(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=["teacher", "distill", "evaluate", "table"])
+    p.add_argument("step", choices=["teacher", "buffer", "distill", "evaluate", "table"])
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "fm")
     p.add_argument("--data", default="data")
     p.add_argument("--ipc", default="1,10,50")
@@ -177,7 +192,7 @@ def main() -> None:
     args = p.parse_args()
     args.ipc = [int(i) for i in args.ipc.split(",")]
     args.methods = args.methods.split(",")
-    {"teacher": teacher, "distill": distill, "evaluate": evaluate, "table": table}[args.step](args)
+    {"teacher": teacher, "buffer": buffer, "distill": distill, "evaluate": evaluate, "table": table}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ def validate(cfg: DictConfig) -> None:
                           f"optimized): it takes iterations=0, not {cfg.iterations}; to distill from that "
                           f"initialization use `init={init} method=dm` (or another method)")
     check_per_ipc_tables(cfg)
+    check_parametrized_init(cfg)
+
+
+def check_parametrized_init(cfg: DictConfig) -> None:
+    """IDC's multi-formation initializes S itself (``encode_init``: factor^2 random real images per stored image,
+    Kim et al. 2022, Sec. 3.2): refuse an ``init`` other than ``real``, whose images it would replace."""
+    param = str(OmegaConf.select(cfg, "parametrization._target_", default=""))
+    init = str(OmegaConf.select(cfg, "init._target_", default="")).rsplit(".", 1)[-1]
+    if param.endswith("MultiFormation") and init != "real":
+        choice = {"base_images": "base"}.get(init, init)
+        raise ConfigError(f"parametrization=idc initializes S with IDC's own mix of factor^2 random real images per "
+                          f"stored image, which would replace init={choice}'s images: pass init=real")
 
 
 # top-level keys that do not change S: left out of the config hash and of the "what differs" of a refused rerun

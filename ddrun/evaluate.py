@@ -141,11 +141,13 @@ def check_parametrization(syn: SyntheticSet, param, source: str) -> None:
     if made is None:
         return
     have = param.describe(syn)
-    if made != have["parametrization"] or syn.meta.get("factor") != have.get("factor"):
-        want = f"parametrization={made}" + (f" parametrization.factor={syn.meta['factor']}"
-                                            if syn.meta.get("factor") is not None else "")
-        raise ConfigError(f"{source} stores S in the {made} parametrization, not {have['parametrization']}: "
-                          f"pass {want}")
+    keys = ("factor", "decode_mode")  # decode_mode: recorded since S files of 2026-12 (older ones: not checked)
+    made_with = {k: syn.meta[k] for k in keys if syn.meta.get(k) is not None}
+    if made != have["parametrization"] or any(have.get(k) != v for k, v in made_with.items()):
+        want = " ".join([f"parametrization={made}", *(f"parametrization.{k}={v}" for k, v in made_with.items())])
+        given = " ".join([f"parametrization={have['parametrization']}",
+                          *(f"parametrization.{k}={have[k]}" for k in made_with if have.get(k) is not None)])
+        raise ConfigError(f"{source} stores S made with {want}, not {given}: pass {want}")
 
 
 def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:

@@ -162,12 +162,13 @@ class MultiFormation(Parametrization):
             syn.images[idx] = self.encode_images(x)
 
     def describe(self, syn: SyntheticSet) -> dict:
-        """``{"parametrization": "idc", "factor", "stored_images", "decoded_images"}``.
+        """``{"parametrization": "idc", "factor", "decode_mode", "stored_images", "decoded_images"}``.
 
         Raises:
             ConfigError: ``factor`` does not divide the image size of S.
         """
         self._tile_size(*syn.images.shape[2:])
         n = len(syn.images)
-        return {"parametrization": self.name, "factor": self.factor, "stored_images": n,
+        return {"parametrization": self.name, "factor": self.factor, "decode_mode": self.decode_mode,
+                "stored_images": n,
                 "decoded_images": n * self.factor ** 2}

@@ -62,7 +62,8 @@ def test_decoded_view_is_differentiable_and_keeps_labels_and_lr():
     syn.learn_labels(2.0)
     d = p.decode(syn)
     assert d.soft and d.labels.shape == (16, 2) and d.labels.requires_grad
-    assert p.describe(syn) == {"parametrization": "idc", "factor": 2, "stored_images": 4, "decoded_images": 16}
+    assert p.describe(syn) == {"parametrization": "idc", "factor": 2, "decode_mode": "bilinear",
+                                "stored_images": 4, "decoded_images": 16}
 
 
 def test_factor_not_dividing_the_image_is_one_line():
@@ -107,9 +108,13 @@ def test_idc_option_on_dm_and_evaluate_decodes(tiny_root, tmp_path):
                   tmp_path / "run")
     args = ["dataset=mnist", f"paths.data={tiny_root}", "dataset.system_dirs=[]", "net.width=8", "logger=none",
             "evaluator.num_eval=1", "evaluator.epochs=1", f"synthetic={out['synthetic']}"]
-    with pytest.raises(ConfigError, match="stores S in the idc parametrization, not pixels: pass "
-                                          "parametrization=idc parametrization.factor=2"):
+    want = "parametrization=idc parametrization.factor=2 parametrization.decode_mode=bilinear"
+    with pytest.raises(ConfigError, match=f"stores S made with {want}, not parametrization=pixels: pass {want}$"):
         evaluate_cmd(make_cfg(args, "evaluate"))
+    # decoded another way, S trains on other images: refused too, naming the mode it was made with
+    with pytest.raises(ConfigError, match="not parametrization=idc parametrization.factor=2 "
+                                          "parametrization.decode_mode=nearest: pass"):
+        evaluate_cmd(make_cfg([*args, "parametrization=idc", "parametrization.decode_mode=nearest"], "evaluate"))
     res = evaluate_cmd(make_cfg([*args, "parametrization=idc"], "evaluate"))
     assert res["decoded_images"] == 80 and res["stored_images"] == 20 and 0 <= res["acc_mean"] <= 100
 
@@ -141,3 +146,13 @@ def test_idc_learns_on_real_fashion_mnist(fmnist_root, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["iteration"]: r["acc_mean"] for r in rows if "acc_mean" in r}
     assert evals[6] > evals[0] + 1.5, evals
+
+
+@pytest.mark.parametrize("init", ["noise", "herding", "kcenter"])
+def test_idc_refuses_an_init_whose_images_it_would_replace(tiny_root, tmp_path, init):
+    """IDC's encode_init writes factor^2 real images into every stored image: any init but real would be lost
+    (the run recorded as herding / kcenter with IDC's random real images)."""
+    with pytest.raises(ConfigError, match=f"would replace init={init}'s images: pass init=real$"):
+        distill(tiny(tiny_root, "method=dm", "parametrization=idc", f"init={init}", "iterations=1",
+                     "evaluator.num_eval=0"), tmp_path / "run")
+    assert not (tmp_path / "run" / "synthetic.pt").exists()

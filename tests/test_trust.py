@@ -372,3 +372,20 @@ def test_keep_best_keeps_the_s_of_the_best_evaluation_and_the_record_says_how_it
     assert torch.equal(kept.images, SyntheticSet.load(short["synthetic"]).images)
     assert not (tmp_path / "short" / "synthetic_best.pt").exists()
     assert out["synthetic"].endswith("synthetic.pt")
+
+
+@pytest.mark.parametrize("method, extra, match", [
+    ("random", ["ipc=13"], r"ipc=13: class 0 of mnist has only 12 training images, fewer than ipc; pass ipc <= 12"),
+    ("dm", ["ipc=13"], r"ipc=13: class 0 of mnist has only 12 training images"),
+    ("herding", ["ipc=2", "init.max_candidates=1"], r"init.max_candidates=1 is fewer than ipc=2: .* >= 2$"),
+    ("kcenter", ["ipc=2", "init.train_epochs=-1"], r"init.train_epochs=-1: must be >= 0"),
+])
+def test_a_class_too_small_for_ipc_is_refused_not_stored_with_shifted_labels(tmp_path, method, extra, match):
+    """Once S held fewer images than labels (labels shifted against images) and recorded an accuracy under the
+    requested ipc; a distillation method ended in an IndexError."""
+    write_mnist_like(tmp_path / "data", "MNIST", n_train=12, n_test=4)
+    args = ["dataset=mnist", f"paths.data={tmp_path / 'data'}", "dataset.system_dirs=[]", "net.width=8",
+            "logger=none", "evaluator.num_eval=1", "evaluator.epochs=1", f"method={method}", *extra]
+    with pytest.raises(ConfigError, match=match):
+        distill(make_cfg(args + (["iterations=1"] if method == "dm" else [])), tmp_path / "run")
+    assert not (tmp_path / "run" / "synthetic.pt").exists()

@@ -13,10 +13,27 @@ import torch
 from ddrun.data.datasets import RealData
 from ddrun.synthetic import SyntheticSet
 from ddrun.train import embed, train_epoch
+from ddrun.utils import ConfigError
 
 
 def _labels(real: RealData, ipc: int) -> torch.Tensor:
     return torch.arange(real.num_classes).repeat_interleave(ipc)
+
+
+def check_class_sizes(real: RealData, ipc: int, max_candidates: int | None = None) -> None:
+    """Refuse an ``ipc`` that some class cannot fill with distinct real images (else S would hold fewer images
+    than labels), and ``init.max_candidates`` below ``ipc``.
+
+    Raises:
+        ConfigError: one line naming the smallest class, its size and the largest ipc it allows."""
+    if max_candidates is not None and max_candidates < ipc:
+        raise ConfigError(f"init.max_candidates={max_candidates} is fewer than ipc={ipc}: the selection keeps ipc "
+                          f"of a class's candidates; raise it to >= {ipc}")
+    sizes = [len(real.class_index(c)) for c in range(real.num_classes)]
+    small = min(range(len(sizes)), key=sizes.__getitem__)
+    if sizes[small] < ipc:
+        raise ConfigError(f"ipc={ipc}: class {small} of {real.name} has only {sizes[small]} training images, "
+                          f"fewer than ipc; pass ipc <= {sizes[small]} (or init=noise)")
 
 
 def noise(real: RealData, ipc: int, generator: torch.Generator, std: float = 1.0) -> SyntheticSet:
@@ -28,7 +45,11 @@ def noise(real: RealData, ipc: int, generator: torch.Generator, std: float = 1.0
 
 def real(real: RealData, ipc: int, generator: torch.Generator) -> SyntheticSet:
     """``ipc`` random real training images per class (the reference's ``--init real``; with ``iterations=0``
-    this is the random-subset baseline)."""
+    this is the random-subset baseline).
+
+    Raises:
+        ConfigError: a class has fewer than ``ipc`` training images (:func:`check_class_sizes`)."""
+    check_class_sizes(real, ipc)
     images = torch.cat([real.sample_class(c, ipc, generator).cpu() for c in range(real.num_classes)])
     return SyntheticSet(images, _labels(real, ipc), real.num_classes)
 
@@ -86,7 +107,11 @@ def _per_class_selection(real: RealData, ipc: int, generator: torch.Generator, n
                          select: Callable[[torch.Tensor, int], list[int]]) -> SyntheticSet:
     """The coreset baselines' shared part: embed at most ``max_candidates`` random training images of each class
     with a network built from ``net`` and trained ``train_epochs`` epochs on the real training set (SGD ``lr``,
-    momentum 0.9, weight decay 5e-4; 0 epochs: randomly initialized), and keep ``select(features, ipc)`` of them."""
+    momentum 0.9, weight decay 5e-4; 0 epochs: randomly initialized), and keep ``select(features, ipc)`` of them.
+    Raises ConfigError as :func:`check_class_sizes`, and for ``train_epochs < 0``."""
+    check_class_sizes(real, ipc, max_candidates)
+    if train_epochs < 0:
+        raise ConfigError(f"init.train_epochs={train_epochs}: must be >= 0 (0: a randomly initialized network)")
     device = real.device
     model = net(channels=real.channels, num_classes=real.num_classes, im_size=real.im_size).to(device)
     if train_epochs > 0:
@@ -97,7 +122,7 @@ def _per_class_selection(real: RealData, ipc: int, generator: torch.Generator, n
     for c in range(real.num_classes):
         cand = real.sample_class(c, max_candidates, generator)
         feats = embed(model, cand).float()
-        idx = select(feats, min(ipc, len(cand)))
+        idx = select(feats, ipc)
         picks.append(cand[idx].cpu())
     return SyntheticSet(torch.cat(picks), _labels(real, ipc), real.num_classes)
 

@@ -80,7 +80,8 @@ def test_info(real) -> dict:
 def evaluation(result: dict, iteration: int, real) -> dict:
     """One ``evaluations`` entry from an evaluator's result (and the objective's extra accuracies)."""
     protocol = {**result.get("protocol_fields", {}), "test": test_info(real)}
-    extra = {k: v for k, v in result.items() if k.endswith("_acc") and isinstance(v, (int, float))}
+    extra = {k: v for k, v in result.items() if (k.endswith("_acc") or k.startswith("dd_attack_"))
+             and isinstance(v, (int, float))}
     return {"iteration": int(iteration), "protocol": protocol, "protocol_line": _line(protocol),
             "acc_mean": result["acc_mean"], "acc_std": result["acc_std"], "per_net": result.get("per_net", {}),
             "per_arch": result.get("per_arch") or _per_arch(result.get("per_net", {})), "extra": extra}

@@ -48,6 +48,43 @@ def test_cifar_checksum_names_file(tmp_path):
         load("cifar10", tmp_path)
 
 
+class _Planted:
+    """A pickle payload: unpickling it creates the file ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_download_true_never_unpickles_files_it_did_not_check(tmp_path):
+    """dataset.download=true once skipped the md5 check (torchvision's download found the files and loaded them):
+    a planted CIFAR pickle ran. The files are now checked like placed files before anything is read."""
+    import pickle
+
+    folder = write_cifar(tmp_path, n_train=5, n_test=1)
+    ran = tmp_path / "ran"
+    (folder / "batches.meta").write_bytes(pickle.dumps(_Planted(ran)))
+    with pytest.raises(DataError, match=r"corrupt file .*data_batch_1 \(md5"):
+        load("cifar10", tmp_path, "dataset.download=true")
+    assert not ran.exists()
+
+
+def test_failed_download_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+    """No network (torchvision's downloader raises): one line, not "corrupt file ... delete it" about a file that
+    was never there."""
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match=r"dataset cifar10: downloading into .*cifar-10-batches-py failed "
+                                        r"\(OSError: no network\)"):
+        load("cifar10", tmp_path, "dataset.download=true")
+
+
 def test_svhn(tmp_path):
     write_svhn(tmp_path / "svhn", n_train=3, n_test=2)
     data = load("svhn", tmp_path, "dataset.verify_checksums=false")

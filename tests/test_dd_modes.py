@@ -145,7 +145,8 @@ def test_adaptation_from_another_dataset_replays_from_held_out_pretrained_nets(t
     pytest.importorskip("sklearn")
     args = ["method=dd", "fetcher=pretrained", "objective.report_nets=1", f"paths.buffers={tmp_path}/store",
             "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]", "objective.syn_steps=1",
-            "objective.syn_epochs=1", "objective.batch_real=4", "iterations=2", "eval_every=2", "evaluator.num_eval=0"]
+            "objective.syn_epochs=1", "objective.batch_real=4", "iterations=2", "eval_every=2", "evaluator.num_eval=5",
+            "eval_at_start=false", "beside_protocols=false"]
     cfg = tiny(tiny_root, *args)
     make_pool(cfg, tmp_path / "store", 3, dataset=cfg.fetcher.source)
     out = distill(cfg, tmp_path / "run")
@@ -153,6 +154,11 @@ def test_adaptation_from_another_dataset_replays_from_held_out_pretrained_nets(t
     final = [r for r in rows if r.get("iteration") == 2 and "dd_replay_acc" in r][0]
     assert 0 <= final["dd_replay_before_acc"] <= 100 and 0 <= final["dd_replay_acc"] <= 100
     assert Path(out["synthetic"]).is_file()
+    # the headline replay (evaluator=replay) starts from the same held-out pretrained network, not from a fresh
+    # draw of p(theta_0) (it once did: a pretrained run's headline was a random network's); one held out: one net
+    record = json.loads((tmp_path / "run" / "results.json").read_text())["evaluations"][-1]
+    assert record["protocol"]["theta0"] == "held-out networks of the pretrained pool"
+    assert list(record["per_net"].values()) == [[pytest.approx(final["dd_replay_acc"])]]
 
 
 # ---------------------------------------------------------------------------------------------------------

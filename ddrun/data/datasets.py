@@ -235,6 +235,21 @@ def _load_or_name_corrupt(name: str, load: Callable, files: Sequence[Path], prob
                         f"({type(exc).__name__}: {exc})") from None
 
 
+def _download(name: str, folder: Path, files: Sequence[Path], how_to_get: str, fetch: Callable[[], object]) -> None:
+    """``dataset.download=true``: run ``fetch`` (torchvision's downloader) when a file is missing. The files are
+    then checked like files the user placed (md5 before any pickle is read), never loaded by the download.
+
+    Raises:
+        DataError: the download failed (one line: the folder, the error, how to get the files by hand)."""
+    if all(f.is_file() for f in files):
+        return
+    try:
+        fetch()
+    except Exception as exc:  # noqa: BLE001 - network, HTTP, md5 of the archive: all one line
+        raise DataError(f"dataset {name}: downloading into {folder} failed ({type(exc).__name__}: {exc}); "
+                        f"{how_to_get}") from None
+
+
 def _check_files(name: str, folder: Path, entries: Sequence[tuple[str, str]], verify_checksums: bool,
                  how_to_get: str) -> None:
     """Raise DataError naming the missing files, or (with ``verify_checksums``) a file whose md5 differs."""
@@ -323,16 +338,17 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
     """
     cls = getattr(torchvision.datasets, torchvision_class)
     raw = Path(root) / torchvision_class / "raw"
-    if not download:
-        _ensure_idx_raw(raw, system_dirs, name)
     files = [raw / f for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
-    if not download and not all(f.is_file() for f in files):
+    _ensure_idx_raw(raw, system_dirs, name)
+    if download:
+        _download(name, raw, files, how_to_get, lambda: cls(root, train=True, download=True))
+    if not all(f.is_file() for f in files):
         raise _not_found(name, raw, how_to_get)
 
     def load():
-        tr = cls(root, train=True, download=download)
-        te = cls(root, train=False, download=download)
+        tr = cls(root, train=True, download=False)
+        te = cls(root, train=False, download=False)
         for ds in (tr, te):
             if len(ds.data) != len(ds.targets):
                 raise ValueError(f"{len(ds.data)} images but {len(ds.targets)} labels")
@@ -374,8 +390,12 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
     cls = getattr(torchvision.datasets, torchvision_class)
     folder = Path(root) / cls.base_folder
     entries = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
-    if not download:
-        _check_files(name, folder, entries, verify_checksums, how_to_get)
+    if download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        _download(name, folder, [folder / fn for fn, _ in entries], how_to_get,
+                  lambda: download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5))
+    _check_files(name, folder, entries, verify_checksums, how_to_get)  # md5 before any pickle is read
 
     class _Checked(cls):  # integrity was checked above (or deliberately skipped)
         meta = {**cls.meta, "md5": None}
@@ -384,7 +404,7 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
             return all((folder / fn).is_file() for fn, _ in entries)
 
     def load():
-        return (_Checked(root, train=True, download=download), _Checked(root, train=False, download=download))
+        return (_Checked(root, train=True, download=False), _Checked(root, train=False, download=False))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_pickle)
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
@@ -421,15 +441,19 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
     cls = torchvision.datasets.SVHN
     folder = Path(root)
     entries = [(cls.split_list[s][1], cls.split_list[s][2]) for s in ("train", "test")]
-    if not download:
-        _check_files(name, folder, entries, verify_checksums, how_to_get)
+    if download:
+        from torchvision.datasets.utils import download_url
+
+        _download(name, folder, [folder / fn for fn, _ in entries], how_to_get,
+                  lambda: [download_url(cls.split_list[s][0], root, *cls.split_list[s][1:]) for s in ("train", "test")])
+    _check_files(name, folder, entries, verify_checksums, how_to_get)
 
     class _Checked(cls):
         def _check_integrity(self) -> bool:
             return all((folder / fn).is_file() for fn, _ in entries)
 
     def load():
-        return (_Checked(root, split="train", download=download), _Checked(root, split="test", download=download))
+        return (_Checked(root, split="train", download=False), _Checked(root, split="test", download=False))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_mat)
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)

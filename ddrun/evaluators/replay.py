@@ -9,7 +9,9 @@ reference README), not of a network trained on S for many epochs with another op
 theta_0 is drawn as the distillation's fetcher draws it (``ddrun.contracts.NET_SEED_TAG``): ``init: fixed`` is the
 fixed initialization of ``fetcher=fixed`` itself (the same network for the same ``seed``: the paper's known-init
 setting); ``init: random`` draws ``num_eval`` held-out networks from p(theta_0) that the run never trained on
-(``fetcher=random``: the unknown-init setting). ``init: auto`` picks by the run's fetcher.
+(``fetcher=random``: the unknown-init setting); ``init: pretrained`` replays from the held-out networks of
+``fetcher=pretrained``'s pool (Sec. 3.4-3.5, adaptation and poisoning: networks pretrained on a source dataset that
+the run never trained with). ``init: auto`` picks by the run's fetcher.
 """
 
 from __future__ import annotations
@@ -36,28 +38,39 @@ class ReplayEvaluator(EvaluatorContract):
 
     Args:
         net: factory of the distilled-for network (the run's ``net``).
-        init: ``fixed``, ``random`` or ``auto`` (``fixed`` when ``fetcher`` names ``FixedFetcher``).
+        init: ``fixed``, ``random``, ``pretrained`` or ``auto`` (``fixed`` when ``fetcher`` names
+            ``FixedFetcher``, ``pretrained`` when it names ``PretrainedFetcher``, else ``random``).
         fetcher: the run's fetcher ``_target_`` (for ``init: auto``), or None.
-        num_eval: held-out networks with ``init: random`` (``fixed`` replays the one theta_0).
+        num_eval: held-out networks with ``init: random`` (``fixed`` replays the one theta_0; ``pretrained`` at
+            most the pool's ``held_out`` networks, each once).
+        pool: with ``init: pretrained``, the run's ``fetcher`` config (a partial ``PretrainedFetcher``), built in
+            :meth:`prepare`.
         syn_steps: the batches S was split into (the DD objective's ``syn_steps``); None: read from S's meta.
         epochs: ignored (the replay runs exactly S's steps); accepted so overrides shared by every evaluator, such
             as ``debug=smoke``'s ``evaluator.epochs``, apply.
         name: the architecture's name in ``per_net``.
 
     Raises:
-        ConfigError: an unknown ``init``; ``init: auto`` without a fetcher; no ``syn_steps`` known.
+        ConfigError: an unknown ``init``; ``init: auto`` without a fetcher; ``init: pretrained`` without the pool;
+            no ``syn_steps`` known.
     """
 
     def __init__(self, net: Callable[..., nn.Module], init: str = "auto", fetcher: str | None = None,
-                 num_eval: int = 1, syn_steps: int | None = None, epochs: int | None = None, name: str = "net"):
-        if init not in ("auto", "fixed", "random"):
-            raise ConfigError(f"evaluator.init={init!r}: valid values are ['auto', 'fixed', 'random']")
+                 num_eval: int = 1, syn_steps: int | None = None, epochs: int | None = None, name: str = "net",
+                 pool: Callable | None = None):
+        if init not in ("auto", "fixed", "random", "pretrained"):
+            raise ConfigError(f"evaluator.init={init!r}: valid values are ['auto', 'fixed', 'random', 'pretrained']")
         if init == "auto":
             if fetcher is None:
                 raise ConfigError("evaluator.init=auto needs the run's fetcher: pass evaluator.init=fixed (S was "
                                   "distilled with fetcher=fixed) or evaluator.init=random")
-            init = "fixed" if str(fetcher).endswith("FixedFetcher") else "random"
-        self.net_factory, self.init, self.name = net, init, name
+            kinds = {"FixedFetcher": "fixed", "PretrainedFetcher": "pretrained"}
+            init = kinds.get(str(fetcher).rsplit(".", 1)[-1], "random")
+        if init == "pretrained" and pool is None:
+            raise ConfigError("evaluator.init=pretrained replays from the held-out networks of fetcher=pretrained's "
+                              "pool: distill with fetcher=pretrained")
+        self.net_factory, self.init, self.name, self.pool = net, init, name, pool
+        self._pool = None
         self.num_eval = 1 if init == "fixed" and int(num_eval) > 0 else int(num_eval)
         self.syn_steps = None if syn_steps is None else int(syn_steps)
         self.uses_learned_lr = True
@@ -67,11 +80,23 @@ class ReplayEvaluator(EvaluatorContract):
                 "num_eval": self.num_eval, "epochs": "S's learned steps", "optimizer": "gd",
                 "lr": "learned per step", "lr_schedule": "learned", "momentum": 0, "weight_decay": 0,
                 "batch": f"{self.syn_steps or 'syn_steps'} batches of S", "augment": "none", "learned_lr": True,
-                "labels": "as stored", "theta0": "the fixed theta_0 of the run" if self.init == "fixed"
-                else "held-out draws from p(theta_0)"}
+                "labels": "as stored", "theta0": {"fixed": "the fixed theta_0 of the run",
+                                                  "pretrained": "held-out networks of the pretrained pool"}.get(
+                    self.init, "held-out draws from p(theta_0)")}
+
+    def prepare(self, real: RealData) -> None:
+        """With ``init: pretrained``: the pool (its store collection, held-out networks last), so a missing pool
+        stops the run at start-up (DataError naming the ``ddrun teacher`` command)."""
+        if self.init == "pretrained" and self._pool is None:
+            self._pool = self.pool(real=real, device=real.device, seed=0)
+            self.num_eval = min(self.num_eval, len(self._pool.held_ids))
 
     def theta0(self, real: RealData, seed: int, r: int) -> nn.Module:
-        """Network ``r``: the run's fixed theta_0, or held-out draw ``r`` (``Fetcher.held_out``)."""
+        """Network ``r``: the run's fixed theta_0, held-out pretrained network ``r``, or held-out draw ``r``
+        (``Fetcher.held_out``)."""
+        if self.init == "pretrained":
+            self.prepare(real)
+            return self._pool.held_out(r)
         s = derive_seed(seed, NET_SEED_TAG) if self.init == "fixed" else derive_seed(seed, NET_SEED_TAG, -1 - r)
         return build_net(self.net_factory, real, s, real.device)
 

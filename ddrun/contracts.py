@@ -126,10 +126,21 @@ class Objective:
 
     ``syn`` passed to ``__call__`` is the *decoded* set (``parametrization.decode(S)``); the hooks below get S
     itself.
+
+    Raises:
+        ConfigError: a negative step size or ``batch_real`` < 1 (one line naming the ``objective.`` key; a
+            negative step would ascend the loss, a negative batch silently used all but that many images).
     """
 
     def __init__(self, lr_img: float, lr_lr: float | None = None, lr_labels: float | None = None,
                  batch_real: int = 256, augment: DSA | None = None):
+        from ddrun.utils import ConfigError
+
+        for key, value in (("lr_img", lr_img), ("lr_lr", lr_lr), ("lr_labels", lr_labels)):
+            if value is not None and not float(value) >= 0:
+                raise ConfigError(f"objective.{key}={value}: a step size must be >= 0 (0: not learned)")
+        if batch_real is not None and int(batch_real) < 1:
+            raise ConfigError(f"objective.batch_real={batch_real}: must be >= 1 (real images per class per step)")
         self.lr_img, self.lr_lr, self.lr_labels = lr_img, lr_lr, lr_labels
         self.batch_real, self.augment = batch_real, augment
 

@@ -389,3 +389,24 @@ def test_a_class_too_small_for_ipc_is_refused_not_stored_with_shifted_labels(tmp
     with pytest.raises(ConfigError, match=match):
         distill(make_cfg(args + (["iterations=1"] if method == "dm" else [])), tmp_path / "run")
     assert not (tmp_path / "run" / "synthetic.pt").exists()
+
+
+@pytest.mark.parametrize("method, key, match", [
+    ("dm", "objective.batch_real=0", r"objective.batch_real=0: must be >= 1"),
+    ("dm", "objective.batch_real=-3", r"objective.batch_real=-3: must be >= 1"),  # once: all but 3 per class
+    ("kip", "objective.batch_real=0", r"objective.batch_real=0: must be >= 1"),
+    ("dm", "objective.lr_img=-1", r"objective.lr_img=-1: a step size must be >= 0"),
+    ("kip", "objective.lr_labels=-0.1", r"objective.lr_labels=-0.1: a step size must be >= 0"),
+    ("rfad", "objective.lr_platt=-1", r"objective.lr_platt=-1: a step size must be >= 0"),
+    ("kip", "objective.kernel.net_kwargs.width=0", r"objective.kernel.net_kwargs.width=0: must be >= 1"),
+    ("kip", "objective.kernel.w_std=-1", r"objective.kernel.w_std=-1: must be >= 0"),
+])
+def test_objective_knobs_out_of_range_are_one_line_before_any_work(tmp_path, method, key, match):
+    """Once tracebacks (batch_real 0, a kernel width 0, a negative std) or silent gradient ascent (a negative
+    step size) / all but N images per class (a negative batch_real)."""
+    write_mnist_like(tmp_path / "data", "MNIST", n_train=4, n_test=2)
+    args = ["dataset=mnist", f"paths.data={tmp_path / 'data'}", "dataset.system_dirs=[]", "logger=none",
+            f"method={method}", "ipc=1", "iterations=1", "evaluator.num_eval=0", "beside_protocols=false", key]
+    with pytest.raises(ConfigError, match=match):
+        distill(make_cfg(args), tmp_path / "run")
+    assert not (tmp_path / "run" / "synthetic.pt").exists()

@@ -37,6 +37,16 @@ from torch.func import functional_call, jacrev, vmap
 from ddrun.utils import seeded
 
 
+def check_net_kwargs(net_kwargs: dict | None) -> None:
+    """Raise ConfigError (one line) for a kernel network's ``width`` or ``depth`` below 1."""
+    from ddrun.utils import ConfigError
+
+    for key in ("width", "depth"):
+        value = (net_kwargs or {}).get(key)
+        if value is not None and int(value) < 1:
+            raise ConfigError(f"objective.kernel.net_kwargs.{key}={value}: must be >= 1")
+
+
 def gaussian_init_(net: nn.Module, w_std: float = math.sqrt(2.0), b_std: float = 0.1) -> nn.Module:
     """Re-draw every Conv/Linear weight as ``N(0, w_std^2 / fan_in)`` and bias as ``N(0, b_std^2)`` (the NNGP
     parameterization of RFAD's ``Conv2d_gaussian`` / ``GaussianLinear``), from torch's global generator, in place."""
@@ -113,6 +123,11 @@ class RandomFeatureNNGP(FeatureKernel):
 
         if int(n_models) < 1:
             raise ConfigError(f"objective.kernel.n_models={n_models}: must be >= 1")
+        check_net_kwargs(net_kwargs)
+        for key, value in (("w_std", w_std), ("b_std", b_std), ("readout_w_var", readout_w_var),
+                           ("readout_b_var", readout_b_var)):
+            if not float(value) >= 0:
+                raise ConfigError(f"objective.kernel.{key}={value}: must be >= 0")
         self.factory = lambda: net(channels=channels, num_classes=num_classes, im_size=tuple(im_size),
                                    **dict(net_kwargs or {}))
         self.device, self.n_models = torch.device(device), int(n_models)
@@ -152,6 +167,7 @@ class EmpiricalNTK(FeatureKernel):
 
     def __init__(self, net: Callable[..., nn.Module], channels: int, num_classes: int, im_size, device,
                  net_kwargs: dict | None = None):
+        check_net_kwargs(net_kwargs)
         self.factory = lambda: net(channels=channels, num_classes=1, im_size=tuple(im_size), **dict(net_kwargs or {}))
         self.device = torch.device(device)
         self.net: nn.Module | None = None

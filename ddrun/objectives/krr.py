@@ -256,6 +256,9 @@ class RFAD(KIP):
     def __init__(self, platt: bool = True, lr_platt: float = 0.01, transform: bool = False,
                  lr_transform: float = 5e-5, **kwargs):
         super().__init__(**kwargs)
+        for key, value in (("lr_platt", lr_platt), ("lr_transform", lr_transform)):
+            if not float(value) >= 0:
+                raise ConfigError(f"objective.{key}={value}: a step size must be >= 0")
         self.platt, self.lr_platt = bool(platt), float(lr_platt)
         self.transform, self.lr_transform = bool(transform), float(lr_transform)
         self.log_scale: nn.Parameter | None = None

@@ -86,11 +86,14 @@ def validate(cfg: DictConfig) -> None:
     if subset is not None and subset < int(cfg.ipc):
         raise ConfigError(f"dataset.train_subset={subset} keeps fewer real images per class than ipc={cfg.ipc}: "
                           f"raise it to >= {cfg.ipc} or pass null (all)")
+    init = str(OmegaConf.select(cfg, "init._target_", default="real")).rsplit(".", 1)[-1]
+    hint = f"to distill from that initialization use `init={init} method=dm` (or another method)"
+    if has_objective(cfg) and OmegaConf.select(cfg, "fetcher._target_") is None:
+        raise ConfigError(f"method={cfg.preset.name} selects no fetcher (S is ipc real images chosen by init={init}, "
+                          f"not optimized), so the objective has no network; {hint}")
     if int(cfg.iterations) > 0 and not has_objective(cfg):
-        init = str(OmegaConf.select(cfg, "init._target_", default="real")).rsplit(".", 1)[-1]
         raise ConfigError(f"method={cfg.preset.name} is a baseline (ipc real images chosen by init={init}, not "
-                          f"optimized): it takes iterations=0, not {cfg.iterations}; to distill from that "
-                          f"initialization use `init={init} method=dm` (or another method)")
+                          f"optimized): it takes iterations=0, not {cfg.iterations}; {hint}")
     check_per_ipc_tables(cfg)
     check_parametrized_init(cfg)
 

@@ -51,6 +51,9 @@ def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, comma
     (["method=herding", "iterations=5"], "method=herding is a baseline (ipc real images chosen by init=herding, "
                                          "not optimized): it takes iterations=0, not 5; to distill from that "
                                          "initialization use `init=herding method=dm`"),
+    (["method=herding", "objective=dm"], "method=herding selects no fetcher (S is ipc real images chosen by "
+                                         "init=herding, not optimized), so the objective has no network; to "
+                                         "distill from that initialization use `init=herding method=dm`"),
 ])
 def test_bad_values_fail_before_work(tmp_path, args, message):
     r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")

@@ -187,9 +187,20 @@ class Objective:
 
     def class_pairs(self, syn: SyntheticSet, real: RealData, generator: torch.Generator):
         """For each class c: ``(c, real_c, syn_c, syn_idx)`` with ``batch_real`` real images of class c and the
-        synthetic images of class c, both passed through the same Siamese DSA draw when ``augment`` is set."""
+        synthetic images of class c, both passed through the same Siamese DSA draw when ``augment`` is set.
+
+        Raises:
+            DataError: S has no image of class c (soft labels whose argmax is another class, e.g. DATM's expert
+                labels from weak experts), which a per-class objective cannot match."""
         for c in range(real.num_classes):
             idx = syn.class_slice(c)
+            if len(idx) == 0:
+                from ddrun.utils import DataError
+
+                raise DataError(f"S has no image of class {c}: the argmax of every soft label is another class "
+                                f"(e.g. init=expert_correct with experts that classify no image of class {c} "
+                                f"correctly), and this objective matches class by class; pass "
+                                f"init.soft_labels=false or train better experts")
             r, s = real.sample_class(c, self.batch_real, generator), syn.images[idx]
             if self.augment is not None and self.augment.enabled:
                 r, s = self.augment.pair(r, s, generator)

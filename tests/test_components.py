@@ -114,6 +114,20 @@ def test_objective_gradients_reach_images(objective):
     assert syn.images.grad is not None and syn.images.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("objective", [DistributionMatching(lr_img=1.0, batch_real=4),
+                                       GradientMatching(lr_img=0.1, batch_real=4)])
+def test_a_class_without_images_is_one_line_for_per_class_objectives(objective):
+    """Soft labels whose argmax leaves a class empty (DATM's expert labels from weak experts, then method=dm):
+    once a DSA ValueError on an empty batch or a NaN loss."""
+    from ddrun.utils import DataError
+
+    data = tiny_real()
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 0, 2, 2]), 3).float() * 5  # class 1's point to 0
+    syn = SyntheticSet(torch.randn(6, 1, 28, 28), logits, 3)
+    with pytest.raises(DataError, match="S has no image of class 1: the argmax of every soft label is another"):
+        objective(syn, data, Fetched(ConvNet(1, 3, (28, 28), width=8)), 0, torch.Generator().manual_seed(1))
+
+
 def test_gradient_distance_properties():
     g = [torch.randn(4, 3, 3, 3), torch.randn(4)]
     assert float(match_loss(g, g)) == pytest.approx(0.0, abs=1e-5)  # identical gradients match exactly

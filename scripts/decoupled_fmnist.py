@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -153,10 +154,12 @@ def table(args) -> None:
     for f in sorted((args.out / "eval").glob("*/results.json")):
         r = json.loads(f.read_text())
         r = r["evaluations"][-1] if "evaluations" in r else r  # the run record (ddrun.record), or an older result
-        m, ipc, proto = f.parent.name.rsplit("_", 2)
-        rows.setdefault((proto, m), {})[int(ipc.removeprefix("ipc"))] = (r["acc_mean"], r["acc_std"],
-                                                                        len(next(iter(r["per_net"].values()))))
-        protocols[(proto, int(ipc.removeprefix("ipc")))] = r.get("protocol_line") or r["protocol"]
+        name = re.fullmatch(r"(.+)_ipc(\d+)_(.+)", f.parent.name)  # <method>_ipc<N>_<protocol>[_<more>]
+        if name is None or name[1] not in METHODS:
+            continue  # a folder of another layout
+        m, ipc, proto = name[1], int(name[2]), name[3]
+        rows.setdefault((proto, m), {})[ipc] = (r["acc_mean"], r["acc_std"], len(next(iter(r["per_net"].values()))))
+        protocols[(proto, ipc)] = r.get("protocol_line") or r["protocol"]
     print("| protocol | method | " + " | ".join(f"ipc {i}" for i in IPCS) + " |")
     print("|---|---|" + "---|" * len(IPCS))
     for (proto, m), by_ipc in sorted(rows.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))):

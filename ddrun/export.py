@@ -39,6 +39,8 @@ def export(cfg: DictConfig) -> dict:
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format!r}: valid formats are {list(FORMATS)}")
     syn = SyntheticSet.load(cfg.synthetic)
+    if syn.meta.get("parametrization", "pixels") != "pixels" and cfg.get("decoded", True):
+        syn = decoded_set(syn)
     meta = syn.meta
     if meta.get("zca") or meta.get("layernorm") or meta.get("mean") is None:
         real = build(cfg.dataset)
@@ -51,6 +53,25 @@ def export(cfg: DictConfig) -> dict:
             return (x * std + mean).clamp(0, 1)
     out = Path(cfg.out) if cfg.out else Path(cfg.synthetic).parent / "imagefolder"
     return write_imagefolder(syn, to_pixels, out, overwrite=bool(cfg.get("overwrite", False)))
+
+
+def decoded_set(syn):
+    """S stored in IDC's multi-formation (Kim et al. 2022) as the pixel set its networks train on: the
+    ``factor^2`` decoded images per stored image (the recorded ``factor`` and ``decode_mode``), their labels, and
+    a meta without the parametrization (the folder then evaluates as pixels, e.g. by a reference repository)."""
+    from ddrun.parametrizations import MultiFormation
+    from ddrun.synthetic import SyntheticSet
+
+    meta = syn.meta
+    param = MultiFormation(factor=int(meta["factor"]), decode_mode=meta.get("decode_mode", "bilinear"))
+    d = param.decode(syn)
+    kept = {k: v for k, v in meta.items() if k not in ("parametrization", "factor", "decode_mode", "stored_images",
+                                                         "decoded_images")}
+    log.info("S is stored in the idc parametrization (factor %d): exporting its %d decoded training images, not "
+             "the %d stored ones (decoded=false writes those)", param.factor, len(d.images), len(syn.images))
+    return SyntheticSet(d.images.detach(), d.labels.detach(), syn.num_classes,
+                        meta={**kept, "ipc": len(d.images) // syn.num_classes,
+                              "decoded_from": f"idc factor {param.factor} ({param.decode_mode})"})
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ddrun.conf", config_name="export")

@@ -156,3 +156,30 @@ def test_idc_refuses_an_init_whose_images_it_would_replace(tiny_root, tmp_path, 
         distill(tiny(tiny_root, "method=dm", "parametrization=idc", f"init={init}", "iterations=1",
                      "evaluator.num_eval=0"), tmp_path / "run")
     assert not (tmp_path / "run" / "synthetic.pt").exists()
+
+
+def test_export_writes_the_decoded_training_images_of_an_idc_set(tiny_root, tmp_path):
+    """Other tools train on what ddrun's networks train on: the factor^2 decoded images per stored image (an
+    export once wrote the 2x2 mosaics, silently); decoded=false keeps the stored ones, which evaluate with
+    parametrization=idc."""
+    from ddrun.evaluate import evaluate_cmd
+    from ddrun.export import export
+    from ddrun.imagefolder import read_imagefolder
+
+    out = distill(tiny(tiny_root, "method=dm", "parametrization=idc", "iterations=1", "evaluator.num_eval=0"),
+                  tmp_path / "run")
+    res = export(make_cfg([f"synthetic={out['synthetic']}", f"out={tmp_path / 'dec'}"], "export"))
+    assert res["images"] == 80  # ipc 2 x 10 classes stored, x 4 decoded
+    real = build(tiny(tiny_root).dataset)
+    back = read_imagefolder(tmp_path / "dec", real)
+    stored = SyntheticSet.load(out["synthetic"])
+    want = MultiFormation(factor=2).decode(stored)
+    assert torch.allclose(real.to_pixels(back.images), real.to_pixels(want.images.detach()), atol=0.5 / 255 + 1e-6)
+    assert back.ipc == 8 and "parametrization" not in back.meta
+    args = ["dataset=mnist", f"paths.data={tiny_root}", "dataset.system_dirs=[]", "net.width=8", "logger=none",
+            "evaluator.num_eval=1", "evaluator.epochs=1"]
+    assert evaluate_cmd(make_cfg([*args, f"synthetic={tmp_path / 'dec'}"], "evaluate"))["ipc"] == 8
+    res = export(make_cfg([f"synthetic={out['synthetic']}", f"out={tmp_path / 'raw'}", "decoded=false"], "export"))
+    assert res["images"] == 20
+    with pytest.raises(ConfigError, match="pass parametrization=idc"):
+        evaluate_cmd(make_cfg([*args, f"synthetic={tmp_path / 'raw'}"], "evaluate"))

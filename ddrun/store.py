@@ -101,7 +101,15 @@ def setting_of(real, net_factory: Callable, augment) -> dict:
 def teacher_setting(real, net_factory: Callable, recipe: str) -> dict:
     """What a teacher collection is keyed by: the dataset and the network as :func:`setting_of`, and the name of
     the training recipe (``conf/recipe/<name>.yaml``; its augmentation is part of the recipe) instead of a DSA
-    augmentation."""
+    augmentation.
+
+    Raises:
+        ConfigError: ``recipe`` is not one of ``conf/recipe/`` (lists them; no teacher can have been trained
+            with it)."""
+    recipes = sorted(p.stem for p in (_conf_dir() / "recipe").glob("*.yaml"))
+    if str(recipe) not in recipes:
+        raise ConfigError(f"teacher recipe {recipe!r}: valid recipes are {recipes} (conf/recipe/, what `ddrun "
+                          f"teacher recipe=...` trains with)")
     setting = setting_of(real, net_factory, None)
     del setting["augment"]
     return {**setting, "recipe": str(recipe)}
@@ -186,6 +194,8 @@ def training_overrides(kind: str, training: dict, dataset: str) -> list[str]:
     if kind == "experts":
         base = OmegaConf.to_container(OmegaConf.load(str(conf / "buffer.yaml")))
         return [f"{k}={_override_value(v)}" for k, v in training.items() if k in base and base[k] != v]
+    if training.get("name") is None:  # not written by `ddrun teacher`: its recipe is unknown
+        return []
     recipe = OmegaConf.create({"recipe": OmegaConf.load(str(conf / "recipe" / f"{training['name']}.yaml")),
                                "dataset": {"name": dataset}})
     seed = OmegaConf.load(str(conf / "teacher.yaml")).seed  # `ddrun teacher`'s top-level seed, not a recipe key
@@ -331,15 +341,16 @@ class Collection:
                 raise ConfigError(f"{self.dir} holds {self.kind} trained with another setting "
                                   f"({'; '.join(diff)}); use another paths.buffers or the collection's settings")
 
-    def open_for_reading(self, data: str | Path | None = None) -> dict:
-        """The manifest of a collection a component is about to read.
+    def open_for_reading(self, data: str | Path | None = None, extra: str = "") -> dict:
+        """The manifest of a collection a component is about to read (``extra``: arguments the printed command
+        adds, e.g. how many teachers the reader needs).
 
         Raises:
             DataError: no collection for this setting (names the path and the command that makes it, and
                 collections of other settings that exist), or one made in another setting (says what differs).
         """
         m = self.manifest()
-        command = command_for(self.kind, self.setting, self.root, data)
+        command = command_for(self.kind, self.setting, self.root, data, extra)
         if m is None:
             raise DataError(self._missing_message(command))
         diff = setting_diff(m["setting"], self.setting, self.where)

@@ -130,8 +130,17 @@ def test_missing_pool_prints_the_ddrun_teacher_command(tiny_root, tmp_path):
                "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]")
     real = build(cfg.dataset)
     with pytest.raises(DataError, match=r"no teacher collection at .*teachers/sklearn_digits/.*; create it with "
-                                        r"`ddrun teacher dataset=sklearn_digits .*paths.buffers=.*store`"):
+                                        r"`ddrun teacher dataset=sklearn_digits .*paths.buffers=.*store num_teachers=2`"):
         build(cfg.fetcher)(real=real, device=torch.device("cpu"), seed=0)
+    with pytest.raises(ConfigError, match=r"teacher recipe 'foo': valid recipes are \['edc', 'sre2l'\]"):
+        build(tiny(tiny_root, "method=dd", "fetcher=pretrained", "fetcher.recipe=foo").fetcher)(
+            real=real, device=torch.device("cpu"), seed=0)
+    # one teacher, one held out: nothing left to distill with; the printed command trains the second one
+    one = tiny(tiny_root, "method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/one")
+    make_pool(one, tmp_path / "one", 1)
+    with pytest.raises(ConfigError, match=r"has 1 usable networks; fetcher.held_out=1 needs at least 2: train more "
+                                          r"\(`ddrun teacher dataset=mnist .*num_teachers=2`\)"):
+        build(one.fetcher)(real=real, device=torch.device("cpu"), seed=0)
     small = tiny(tiny_root, "method=dd", "fetcher=pretrained", f"paths.buffers={tmp_path}/store",
                  "dataset@fetcher.source=sklearn_digits")
     with pytest.raises(ConfigError, match=r"the source dataset sklearn_digits has .* \(1, \(8, 8\), 10\), the "

@@ -24,7 +24,7 @@ from torch import nn
 
 from ddrun.contracts import Fetched, Fetcher
 from ddrun.data.datasets import RealData
-from ddrun.store import Collection, load_teacher, teacher_setting
+from ddrun.store import Collection, command_for, load_teacher, teacher_setting
 from ddrun.utils import ConfigError, DataError, derive_seed
 
 log = logging.getLogger("ddrun.fetchers.pretrained")
@@ -65,12 +65,15 @@ class PretrainedFetcher(Fetcher):
         if int(held_out) < 1:
             raise ConfigError(f"fetcher.held_out={held_out}: must be >= 1 (networks kept to evaluate the steps)")
         self.store = Collection(buffers, "teachers", teacher_setting(self.source, net, recipe), collection_dir)
-        self.store.open_for_reading(data)
+        need = f"num_teachers={int(held_out) + 1}"  # held_out kept aside, at least one to distill with
+        self.store.open_for_reading(data, need)
         usable = self.store.usable(max_teachers)
         if len(usable) < int(held_out) + 1:
+            more = command_for("teachers", self.store.setting, buffers, data, need,
+                               training=self.store.manifest().get("training"))
             raise ConfigError(f"the teacher collection {self.store.dir} has {len(usable)} usable networks; "
                               f"fetcher.held_out={held_out} needs at least {int(held_out) + 1}: train more "
-                              f"(`ddrun teacher ...`) or lower fetcher.held_out")
+                              f"(`{more}`) or lower fetcher.held_out")
         self.train_ids, self.held_ids = usable[:-int(held_out)], usable[-int(held_out):]
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
         log.info("pretrained pool %s: %d networks to distill with, %d held out", self.store.dir,

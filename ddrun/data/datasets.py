@@ -168,10 +168,15 @@ def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: i
 def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float],
                form: str = "absolute", centre: bool = True):
     """``(zca object or None, mean, std)``. ``zca`` true builds :class:`~ddrun.data.zca.ZCA` of ``form`` and
-    ``centre``. With the
-    ``absolute`` form (MTT) the images are only scaled to [0, 1] (mean 0, std 1), as the MTT reference (``ToTensor``
-    without ``Normalize`` when ``--zca``), because an absolute regularization depends on the input scale; with the
-    ``relative`` form (KIP / RFAD / FRePo) they are mean/std normalized first, as in those references."""
+    ``centre``. With the ``absolute`` form (MTT) the images are only scaled to [0, 1] (mean 0, std 1), as the MTT
+    reference (``ToTensor`` without ``Normalize`` when ``--zca``), because an absolute regularization depends on the
+    input scale; with the ``relative`` form (KIP / RFAD / FRePo) they are mean/std normalized first, as in those
+    references.
+
+    Raises:
+        DataError: ``zca`` is neither a boolean, None nor a transform with ``fit`` (``dataset.zca=yes``)."""
+    if zca is not None and not isinstance(zca, bool) and not callable(getattr(zca, "fit", None)):
+        raise DataError(f"dataset.zca={zca!r}: valid values are [true, false]")
     if zca is None or zca is False:
         return None, mean, std
     if zca is True:

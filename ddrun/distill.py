@@ -279,6 +279,9 @@ class Distillation:
                         method=str(cfg.preset.name),
                         config_hash=self.chash,
                         setting_hash=setting_hash(cfg))
+        syn.meta.pop("zca_regularization", None)  # with ZCA only; evaluate compares it (older S lack it: unchecked)
+        if getattr(real.zca, "regularization", None) is not None:
+            syn.meta["zca_regularization"] = float(real.zca.regularization)
         syn = syn.to(self.device)
         syn.meta.update(self.param.describe(syn))
         return syn

@@ -20,18 +20,15 @@ log = logging.getLogger("ddrun.evaluate")
 
 
 def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
-    """Refuse a synthetic set that does not belong to ``real``: image shape, classes, and (when S records them)
-    dataset, normalization and ZCA.
+    """Refuse a synthetic set that does not belong to ``real``: what S records of how it was made
+    (:func:`check_recorded`), then its image shape and classes.
 
     Raises:
         ConfigError: names the mismatch and what to pass instead.
     """
     from ddrun.utils import ConfigError
 
-    meta = syn.meta
-    if meta.get("dataset") and meta["dataset"] != real.name:
-        raise ConfigError(f"{source} was distilled from dataset {meta['dataset']}, not {real.name}: "
-                          f"pass dataset={meta['dataset']}")
+    check_recorded(syn.meta, real, source)
     shape = tuple(syn.images.shape[1:])
     if shape != (real.channels, *real.im_size):
         raise ConfigError(f"{source} holds images {list(shape)} but dataset={real.name} has "
@@ -39,25 +36,56 @@ def check_compatible(syn: SyntheticSet, real: RealData, source: str) -> None:
     k = syn.labels.shape[1] if syn.soft else int(syn.labels.max()) + 1
     if (syn.soft and k != real.num_classes) or k > real.num_classes:
         raise ConfigError(f"{source} has labels of {k} classes but dataset={real.name} has {real.num_classes}")
+
+
+def check_recorded(meta: dict, real: RealData, source: str) -> None:
+    """Refuse a set whose metadata (when it records them) names another dataset, normalization, ZCA (on / off,
+    form, centring, regularization) or per-image layer normalization than ``real``'s. Needs only ``meta``, so
+    :func:`load_set` runs it before the value checks of :func:`check_outside_set` (a set made with another
+    preprocessing is named as such, not as raw pixels). Keys S does not record (older files) are not checked.
+
+    Raises:
+        ConfigError: names the mismatch and the override to pass.
+    """
+    from ddrun.utils import ConfigError
+
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("dataset") and meta["dataset"] != real.name:
+        raise ConfigError(f"{source} was distilled from dataset {meta['dataset']}, not {real.name}: "
+                          f"pass dataset={meta['dataset']}")
     if meta.get("zca") is not None and bool(meta["zca"]) != (real.zca is not None):  # before the normalization
         raise ConfigError(f"{source} was made {'with' if meta['zca'] else 'without'} ZCA whitening: pass "
                           f"dataset.zca={str(bool(meta['zca'])).lower()}")
+    if meta.get("layernorm") is not None and bool(meta["layernorm"]) != real.layernorm:
+        raise ConfigError(f"{source} was made {'with' if meta['layernorm'] else 'without'} per-image layer "
+                          f"normalization: pass dataset.layernorm={str(bool(meta['layernorm'])).lower()}")
     for key, ours in (("mean", list(real.mean)), ("std", list(real.std))):
         if meta.get(key) is not None and [round(float(v), 6) for v in meta[key]] != [round(v, 6) for v in ours]:
             raise ConfigError(f"{source} was normalized with {key} {meta[key]} but dataset={real.name} uses {ours}; "
                               f"set dataset.mean / dataset.std to the values S was made with")
-    form = getattr(real.zca, "form", None)
-    if meta.get("zca") and meta.get("zca_form") and meta["zca_form"] != form:
+    if meta.get("zca"):
+        _check_recorded_zca(meta, real.zca, source)
+
+
+def _check_recorded_zca(meta: dict, zca, source: str) -> None:
+    """The ZCA part of :func:`check_recorded` (S and ``zca``, the dataset's transform, both whitened)."""
+    import math
+
+    from ddrun.utils import ConfigError
+
+    form = getattr(zca, "form", None)
+    if meta.get("zca_form") and meta["zca_form"] != form:
         raise ConfigError(f"{source} was whitened with the {meta['zca_form']} ZCA form, not {form}: pass "
                           f"dataset.zca_form={meta['zca_form']}")
-    centre = getattr(real.zca, "centre", None)
-    if meta.get("zca") and meta.get("zca_centre") is not None and meta["zca_centre"] != centre:
+    centre = getattr(zca, "centre", None)
+    if meta.get("zca_centre") is not None and meta["zca_centre"] != centre:
         raise ConfigError(f"{source} was whitened {'centred' if meta['zca_centre'] else 'uncentred'}, this dataset "
                           f"{'centred' if centre else 'uncentred'}: pass dataset.zca_centre="
                           f"{str(meta['zca_centre']).lower()}")
-    if meta.get("layernorm") is not None and bool(meta["layernorm"]) != real.layernorm:
-        raise ConfigError(f"{source} was made {'with' if meta['layernorm'] else 'without'} per-image layer "
-                          f"normalization: pass dataset.layernorm={str(bool(meta['layernorm'])).lower()}")
+    made, ours = meta.get("zca_regularization"), getattr(zca, "regularization", None)
+    if made is not None and ours is not None and not math.isclose(float(made), float(ours), rel_tol=1e-9):
+        raise ConfigError(f"{source} was whitened with dataset.zca_regularization={float(made)!r}, this dataset "
+                          f"with {float(ours)!r}: pass dataset.zca_regularization={float(made)!r}")
 
 
 def check_outside_set(d: dict, real: RealData, source: str) -> None:
@@ -112,6 +140,7 @@ def load_set(cfg, real: RealData):
         syn = read_imagefolder(path, real)
     else:
         d = load_tensors(path, "synthetic set", keys=("images", "labels"))
+        check_recorded(d.get("meta") or {}, real, str(path))  # another preprocessing is named as such, first
         check_outside_set(d, real, str(path))
         syn = SyntheticSet.from_state(d)
     check_compatible(syn, real, str(path))

@@ -215,8 +215,8 @@ ZCA_FORMS = ("absolute", "relative")   # ddrun.data.zca.ZCA's forms (dataset.zca
 
 
 def check_dataset_preprocessing(dataset) -> None:
-    """``dataset.zca_form`` is one of :data:`ZCA_FORMS`; ``dataset.zca_centre`` and ``dataset.layernorm`` are
-    booleans (absent keys are not checked: the loaders' defaults apply).
+    """``dataset.zca_form`` is one of :data:`ZCA_FORMS`; ``dataset.zca``, ``dataset.zca_centre`` and
+    ``dataset.layernorm`` are booleans (absent or null keys are not checked: the loaders' defaults apply).
 
     Raises:
         ConfigError: one line naming the key, the bad value and the valid values.
@@ -228,7 +228,7 @@ def check_dataset_preprocessing(dataset) -> None:
     form = dataset.get("zca_form")
     if form is not None and form not in ZCA_FORMS:
         raise ConfigError(f"dataset.zca_form={form}: valid values are {', '.join(ZCA_FORMS)}")
-    for key in ("zca_centre", "layernorm"):
+    for key in ("zca", "zca_centre", "layernorm"):
         value = dataset.get(key)
         if value is not None and not isinstance(value, bool):
             raise ConfigError(f"dataset.{key}={value}: valid values are true, false")

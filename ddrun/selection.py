@@ -66,6 +66,7 @@ class EarlyStopping:
         self.state = Selection()
         self.x_val: torch.Tensor | None = None
         self.y_val: torch.Tensor | None = None
+        self.drawn_per_class: int | None = None  # the fewest validation images of a class (after draw)
 
     @classmethod
     def from_config(cls, node) -> "EarlyStopping | None":
@@ -75,9 +76,12 @@ class EarlyStopping:
         return cls(node["every"], node.get("patience"), node.get("val_per_class", 500), node.get("revert", True))
 
     def draw(self, real: RealData, seed: int) -> None:
-        """Draw the validation split (``val_per_class`` per class of the training split) from ``seed``."""
+        """Draw the validation split (``val_per_class`` per class of the training split, all of a class that has
+        fewer) from ``seed``; ``drawn_per_class`` becomes the count of the smallest class."""
         g = torch.Generator().manual_seed(derive_seed(seed, 104729))
         self.x_val, self.y_val = real.balanced_sample(self.val_per_class, g)
+        counts = torch.bincount(self.y_val.cpu(), minlength=real.num_classes)
+        self.drawn_per_class = int(counts.min())
 
     def due(self, it: int, last: int) -> bool:
         """Whether S is validated before iteration ``it`` (every ``every`` iterations, and at the last one
@@ -101,9 +105,14 @@ class EarlyStopping:
         return self.patience is not None and st.best_iteration is not None and it > st.best_iteration + self.patience
 
     def describe(self, objective_name: str) -> str:
-        """How S is selected, for the record and the kept file's metadata."""
-        return (f"lowest validation loss of {objective_name} on {self.val_per_class}/class of the training split, "
-                f"every {self.every} iterations")
+        """How S is selected, for the record and the kept file's metadata: the validation images per class
+        actually drawn (after :meth:`draw`; a class with fewer training images than ``val_per_class`` gives all
+        of them, and the smallest class's count is recorded and said to be all of it)."""
+        n = self.val_per_class if self.drawn_per_class is None else self.drawn_per_class
+        per_class = f"{n}/class" if n >= self.val_per_class else \
+            f"{n}/class (all of the smallest class; {self.val_per_class} requested)"
+        return f"lowest validation loss of {objective_name} on {per_class} of the training split, every " \
+               f"{self.every} iterations"
 
     def state_dict(self) -> dict:
         return asdict(self.state)

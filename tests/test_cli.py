@@ -44,6 +44,7 @@ def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, comma
 @pytest.mark.parametrize("args,message", [
     (["ipc=0"], "ipc=0: must be >= 1"),
     (["iterations=-1"], "iterations=-1: must be >= 0"),
+    (["dataset.zca=yes"], "dataset.zca=yes: valid values are true, false"),
     (["method=dc", "ipc=7"], "schedule.outer_loop is not set: method=dc has no value for ipc=7 in its table "
                              "preset.loops (it defines ipc 1, 10, 20, 30, 40, 50); pass schedule.outer_loop=N"),
     (["method=dd", "ipc=7"], "objective.syn_steps is not set: method=dd has no value for ipc=7 in its table "

@@ -165,3 +165,38 @@ def test_unreadable_image_named(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match=f"corrupt or unreadable image {bad}"):
         load("imagefolder", tmp_path)
+
+
+def test_tiny_imagenet_refuses_a_missing_training_class_folder(tmp_path):
+    """A class listed in val/val_annotations.txt but missing from train/ is refused (it once became K-1 classes and
+    that class's test images were dropped)."""
+    import shutil
+
+    from formats import write_image_folder
+
+    root = write_image_folder(tmp_path / "tiny-imagenet-200", k=3, n_train=2, n_test=2, tiny_imagenet_val=True)
+    shutil.rmtree(root / "train" / "n00000001")
+    with pytest.raises(DataError, match=r"val_annotations.txt lists 1 class\(es\) with no folder in .*train: "
+                                        r"n00000001; restore"):
+        load("tiny_imagenet", tmp_path)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("empty", ["class", "all"])
+def test_image_folder_without_images_is_one_data_error(tmp_path, split, empty):
+    """An empty class folder, or no class folders at all, is a DataError naming the folder (torchvision raises
+    FileNotFoundError, which reached the user as Hydra's traceback)."""
+    import shutil
+
+    from formats import write_image_folder
+
+    root = write_image_folder(tmp_path / "imagefolder", k=2, n_train=1, n_test=1)
+    folder = root / split
+    if empty == "class":
+        (folder / "n00000005").mkdir()
+    else:
+        shutil.rmtree(folder)
+        folder.mkdir()
+    with pytest.raises(DataError, match=f"dataset imagefolder: no images to read in {folder} ") as info:
+        load("imagefolder", tmp_path)
+    assert "\n" not in str(info.value) and (empty == "all" or "n00000005" in str(info.value))

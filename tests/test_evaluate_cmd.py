@@ -172,3 +172,41 @@ def test_a_zca_set_without_zca_names_the_override_first(root):
                        meta={"zca": True, "mean": [0.0], "std": [1.0], "dataset": "mnist"})
     with pytest.raises(ConfigError, match="was made with ZCA whitening: pass dataset.zca=true$"):
         check_compatible(syn, real, "s.pt")
+
+
+def test_a_zca_set_records_its_regularization_and_evaluate_refuses_another(root, tmp_path):
+    """S distilled under ZCA records dataset.zca_regularization; evaluating it against a dataset whitened with
+    another one is refused naming the override (it ran silently against another whitening). A file that does
+    not record it (made before) is not checked."""
+    from ddrun.evaluate import load_set
+    from ddrun.utils import build
+
+    zca = ["dataset.zca=true", "dataset.zca_regularization=0.2"]
+    s = distill(make_cfg(["method=random", "ipc=1", f"paths.data={root}", *TINY, *zca]), tmp_path / "run")
+    saved = torch.load(s["synthetic"], weights_only=False)
+    assert saved["meta"]["zca_regularization"] == 0.2 and saved["meta"]["zca_form"] == "absolute"
+    same = ev(root, f"synthetic={s['synthetic']}", *zca)
+    load_set(same, build(same.dataset))
+    other = ev(root, f"synthetic={s['synthetic']}", "dataset.zca=true")  # the default 0.1
+    with pytest.raises(ConfigError, match=r"whitened with dataset.zca_regularization=0.2, this dataset with 0.1: "
+                                          r"pass dataset.zca_regularization=0.2$"):
+        load_set(other, build(other.dataset))
+    del saved["meta"]["zca_regularization"]
+    torch.save(saved, tmp_path / "older.pt")
+    older = ev(root, f"synthetic={tmp_path / 'older.pt'}", "dataset.zca=true")
+    load_set(older, build(older.dataset))
+    plain = distill(make_cfg(["method=random", "ipc=1", f"paths.data={root}", *TINY]), tmp_path / "plain")
+    assert "zca_regularization" not in torch.load(plain["synthetic"], weights_only=False)["meta"]
+
+
+@pytest.mark.parametrize("meta,line", [({"zca": True}, "was made with ZCA whitening: pass dataset.zca=true"),
+                                       ({"layernorm": True}, "per-image layer normalization: pass "
+                                                             "dataset.layernorm=true")])
+def test_a_preprocessing_mismatch_is_named_before_the_value_range(root, tmp_path, meta, line):
+    """A file made with ZCA (a small regularization gives large whitened values) or layer norm, evaluated on the
+    plain dataset, names the override, not "raw 0-255 pixels"."""
+    torch.save({"images": torch.randn(10, 1, 28, 28) * 500, "labels": torch.arange(10),
+                "meta": {"dataset": "mnist", **meta}}, tmp_path / "s.pt")
+    with pytest.raises(ConfigError, match=line) as info:
+        evaluate_cmd(ev(root, f"synthetic={tmp_path / 's.pt'}"))
+    assert "raw 0-255" not in str(info.value)

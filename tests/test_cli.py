@@ -52,6 +52,8 @@ def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, comma
     (["method=herding", "iterations=5"], "method=herding is a baseline (ipc real images chosen by init=herding, "
                                          "not optimized): it takes iterations=0, not 5; to distill from that "
                                          "initialization use `init=herding method=dm`"),
+    (["method=herding", "init=noise"], "method=herding is S = the images init=herding selects; with init=noise it "
+                                       "would be recorded as herding: drop the init override"),
     (["method=herding", "objective=dm"], "method=herding selects no fetcher (S is ipc real images chosen by "
                                          "init=herding, not optimized), so the objective has no network; to "
                                          "distill from that initialization use `init=herding method=dm`"),

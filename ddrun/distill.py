@@ -112,6 +112,18 @@ NOT_S = ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_eve
          "keep_best", "beside_protocols")
 
 
+def build_beside(name: str, node: DictConfig):
+    """The evaluator ``beside.<name>``.
+
+    Raises:
+        ConfigError: its constructor refused a knob: the message names ``beside.<name>.<key>`` where the
+            evaluator says ``evaluator.<key>`` (evaluators name their keys as the headline evaluator's)."""
+    try:
+        return build(node)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("evaluator.", f"beside.{name}.")) from None
+
+
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of everything that determines S (not paths, logging or evaluation settings)."""
     c = OmegaConf.to_container(cfg, resolve=True)
@@ -205,7 +217,7 @@ class Distillation:
         self.evaluator = build(cfg.evaluator)
         if self.evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
             self.evaluator = None
-        beside = {name: build(node) for name, node in (cfg.get("beside") or {}).items()
+        beside = {name: build_beside(name, node) for name, node in (cfg.get("beside") or {}).items()
                   if cfg.get("beside_protocols", True)}
         self.beside = {name: ev for name, ev in beside.items() if ev.num_eval >= 1}
         self.objective = build(cfg.objective) if has_objective(cfg) else None

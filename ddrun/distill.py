@@ -124,22 +124,31 @@ def build_beside(name: str, node: DictConfig):
         raise ConfigError(str(err).replace("evaluator.", f"beside.{name}.")) from None
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short hash of everything that determines S (not paths, logging or evaluation settings)."""
+# targets renamed without changing what they build: hashed under their old name, so checkpoints and seeds of runs
+# made before the rename still resume and pool (syn_scheduler=step: ddrun.schedule.step_lr is a checked StepLR)
+SAME_TARGET = {"ddrun.schedule.step_lr": "torch.optim.lr_scheduler.StepLR"}
+
+
+def _hashed(cfg: DictConfig, drop: tuple[str, ...]) -> str:
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in NOT_S:
+    for k in drop:
         c.pop(k, None)
+    sched = c.get("syn_scheduler")
+    if isinstance(sched, dict) and sched.get("_target_") in SAME_TARGET:
+        c["syn_scheduler"] = {**sched, "_target_": SAME_TARGET[sched["_target_"]]}
     # sorted keys: the hash must not depend on the order in which the config files list them
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of everything that determines S (not paths, logging or evaluation settings)."""
+    return _hashed(cfg, NOT_S)
 
 
 def setting_hash(cfg: DictConfig) -> str:
     """:func:`config_hash` without the seed: equal for the seeds of one experiment (``ddrun report`` pools only
     runs whose setting hash and iterations agree)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for k in (*NOT_S, "seed"):
-        c.pop(k, None)
-    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _hashed(cfg, (*NOT_S, "seed"))
 
 
 class Distillation:

@@ -160,7 +160,7 @@ def test_preset_values():
     assert one.fetcher._target_.endswith("FixedFetcher")
     assert make_cfg(["method=dd", "ipc=7"]).objective.syn_steps == "???"  # -> the ConfigError of validate
     assert cfg.net._target_ == "ddrun.nets.dd_net" and cfg.net.init == "xavier"
-    assert cfg.syn_scheduler._target_.endswith("StepLR") and cfg.syn_scheduler.gamma == 0.5
+    assert cfg.syn_scheduler._target_ == "ddrun.schedule.step_lr" and cfg.syn_scheduler.gamma == 0.5
     assert cfg.syn_scheduler.step_size == 1960 and one.syn_scheduler.step_size == 2360  # 40 epochs
     assert cfg.evaluator._target_.endswith("ReplayEvaluator") and cfg.beside.convnet.net._target_.endswith("ConvNet")
 

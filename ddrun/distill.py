@@ -296,10 +296,24 @@ class Distillation:
                         layernorm=real.layernorm, ipc=int(cfg.ipc),
                         method=str(cfg.preset.name),
                         config_hash=self.chash,
-                        setting_hash=setting_hash(cfg))
+                        setting_hash=setting_hash(cfg), **self._theta0_meta())
         syn = syn.to(self.device)
         syn.meta.update(self.param.describe(syn))
         return syn
+
+    def _theta0_meta(self) -> dict:
+        """What a replay of S's steps needs to rebuild the run's networks (``evaluator=replay evaluator.init=fixed``
+        checks it): the run's ``seed`` and the fetcher's network (``net``: :func:`ddrun.protocol.net_name`,
+        ``net_kwargs``: its constructor keywords)."""
+        from ddrun.protocol import net_kwargs, net_name
+
+        meta = {"seed": int(self.seed)}
+        factory = getattr(self.fetcher, "net_factory", None)
+        if factory is not None:
+            kwargs = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                      for k, v in net_kwargs(factory).items()}
+            meta.update(net=net_name(factory), net_kwargs=kwargs)
+        return meta
 
     def _restore(self, ckpt: dict) -> None:
         """Component states from the checkpoint, after they are built (``prepare`` switched on what S learns)."""

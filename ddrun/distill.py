@@ -488,7 +488,8 @@ class Distillation:
                "evaluations": self.state.finals, "device": record.device_name(self.device),
                "seconds": round(self.state.seconds, 2),
                "best": None if best is None else {"iteration": best["iteration"], "acc_mean": best["acc_mean"],
-                                                  "acc_std": best.get("acc_std"), "protocol_line": last,
+                                                  "acc_std": best.get("acc_std"),
+                                                  "protocol_line": best.get("protocol", last),  # the headline's
                                                   "selected_on": "the evaluator's test split",
                                                   "synthetic": str(kept) if kept.is_file() else None}}
         try:

@@ -136,6 +136,10 @@ def test_frepo_run_reports_its_own_protocol_beside_the_common_one(tiny_root, tmp
     assert evals and all("frepo/acc_mean" in r and "frepo/acc_std" in r for r in evals)
     assert out["beside"]["frepo"]["protocol_fields"]["evaluator"] == "regression"
     assert out["frepo/acc_mean"] == evals[-1]["frepo/acc_mean"]
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    # the record's best is the headline's, labelled with the headline's protocol (once with the last beside one's)
+    assert [e["protocol"]["evaluator"] for e in rec["evaluations"]] == ["default", "regression"]
+    assert rec["best"]["protocol_line"] == rec["evaluations"][0]["protocol_line"] == evals[-1]["protocol"]
     lrs = [r for r in rows if "loss" in r]
     assert lrs
     # cosine decay of S's step size to 0.1x: after the run, the optimizer's step size is 0.1 x lr_img

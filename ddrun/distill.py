@@ -119,22 +119,43 @@ NOT_S = ("paths", "logger", "evaluator", "eval_every", "eval_at_start", "log_eve
          "keep_best", "beside_protocols")
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short hash of everything that determines S (not paths, logging or evaluation settings)."""
+def build_beside(name: str, node: DictConfig):
+    """The evaluator ``beside.<name>``.
+
+    Raises:
+        ConfigError: its constructor refused a knob: the message names ``beside.<name>.<key>`` where the
+            evaluator says ``evaluator.<key>`` (evaluators name their keys as the headline evaluator's)."""
+    try:
+        return build(node)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("evaluator.", f"beside.{name}.")) from None
+
+
+# targets renamed without changing what they build: hashed under their old name, so checkpoints and seeds of runs
+# made before the rename still resume and pool (syn_scheduler=step: ddrun.schedule.step_lr is a checked StepLR)
+SAME_TARGET = {"ddrun.schedule.step_lr": "torch.optim.lr_scheduler.StepLR"}
+
+
+def _hashed(cfg: DictConfig, drop: tuple[str, ...]) -> str:
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in NOT_S:
+    for k in drop:
         c.pop(k, None)
+    sched = c.get("syn_scheduler")
+    if isinstance(sched, dict) and sched.get("_target_") in SAME_TARGET:
+        c["syn_scheduler"] = {**sched, "_target_": SAME_TARGET[sched["_target_"]]}
     # sorted keys: the hash must not depend on the order in which the config files list them
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of everything that determines S (not paths, logging or evaluation settings)."""
+    return _hashed(cfg, NOT_S)
 
 
 def setting_hash(cfg: DictConfig) -> str:
     """:func:`config_hash` without the seed: equal for the seeds of one experiment (``ddrun report`` pools only
     runs whose setting hash and iterations agree)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for k in (*NOT_S, "seed"):
-        c.pop(k, None)
-    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _hashed(cfg, (*NOT_S, "seed"))
 
 
 class Distillation:
@@ -212,7 +233,7 @@ class Distillation:
         self.evaluator = build(cfg.evaluator)
         if self.evaluator.num_eval < 1:  # evaluator.num_eval=0: distill only
             self.evaluator = None
-        beside = {name: build(node) for name, node in (cfg.get("beside") or {}).items()
+        beside = {name: build_beside(name, node) for name, node in (cfg.get("beside") or {}).items()
                   if cfg.get("beside_protocols", True)}
         self.beside = {name: ev for name, ev in beside.items() if ev.num_eval >= 1}
         self.objective = build(cfg.objective) if has_objective(cfg) else None
@@ -282,13 +303,27 @@ class Distillation:
                         layernorm=real.layernorm, ipc=int(cfg.ipc),
                         method=str(cfg.preset.name),
                         config_hash=self.chash,
-                        setting_hash=setting_hash(cfg))
+                        setting_hash=setting_hash(cfg), **self._theta0_meta())
         syn.meta.pop("zca_regularization", None)  # with ZCA only; evaluate compares it (older S lack it: unchecked)
         if getattr(real.zca, "regularization", None) is not None:
             syn.meta["zca_regularization"] = float(real.zca.regularization)
         syn = syn.to(self.device)
         syn.meta.update(self.param.describe(syn))
         return syn
+
+    def _theta0_meta(self) -> dict:
+        """What a replay of S's steps needs to rebuild the run's networks (``evaluator=replay evaluator.init=fixed``
+        checks it): the run's ``seed`` and the fetcher's network (``net``: :func:`ddrun.protocol.net_name`,
+        ``net_kwargs``: its constructor keywords)."""
+        from ddrun.protocol import net_kwargs, net_name
+
+        meta = {"seed": int(self.seed)}
+        factory = getattr(self.fetcher, "net_factory", None)
+        if factory is not None:
+            kwargs = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                      for k, v in net_kwargs(factory).items()}
+            meta.update(net=net_name(factory), net_kwargs=kwargs)
+        return meta
 
     def _restore(self, ckpt: dict) -> None:
         """Component states from the checkpoint, after they are built (``prepare`` switched on what S learns)."""
@@ -463,7 +498,8 @@ class Distillation:
                "evaluations": self.state.finals, "device": record.device_name(self.device),
                "seconds": round(self.state.seconds, 2),
                "best": None if best is None else {"iteration": best["iteration"], "acc_mean": best["acc_mean"],
-                                                  "acc_std": best.get("acc_std"), "protocol_line": last,
+                                                  "acc_std": best.get("acc_std"),
+                                                  "protocol_line": best.get("protocol", last),  # the headline's
                                                   "selected_on": "the evaluator's test split",
                                                   "synthetic": str(kept) if kept.is_file() else None}}
         try:

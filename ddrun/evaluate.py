@@ -215,6 +215,7 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     seed_everything(seed)
     speed.configure(cfg.get("speed"), bool(cfg.get("deterministic", False)))
     real = build(cfg.dataset).to(device)
+    evaluator.prepare(real)  # e.g. an architecture that cannot take the images, missing teachers: refused now
     sets, described = None, {}  # (stored S, decoded S) and the storage description; none for full=true
     if full:
         syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})

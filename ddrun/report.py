@@ -8,7 +8,8 @@ ipc, method, architecture, command, evaluation protocol, test set, setting (ever
 and iterations — runs that differ in any of these get separate rows, with a footnote naming what differs. Each row
 gives mean ± std over seeds (each run contributes the mean over its networks; ``--pool nets`` pools every network,
 as the DC reference's 100-model figures do) and, for distill runs, the best evaluation over the run (what MTT's
-papers report). Writes ``report.md`` and ``report.csv`` and draws accuracy vs iteration and accuracy vs ipc as PNG;
+papers report), per architecture (from the evaluation rows of ``metrics.jsonl``: a cross-architecture run's pooled
+best is no architecture's). Writes ``report.md`` and ``report.csv`` and draws accuracy vs iteration and accuracy vs ipc as PNG;
 where it cannot write, it prints the table anyway and says so in one line. ``--compare`` adds the published figures
 shipped in ``ddrun/published.csv`` (each with its source).
 
@@ -51,8 +52,8 @@ class Result:
     protocol_line: str
     test_images: int | None
     accs: dict[str, list[float]]          # arch -> accuracy (%) of each evaluated network
-    best: dict | None = None              # {"iteration", "acc_mean"} over the run's evaluations (distill)
-    curve: list[tuple[int, float]] = field(default_factory=list)
+    best: dict[str, dict] = field(default_factory=dict)   # arch -> {"iteration", "acc_mean"}: its best evaluation
+    curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # arch -> (iteration, its mean accuracy)
     run_seed: int | None = None           # the record's own seed (an evaluate's student seed; a distill's = seed)
 
     def key(self, arch: str) -> tuple:
@@ -61,42 +62,76 @@ class Result:
                 self.setting_hash, self.iterations)
 
 
-def _curve(path: Path, protocol_line: str) -> list[tuple[int, float]]:
-    """(iteration, accuracy) of every evaluation of the run under ``protocol_line`` (from ``metrics.jsonl``)."""
-    rows = []
+def _evaluation_rows(path: Path) -> list[dict] | None:
+    """The evaluation rows (with ``acc_mean``) of ``path/metrics.jsonl``; None when it cannot be read."""
     try:
         lines = (path / "metrics.jsonl").read_text().splitlines()
     except OSError:
-        return rows
+        return None
+    rows = []
     for line in lines:
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "acc_mean" in r and r.get("protocol", protocol_line) == protocol_line:
-            rows.append((int(r["iteration"]), float(r["acc_mean"])))
+        if isinstance(r, dict) and "acc_mean" in r and "iteration" in r:
+            rows.append(r)
     return rows
+
+
+def _curves(rows: list[dict], protocol_line: str, archs: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Per architecture, (iteration, its mean accuracy) of every evaluation of the run under ``protocol_line``:
+    the row's ``acc_mean`` for a single architecture, the mean of the row's ``per_net[arch]`` for a
+    cross-architecture evaluation (its ``acc_mean`` pools the architectures)."""
+    curves: dict[str, list[tuple[int, float]]] = {a: [] for a in archs}
+    for r in rows:
+        if r.get("protocol", protocol_line) != protocol_line:
+            continue
+        per_net = r.get("per_net") or {}
+        for a in archs:
+            if len(archs) == 1:
+                curves[a].append((int(r["iteration"]), float(r["acc_mean"])))
+            elif per_net.get(a):
+                curves[a].append((int(r["iteration"]), statistics.fmean(float(v) for v in per_net[a])))
+    return curves
+
+
+def _bests(curves: dict[str, list[tuple[int, float]]], rows: list[dict] | None, rec: dict, line: str) -> dict:
+    """arch -> ``{"iteration", "acc_mean"}`` of its best evaluation over the run (from its own curve). Without
+    ``metrics.jsonl``, the record's ``best`` for a single-architecture evaluation under the same protocol (a
+    cross-architecture record's best pools the architectures: no per-architecture best then)."""
+    if rows is None:
+        best = rec.get("best") or {}
+        return {a: best for a in curves} if len(curves) == 1 and best.get("protocol_line") == line else {}
+    out = {}
+    for a, curve in curves.items():
+        if curve:
+            it, acc = max(curve, key=lambda p: p[1])
+            out[a] = {"iteration": it, "acc_mean": acc}
+    return out
 
 
 def results_of(path: Path) -> list[Result]:
     """The results recorded in ``path/results.json``. Raises DataError for an unreadable record."""
     rec = read_record(path)
     source = rec.get("source") or {}
-    seed = source.get("seed", rec.get("seed")) if rec.get("command") == "evaluate" else rec.get("seed")
+    distilled = rec.get("command", "distill") == "distill"
+    seed = source.get("seed", rec.get("seed")) if not distilled else rec.get("seed")
+    rows = _evaluation_rows(path) if distilled else []
     out = []
     for ev in rec["evaluations"]:
         protocol = {k: v for k, v in ev.get("protocol", {}).items() if k != "test"}
         line = ev.get("protocol_line", "")
         test = (ev.get("protocol") or {}).get("test") or {}
-        best = rec.get("best") if (rec.get("best") or {}).get("protocol_line") == line else None
+        accs = {a: [float(v) for v in accs] for a, accs in (ev.get("per_net") or {}).items()}
+        curves = _curves(rows or [], line, list(accs)) if distilled else {}
         setting_hash = rec.get("setting_hash") or (rec.get("setting") or {}).get("source.setting_hash")
         out.append(Result(path=path, command=str(rec.get("command", "distill")), method=str(rec.get("method")),
                           dataset=str(rec.get("dataset")), ipc=rec.get("ipc"), seed=seed,
                           iterations=rec.get("iterations"), setting_hash=setting_hash,
                           setting=source.get("setting") or rec.get("setting") or {}, protocol=protocol,
-                          protocol_line=line, test_images=test.get("images"),
-                          accs={a: [float(v) for v in accs] for a, accs in (ev.get("per_net") or {}).items()},
-                          best=best, curve=_curve(path, line) if rec.get("command") == "distill" else [],
+                          protocol_line=line, test_images=test.get("images"), accs=accs,
+                          best=_bests(curves, rows, rec, line) if distilled else {}, curve=curves,
                           run_seed=rec.get("seed")))
     return out
 
@@ -164,7 +199,8 @@ class Group:
 
     @property
     def best(self) -> tuple[float, float] | None:
-        bests = [r.best["acc_mean"] for r in self.results if r.best]
+        """Mean and std over the runs of this architecture's best evaluation (None: no distill run has one)."""
+        bests = [r.best[self.arch]["acc_mean"] for r in self.results if self.arch in r.best]
         if not bests:
             return None
         return statistics.fmean(bests), statistics.pstdev(bests) if len(bests) > 1 else 0.0
@@ -319,16 +355,19 @@ def _save_figure(fig, axes, path: Path) -> Path:
 
 
 def plot_curves(results: list[Result], out: Path) -> Path | None:
-    """``acc_vs_iteration.png``: one panel per dataset x ipc, one line per method (mean over seeds, band ± std)."""
+    """``acc_vs_iteration.png``: one panel per dataset x ipc, one line per method (per method and architecture for
+    a cross-architecture evaluation; mean over seeds, band ± std)."""
     import matplotlib.pyplot as plt
 
     curves: dict[tuple, dict[str, dict[int, list[float]]]] = {}
     for r in results:
-        if len(r.curve) < 2:
-            continue
-        per_it = curves.setdefault((r.dataset, r.ipc), {}).setdefault(r.method, {})
-        for it, acc in r.curve:
-            per_it.setdefault(it, []).append(acc)
+        for arch, curve in r.curve.items():
+            if len(curve) < 2:
+                continue
+            label = r.method if len(r.curve) == 1 else f"{r.method} ({arch})"
+            per_it = curves.setdefault((r.dataset, r.ipc), {}).setdefault(label, {})
+            for it, acc in curve:
+                per_it.setdefault(it, []).append(acc)
     if not curves:
         return None
     keys = sorted(curves, key=lambda k: (k[0], _ipc_key(k[1])))

@@ -106,6 +106,24 @@ class RealDataSchedule(Schedule):
         return fetched
 
 
+def _number(key: str, value, whole: bool = False) -> float | int:
+    """``syn_scheduler.<key>`` as a number (an int with ``whole``).
+
+    Raises:
+        ConfigError: ``value`` is not a number (a whole one with ``whole``), in one line naming the key.
+    """
+    what = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"syn_scheduler.{key}={value}: must be {what}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"syn_scheduler.{key}={value}: must be {what}") from None
+    if not math.isfinite(number) or (whole and not number.is_integer()):
+        raise ConfigError(f"syn_scheduler.{key}={value}: must be {what}")
+    return int(number) if whole else number
+
+
 def cosine_lr(optimizer: torch.optim.Optimizer, total: int, final: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay of every parameter group's step size from its initial value to ``final`` x that value over
     ``total`` scheduler steps (``torch.optim.lr_scheduler.LambdaLR``): factor ``final + (1 - final) (1 + cos(pi t /
@@ -113,15 +131,32 @@ def cosine_lr(optimizer: torch.optim.Optimizer, total: int, final: float = 0.0) 
     cosine to 0 over the recover iterations; FRePo: to 0.1x).
 
     Raises:
-        ConfigError: ``total < 1`` or ``final`` outside [0, 1].
+        ConfigError: ``total`` not a whole number >= 1, or ``final`` not a number in [0, 1].
     """
-    if int(total) < 1:
+    if _number("total", total, whole=True) < 1:
         raise ConfigError(f"syn_scheduler.total={total}: must be >= 1 (scheduler steps, one per iteration)")
-    if not 0.0 <= float(final) <= 1.0:
+    if not 0.0 <= _number("final", final) <= 1.0:
         raise ConfigError(f"syn_scheduler.final={final}: must be in [0, 1] (a fraction of the initial step size)")
-    total, final = int(total), float(final)
+    total, final = _number("total", total, whole=True), _number("final", final)
 
     def factor(t: int) -> float:
         return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_lr(optimizer: torch.optim.Optimizer, step_size: int, gamma: float = 0.5) -> torch.optim.lr_scheduler.StepLR:
+    """Step decay of every parameter group's step size: x ``gamma`` every ``step_size`` scheduler steps
+    (``torch.optim.lr_scheduler.StepLR`` itself, so its state_dict in ``checkpoint.pt`` is StepLR's). The
+    ``syn_scheduler=step`` of the loop (DD: x0.5 every 40 epochs of the real training set).
+
+    Raises:
+        ConfigError: ``step_size`` not a whole number >= 1 (0 divided by zero), or ``gamma`` not in (0, 1] (a
+            negative factor turns the step size of S negative: gradient ascent; above 1 it grows without bound).
+    """
+    if _number("step_size", step_size, whole=True) < 1:
+        raise ConfigError(f"syn_scheduler.step_size={step_size}: must be >= 1 (iterations between two decays)")
+    if not 0.0 < _number("gamma", gamma) <= 1.0:
+        raise ConfigError(f"syn_scheduler.gamma={gamma}: must be in (0, 1] (the factor of each decay; DD: 0.5)")
+    step_size, gamma = _number("step_size", step_size, whole=True), _number("gamma", gamma)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)

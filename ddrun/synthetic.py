@@ -26,7 +26,8 @@ class SyntheticSet(nn.Module):
         num_classes: K.
         label_scale: soft-label logits per unit of regression target (the kernel objectives store their learned
             KRR targets Y as ``labels = label_scale * Y``; 1 otherwise), see :meth:`regression_targets`.
-        meta: plain dict of str/int/float (dataset, normalization, zca, ipc, method, iteration, config hash).
+        meta: plain dict of str/int/float/list values (dataset, normalization, zca, ipc, method, iteration, config
+            hash, the run's seed and network: ``seed``, ``net``, ``net_kwargs`` a dict of plain values).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float | None = None,

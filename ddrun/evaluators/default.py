@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -50,6 +51,58 @@ def check_training_knobs(num_eval: int, epochs: int, lr: float, momentum: float,
             raise ConfigError(f"evaluator.{key}={value}: must be {allowed}")
 
 
+def probe_net(factory: Callable[..., nn.Module], real: RealData) -> str | None:
+    """Why ``factory`` cannot take ``real``'s images, or None when it can: the network is built for them and run
+    once on a dummy batch (CPU, eval mode), so an architecture too large for the image size stops the run at
+    start-up, not after other networks have trained (and a layer left with no inputs, which would train to a
+    constant output, is caught too)."""
+    import warnings
+
+    from ddrun.nets import build_net
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of zero-element layers: reported below instead
+            net = build_net(factory, real, 0, torch.device("cpu"))
+        empty = [n for n, p in net.named_parameters() if p.numel() == 0]
+        if empty:
+            return f"layer {empty[0]} has no inputs at this size"
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(2, real.channels, *(int(v) for v in real.im_size)))
+    except (RuntimeError, ValueError, ZeroDivisionError) as err:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return None
+
+
+def refuse_small_images(failed: dict[str, str], real: RealData, others: list[str] | None) -> None:
+    """Refuse the architectures in ``failed`` (name -> why) in one line.
+
+    Args:
+        others: the architectures of a cross-architecture pool that take the images (None: a single ``net``).
+
+    Raises:
+        ConfigError: when ``failed`` is not empty: names the architectures, the image size, why and the fix
+            (drop them from ``evaluator.archs`` / pick another ``net``, or resize the images).
+    """
+    if not failed:
+        return
+    h, w = (int(v) for v in real.im_size)
+    names = ", ".join(failed)
+    why = "; ".join(f"{a}: {r}" for a, r in failed.items())
+    if others is None:
+        drop = "pick another net"
+    elif others:
+        them = "it" if len(failed) == 1 else "them"
+        drop = f"drop {them} from evaluator.archs (evaluator.archs=[{','.join(others)}])"
+    else:
+        drop = "pick other evaluator.archs"
+    bigger = ("dataset.im_size=[28,28]" if real.name == "sklearn_digits" else
+              "dataset.im_size=[H,W] where the dataset has that key: sklearn_digits, imagefolder")
+    raise ConfigError(f"{names} cannot take {real.name}'s {h}x{w} images ({why}): {drop}, or resize the images "
+                      f"({bigger})")
+
+
 class Evaluator(EvaluatorContract):
     """Trains ``num_eval`` fresh ``net`` on S and reports test accuracy (percent).
 
@@ -85,6 +138,25 @@ class Evaluator(EvaluatorContract):
         self.augment, self.uses_learned_lr = augment, bool(use_learned_lr)
         self.name = name or net_name(net)  # what the protocol line and per_net call the architecture
         self.ensemble = ensemble
+        self._probed: set = set()  # the image shapes the network was checked to take (prepare)
+
+    def prepare(self, real: RealData) -> None:
+        """Check once per image shape that the network takes ``real``'s images (:func:`probe_net`).
+
+        Raises:
+            ConfigError: it does not (one line naming the architecture, the image size and the fix).
+        """
+        refuse_small_images({self.name: why} if (why := self.probe(real)) else {}, real, None)
+
+    def probe(self, real: RealData) -> str | None:
+        """:func:`probe_net` of this network for ``real``'s image shape (once per shape)."""
+        shape = (real.channels, *(int(v) for v in real.im_size))
+        if shape not in self._probed:
+            why = probe_net(self.net_factory, real)
+            if why is not None:
+                return why
+            self._probed.add(shape)
+        return None
 
     def protocol_fields(self) -> dict:
         aug = self.augment.strategy if self.augment is not None and self.augment.enabled else "none"
@@ -141,6 +213,7 @@ class Evaluator(EvaluatorContract):
             "protocol_fields": dict}``, accuracies in percent on the real test split (std is the population std
             over the ``num_eval`` runs).
         """
+        self.prepare(real)
         seeds = [derive_seed(seed, 104729, r) for r in range(self.num_eval)]
         if self.stacked(real.device):
             accs = self.train_ensemble(syn, real, seeds)
@@ -169,7 +242,9 @@ class CrossArchEvaluator(EvaluatorContract):
             :class:`Evaluator` (``ensemble`` stacks the ``num_eval`` networks of each architecture).
 
     Raises:
-        ConfigError: an entry of ``archs`` is not in ``nets`` (names the valid ones).
+        ConfigError: ``archs`` not a non-empty list, or an entry of it not in ``nets`` (names the valid ones); at
+            :meth:`prepare` (start-up) or before the first network trains, an architecture that cannot take the
+            dataset's image size (names it, the size and the fix).
     """
 
     def __init__(self, nets: dict[str, Callable[..., nn.Module]], archs: list[str] | None = None, num_eval: int = 5,
@@ -177,9 +252,12 @@ class CrossArchEvaluator(EvaluatorContract):
                  batch_train: int = 256, augment: DSA | None = None, use_learned_lr: bool = True,
                  ensemble: str | bool = "auto"):
         check_training_knobs(num_eval, epochs, lr, momentum, weight_decay, batch_train)
-        archs = list(nets) if archs is None else list(archs)
+        if archs is not None and (isinstance(archs, str) or not isinstance(archs, Sequence) or not archs):
+            raise ConfigError(f"evaluator.archs={archs}: must be a non-empty list of architectures, e.g. "
+                              f"evaluator.archs=[convnet,mlp]; valid architectures: {sorted(nets)}")
+        archs = list(nets) if archs is None else [str(a) for a in archs]
         unknown = [a for a in archs if a not in nets]
-        if unknown or not archs:
+        if unknown:
             raise ConfigError(f"evaluator.archs={archs}: unknown {unknown}; valid architectures: {sorted(nets)}")
         self.num_eval, self.epochs, self.uses_learned_lr = num_eval, epochs, bool(use_learned_lr)
         self.evaluators = {a: Evaluator(nets[a], num_eval, epochs, lr, momentum, weight_decay, batch_train, augment,
@@ -191,6 +269,15 @@ class CrossArchEvaluator(EvaluatorContract):
                       nets={a: net_kwargs(ev.net_factory) for a, ev in self.evaluators.items()})
         return fields
 
+    def prepare(self, real: RealData) -> None:
+        """Check that every architecture takes ``real``'s images (:func:`probe_net`), before any of them trains.
+
+        Raises:
+            ConfigError: some do not: one line naming them, the image size and the fix.
+        """
+        failed = {name: why for name, ev in self.evaluators.items() if (why := ev.probe(real)) is not None}
+        refuse_small_images(failed, real, [a for a in self.evaluators if a not in failed])
+
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
         """Evaluate S on every architecture.
 
@@ -199,6 +286,7 @@ class CrossArchEvaluator(EvaluatorContract):
             "protocol", "protocol_fields"}``; accuracies in percent; ``acc_mean`` / ``acc_std`` are the mean and
             population std over the architectures of their mean accuracies.
         """
+        self.prepare(real)
         per_net, per_arch = {}, {}
         for name, ev in self.evaluators.items():
             res = ev(syn, real, seed)

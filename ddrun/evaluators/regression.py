@@ -61,6 +61,26 @@ def warmup_cosine(step: int, total: int, warmup: int, final: float | None) -> fl
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def _at_least_one(key: str, value, why: str = "") -> int:
+    """``value`` as an int when it is a whole number >= 1.
+
+    Raises:
+        ConfigError: one line naming ``evaluator.<key>`` (``beside.<name>.<key>`` for an evaluator under
+            ``beside``: the run renames it) and what it must be.
+    """
+    number = 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+    if number < 1:
+        raise ConfigError(f"evaluator.{key}={value}: must be a whole number >= 1{why}")
+    return number
+
+
 class RegressionEvaluator(EvaluatorContract):
     """Trains ``num_eval`` fresh ``net`` by MSE regression on S's targets ``[N, K]`` (module doc) and reports their
     test accuracy (percent, argmax of the regression output).
@@ -83,8 +103,9 @@ class RegressionEvaluator(EvaluatorContract):
         name: the architecture's name in ``per_net``.
 
     Raises:
-        ConfigError: an unknown optimizer or reduction, neither or both of ``steps`` / ``epochs``, or an |S| that
-            the ``steps`` table does not list.
+        ConfigError: an unknown optimizer or reduction; ``epochs``, ``steps`` (or a value of its table) or
+            ``batch_train`` not a whole number >= 1 (an untrained network's accuracy is no result); an |S| that
+            the ``steps`` table does not list (at evaluation).
     """
 
     def __init__(self, net: Callable[..., nn.Module], num_eval: int = 5, steps: int | Mapping | None = None,
@@ -101,8 +122,16 @@ class RegressionEvaluator(EvaluatorContract):
             steps = dict(FREPO_STEPS)
         elif epochs is not None:
             steps = None
+        untrained = " (fewer trains nothing and reports an untrained network's accuracy)"
+        epochs = None if epochs is None else _at_least_one("epochs", epochs, untrained)
+        if isinstance(steps, Mapping):
+            steps = {_at_least_one("steps", k, " (a key of the table is an |S|)"):
+                     _at_least_one(f"steps.{k}", v, untrained) for k, v in steps.items()}
+        elif steps is not None:
+            steps = _at_least_one("steps", steps, untrained)
+        batch_train = _at_least_one("batch_train", batch_train)
         self.net_factory, self.num_eval, self.name = net, int(num_eval), name
-        self.steps = {int(k): int(v) for k, v in steps.items()} if isinstance(steps, Mapping) else steps
+        self.steps = steps
         self.epochs, self.batch_train, self.shuffle = epochs, int(batch_train), bool(shuffle)
         self.optimizer, self.lr, self.momentum, self.weight_decay = optimizer, float(lr), momentum, weight_decay
         self.warmup, self.final_lr = int(warmup), final_lr

@@ -27,10 +27,38 @@ from ddrun.contracts import Evaluator as EvaluatorContract
 from ddrun.data.datasets import RealData
 from ddrun.nets import build_net
 from ddrun.nets.functional import forward
-from ddrun.objectives.meta import replay
-from ddrun.protocol import net_kwargs
+from ddrun.objectives.meta import has_steps, replay
+from ddrun.protocol import net_kwargs, net_name
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, derive_seed
+
+
+def describe_net(name: str, kwargs: dict | None) -> str:
+    """``dd_net(init xavier)``: a network as S's meta records it."""
+    return name + ("(" + ", ".join(f"{k} {v}" for k, v in sorted(kwargs.items())) + ")" if kwargs else "")
+
+
+def net_overrides(name: str, kwargs: dict | None) -> str:
+    """The overrides that build the network ``name`` with ``kwargs``: ``net=<config>`` (the ``conf/net`` file whose
+    target builds ``name``, the one with the fewest differing keys) and ``net.<key>=<value>`` for each keyword
+    that file does not set to the recorded value."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import ddrun.conf
+
+    kwargs = dict(kwargs or {})
+    best = None
+    for path in sorted((Path(ddrun.conf.__file__).parent / "net").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        if str(node.get("_target_", "")).rsplit(".", 1)[-1].lower() != name:
+            continue
+        differ = [f"net.{k}={v}" for k, v in sorted(kwargs.items()) if node.get(k) != v]
+        differ += [f"~net.{k}" for k in sorted(node) if not k.startswith("_") and k not in kwargs]
+        if best is None or len(differ) < len(best):
+            best = [f"net={path.stem}", *differ]
+    return " ".join(best) if best else f"the net S was distilled with ({describe_net(name, kwargs)})"
 
 
 class ReplayEvaluator(EvaluatorContract):
@@ -51,8 +79,10 @@ class ReplayEvaluator(EvaluatorContract):
         name: the architecture's name in ``per_net``.
 
     Raises:
-        ConfigError: an unknown ``init``; ``init: auto`` without a fetcher; ``init: pretrained`` without the pool;
-            no ``syn_steps`` known.
+        ConfigError: an unknown ``init``; ``init: auto`` without a fetcher; ``init: pretrained`` without the pool
+            (at construction); at evaluation: S holds no DD steps (not a DD set); no ``syn_steps`` known; with
+            ``init: fixed``, a ``seed`` or ``net`` other than the ones S's meta records (the fixed theta_0 would
+            be another network).
     """
 
     def __init__(self, net: Callable[..., nn.Module], init: str = "auto", fetcher: str | None = None,
@@ -100,8 +130,33 @@ class ReplayEvaluator(EvaluatorContract):
         s = derive_seed(seed, NET_SEED_TAG) if self.init == "fixed" else derive_seed(seed, NET_SEED_TAG, -1 - r)
         return build_net(self.net_factory, real, s, real.device)
 
+    def check_theta0(self, syn: SyntheticSet, seed: int) -> None:
+        """With ``init: fixed``: refuse a ``seed`` or a network other than the run's (S's meta ``seed``, ``net``,
+        ``net_kwargs``; a file without them is not checked), which would replay S's steps from another theta_0.
+
+        Raises:
+            ConfigError: one line naming what differs and the override that gives the run's theta_0.
+        """
+        if self.init != "fixed":
+            return
+        meta = syn.meta
+        if meta.get("seed") is not None and int(meta["seed"]) != int(seed):
+            raise ConfigError(f"evaluator.init=fixed: S was distilled from the fixed theta_0 of seed {meta['seed']}, "
+                              f"not seed={seed}: pass seed={meta['seed']}")
+        made = (meta.get("net"), meta.get("net_kwargs"))
+        have = (net_name(self.net_factory), net_kwargs(self.net_factory))
+        if made[0] is None or (made[0] == have[0] and (made[1] is None or dict(made[1]) == have[1])):
+            return
+        want = describe_net(*made)
+        raise ConfigError(f"evaluator.init=fixed: S was distilled from the fixed theta_0 of {want}, not of "
+                          f"{describe_net(*have)}: pass {net_overrides(*made)}")
+
     def replayed(self, syn: SyntheticSet, real: RealData, net: nn.Module) -> dict[str, torch.Tensor]:
-        """The parameters of ``net`` after S's learned steps."""
+        """The parameters of ``net`` after S's steps."""
+        if not has_steps(syn):
+            raise ConfigError(f"evaluator=replay evaluates DD sets only (method=dd or method=ld, whose S holds DD's "
+                              f"per-step step sizes); this S (method={syn.meta.get('method', 'unknown')}) has none: "
+                              f"evaluate it with evaluator=default or evaluator=cross_arch")
         syn_steps = self.syn_steps if self.syn_steps is not None else syn.meta.get("syn_steps")
         if syn_steps is None:
             raise ConfigError("S does not record how many batches its steps use: pass evaluator.syn_steps=N "
@@ -119,6 +174,7 @@ class ReplayEvaluator(EvaluatorContract):
 
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
         """Evaluate S: ``{"acc_mean", "acc_std", "per_net", "protocol", "protocol_fields"}`` (percent)."""
+        self.check_theta0(syn, seed)
         accs = []
         for r in range(self.num_eval):
             net = self.theta0(real, seed, r)

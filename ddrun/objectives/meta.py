@@ -39,7 +39,9 @@ The other modes of the paper and its successors, as options:
 - Learned labels on fixed images (Bohdal, Yang & Hospedales, "Flexible Dataset Distillation: Learn Labels
   Instead of Images", 2020, Sec. 3.2; reference ondrejbohdal/label-distillation ``label_distillation_or2.py``):
   ``learn_labels=true`` with ``label_init=uniform`` (the reference starts at 1/K everywhere) and ``lr_img=0``
-  (the images leave the optimizer), ``conf/method/ld.yaml``.
+  (the images leave the optimizer), ``conf/method/ld.yaml``. Its inner step size is fixed (``lr_lr=0``), so S
+  stores none: the evaluation trains with ``evaluator.lr``, as the paper's networks trained on the distilled
+  labels use their own optimizer.
 """
 
 from __future__ import annotations
@@ -71,25 +73,52 @@ def dd_steps(syn: SyntheticSet, syn_steps: int, syn_epochs: int,
             for i in range(syn_steps * syn_epochs)]
 
 
-def replay(net: nn.Module, syn: SyntheticSet, syn_steps: int) -> dict[str, torch.Tensor]:
-    """DD's own protocol (Wang et al. 2018, Sec. 3.2-3.3): the parameters of ``net`` (theta_0) after exactly S's
-    learned steps, ``theta_{i+1} = theta_i - eta_i * grad l(theta_i; S_{i mod syn_steps})`` with S's per-step
-    step sizes ``syn.syn_lr`` ``[syn_steps * syn_epochs]`` (detached; the network in train mode).
+def step_sizes(syn: SyntheticSet, syn_steps: int) -> torch.Tensor:
+    """S's per-step step sizes ``[syn_steps * syn_epochs]``: the learned ones (``syn.syn_lr``), or, for a set whose
+    step sizes were not learned (``objective.lr_lr=0``, label distillation), the fixed ``inner_lr`` for
+    ``syn_epochs`` passes that its meta records.
 
     Raises:
-        ConfigError: S has no per-step step sizes, or their number is not a multiple of ``syn_steps``, or
-            ``syn_steps`` does not divide ipc.
+        ConfigError: S holds no DD steps at all (e.g. a DM or MTT set: replay evaluates DD sets only).
     """
     lrs = syn.syn_lr
-    if lrs is None or lrs.dim() != 1:
-        raise ConfigError("the replay protocol needs S's learned per-step step sizes (a DD synthetic set: "
-                          "synthetic.pt 'lr' of shape [syn_steps * syn_epochs])")
-    if syn_steps < 1 or len(lrs) % syn_steps or syn.ipc % syn_steps:
+    if lrs is not None and lrs.dim() == 1:
+        return lrs.detach()
+    meta = syn.meta
+    if lrs is None and meta.get("inner_lr") is not None and meta.get("syn_epochs") is not None:
+        return torch.full((syn_steps * int(meta["syn_epochs"]),), float(meta["inner_lr"]),
+                          device=syn.images.device)
+    raise ConfigError(f"evaluator=replay evaluates DD sets only (method=dd or method=ld: S with DD's per-step step "
+                      f"sizes); this S (method={meta.get('method', 'unknown')}) has none: evaluate it with "
+                      f"evaluator=default or evaluator=cross_arch")
+
+
+def has_steps(syn: SyntheticSet) -> bool:
+    """Whether S holds DD's steps (learned per-step step sizes, or a fixed inner step size in its meta)."""
+    if syn.syn_lr is not None:
+        return syn.syn_lr.dim() == 1
+    return syn.meta.get("inner_lr") is not None and syn.meta.get("syn_epochs") is not None
+
+
+def replay(net: nn.Module, syn: SyntheticSet, syn_steps: int) -> dict[str, torch.Tensor]:
+    """DD's own protocol (Wang et al. 2018, Sec. 3.2-3.3): the parameters of ``net`` (theta_0) after exactly S's
+    steps, ``theta_{i+1} = theta_i - eta_i * grad l(theta_i; S_{i mod syn_steps})`` with S's per-step step sizes
+    (:func:`step_sizes`: ``syn.syn_lr`` ``[syn_steps * syn_epochs]``, detached, or the fixed ones its meta records;
+    the network in train mode).
+
+    Raises:
+        ConfigError: S has no DD steps, or the number of its step sizes is not a multiple of ``syn_steps``, or
+            ``syn_steps`` does not divide ipc.
+    """
+    if syn_steps < 1:
+        raise ConfigError(f"syn_steps={syn_steps}: must be >= 1; pass the objective.syn_steps S was distilled with")
+    lrs = step_sizes(syn, syn_steps)
+    if len(lrs) % syn_steps or syn.ipc % syn_steps:
         raise ConfigError(f"syn_steps={syn_steps} does not fit S ({len(lrs)} step sizes, ipc {syn.ipc}): pass the "
                           f"objective.syn_steps S was distilled with")
     net.train()
     with torch.enable_grad():
-        return unroll_steps(net, params_of(net), dd_steps(syn, syn_steps, len(lrs) // syn_steps, lrs.detach()),
+        return unroll_steps(net, params_of(net), dd_steps(syn, syn_steps, len(lrs) // syn_steps, lrs),
                             truncate=0)
 
 
@@ -109,8 +138,10 @@ class DatasetDistillation(Objective):
         label_init: their start: ``onehot`` (the labels S has) or ``uniform`` (all logits 0, Bohdal et al.).
         attack: ``{"source": a, "target": b}``: DD's poisoning (module doc); both None: off.
         Others: :class:`~ddrun.contracts.Objective` (``batch_real`` per class; ``lr_lr``: step size of
-            ``softplus^-1`` of the step sizes, the reference's Adam lr 0.01; 0 or null keeps them fixed;
-            ``lr_img`` 0 freezes the images).
+            ``softplus^-1`` of the step sizes, the reference's Adam lr 0.01; 0 or null keeps them fixed at
+            ``lr_init`` and out of S: S then stores no step size, evaluators train with their own
+            ``evaluator.lr``, and S's meta records ``inner_lr`` / ``syn_epochs`` for the replay; ``lr_img`` 0
+            freezes the images).
 
     Raises:
         ConfigError: a non-positive count or step size; ``syn_steps`` not dividing ipc (at ``prepare``); an attack
@@ -165,18 +196,32 @@ class DatasetDistillation(Objective):
             syn.learn_labels(scale=0.0 if self.label_init == "uniform" else 1.0)
         t = self.syn_steps * self.syn_epochs
         syn.meta["syn_steps"] = self.syn_steps  # how the per-step step sizes map to batches of S (replay)
-        syn.learn_lr(self.lr_init, steps=t)
-        syn.syn_lr.requires_grad_(False)  # optimized through raw_lr
         raw = torch.full((t,), self.lr_init, device=syn.images.device).expm1().log()  # softplus^-1
-        self.raw_lr = nn.Parameter(raw)
+        if self.learns_lr:
+            syn.learn_lr(self.lr_init, steps=t)
+            syn.syn_lr.requires_grad_(False)  # optimized through raw_lr
+            self.raw_lr = nn.Parameter(raw)
+            return
+        # a fixed inner step size (label distillation: "inner lr 0.01, not learned") is no property of S: S stores
+        # no step size (evaluators train with their own evaluator.lr), its meta records the fixed steps (replay)
+        syn.syn_lr = None
+        syn.meta.update(inner_lr=self.lr_init, syn_epochs=self.syn_epochs)
+        self.raw_lr = raw
 
     def param_groups(self, syn: SyntheticSet) -> list[dict]:
         groups = syn.param_groups(self.lr_img, None, self.lr_labels)
-        if self.lr_lr:
+        if self.learns_lr:
             groups.append({"params": [self.raw_lr], "lr": self.lr_lr, "name": "lr"})
         return groups
 
+    @property
+    def learns_lr(self) -> bool:
+        """Whether the step sizes are learned (``lr_lr`` > 0) and stored in S."""
+        return bool(self.lr_lr)
+
     def check(self, syn: SyntheticSet, it: int) -> None:
+        if not self.learns_lr:
+            return
         if not torch.isfinite(self.raw_lr).all():
             raise DdrunError(f"a learned step size became NaN/Inf at iteration {it}; lower objective.lr_lr")
         with torch.no_grad():
@@ -197,7 +242,7 @@ class DatasetDistillation(Objective):
 
     def unroll(self, syn: SyntheticSet, net: nn.Module, graph: bool = True) -> dict[str, torch.Tensor]:
         """theta_T: the fetched network's parameters after the unrolled steps (module doc); with ``graph`` the
-        step sizes are ``softplus(raw_lr)`` (differentiable), without it the stored ``syn.syn_lr``."""
+        step sizes are ``softplus(raw_lr)`` (differentiable when learned), without it S's (:func:`step_sizes`)."""
         net.train()
         if not graph:
             return replay(net, syn, self.syn_steps)

@@ -9,9 +9,9 @@ and iterations — runs that differ in any of these get separate rows, with a fo
 gives mean ± std over seeds (each run contributes the mean over its networks; ``--pool nets`` pools every network,
 as the DC reference's 100-model figures do) and, for distill runs, the best evaluation over the run (what MTT's
 papers report), per architecture (from the evaluation rows of ``metrics.jsonl``: a cross-architecture run's pooled
-best is no architecture's). Writes ``report.md`` and ``report.csv`` and draws accuracy vs iteration and accuracy vs ipc as PNG;
-where it cannot write, it prints the table anyway and says so in one line. ``--compare`` adds the published figures
-shipped in ``ddrun/published.csv`` (each with its source).
+best is no architecture's). Writes ``report.md`` and ``report.csv`` and draws accuracy vs iteration and accuracy vs
+ipc as PNG; where it cannot write, it prints the table anyway and says so in one line. ``--compare`` adds the
+published figures shipped in ``ddrun/published.csv`` (each with its source).
 
 Plain argparse rather than Hydra: the command takes a list of paths and a few flags, composes no config, and must
 not create a run directory of its own.

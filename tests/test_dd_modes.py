@@ -130,7 +130,8 @@ def test_missing_pool_prints_the_ddrun_teacher_command(tiny_root, tmp_path):
                "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]")
     real = build(cfg.dataset)
     with pytest.raises(DataError, match=r"no teacher collection at .*teachers/sklearn_digits/.*; create it with "
-                                        r"`ddrun teacher dataset=sklearn_digits .*paths.buffers=.*store num_teachers=2`"):
+                                        r"`ddrun teacher dataset=sklearn_digits .*paths.buffers=.*store "
+                                        r"num_teachers=2`"):
         build(cfg.fetcher)(real=real, device=torch.device("cpu"), seed=0)
     with pytest.raises(ConfigError, match=r"teacher recipe 'foo': valid recipes are \['edc', 'sre2l'\]"):
         build(tiny(tiny_root, "method=dd", "fetcher=pretrained", "fetcher.recipe=foo").fetcher)(

@@ -164,7 +164,8 @@ def test_regression_protocol_refuses_no_training(tiny_root, override, message):
     with pytest.raises(ConfigError, match=message):
         build(tiny(tiny_root, "method=frepo", "evaluator=regression", *override.split()).evaluator)
     if "batch_train" not in override:  # a whole step count still builds
-        assert build(tiny(tiny_root, "method=frepo", "evaluator=regression", "evaluator.epochs=1").evaluator).epochs == 1
+        one = tiny(tiny_root, "method=frepo", "evaluator=regression", "evaluator.epochs=1")
+        assert build(one.evaluator).epochs == 1
 
 
 def test_regression_protocol_beside_names_its_own_key(tiny_root, tmp_path):

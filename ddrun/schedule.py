@@ -46,6 +46,8 @@ class Schedule:
             raise ConfigError(f"schedule.inner_loop={inner_loop}: must be >= 0 (epochs on S between updates)")
         if int(batch_train) < 1:
             raise ConfigError(f"schedule.batch_train={batch_train}: must be >= 1")
+        if not float(lr_net) > 0:
+            raise ConfigError(f"schedule.lr_net={lr_net}: must be > 0 (the network's SGD step size)")
         self.outer_loop, self.inner_loop = int(outer_loop), int(inner_loop)
         self.lr_net, self.batch_train, self.augment = float(lr_net), int(batch_train), augment
 

@@ -400,6 +400,7 @@ def test_a_class_too_small_for_ipc_is_refused_not_stored_with_shifted_labels(tmp
     ("rfad", "objective.lr_platt=-1", r"objective.lr_platt=-1: a step size must be >= 0"),
     ("kip", "objective.kernel.net_kwargs.width=0", r"objective.kernel.net_kwargs.width=0: must be >= 1"),
     ("kip", "objective.kernel.w_std=-1", r"objective.kernel.w_std=-1: must be >= 0"),
+    ("idc", "schedule.lr_net=-1", r"schedule.lr_net=-1: must be > 0"),  # once torch's ValueError traceback
 ])
 def test_objective_knobs_out_of_range_are_one_line_before_any_work(tmp_path, method, key, match):
     """Once tracebacks (batch_real 0, a kernel width 0, a negative std) or silent gradient ascent (a negative

@@ -349,6 +349,25 @@ def test_kd_evaluator_trains_students_with_the_teacher_and_states_it(tiny_root, 
     assert "MSE + 0.025 CE" in res["protocol"] and "mixup1" in res["protocol"]
 
 
+def test_kd_warns_when_the_teacher_cannot_read_s(tiny_root, tmp_path, caplog):
+    """S whose images the teacher reads as other classes (DM's / MTT's out-of-range ipc-1 sets: all ten read as
+    one class) trains students on the teacher's reading, not S's labels: the evaluation says so."""
+    make_teacher(tiny_root, tmp_path / "store")
+    real = build(make_cfg(tiny_args(tiny_root, tmp_path)).dataset)
+    ev = kd(tiny_root, tmp_path / "store", "evaluator.epochs=1")
+    x = real.train_images[real.train_labels == 0][:1].repeat(10, 1, 1, 1)  # one image of class 0, labelled 0..9
+    syn = SyntheticSet(x, torch.arange(10), 10)
+    teacher = ev.teachers(real)[0]["net"]
+    with torch.no_grad():
+        read = int(teacher(x[:1]).argmax(1))
+    assert ev.check_readable(syn, real) == pytest.approx(0.1)  # ten copies are read alike: one label of ten fits
+    with caplog.at_level("WARNING", logger="ddrun.evaluate"):
+        ev(syn, real, 0)
+    assert f"the teacher assigns only 10% of S's images to their own class (10 of 10 to class {read})" in caplog.text
+    readable = SyntheticSet(x[:1], torch.tensor([read]), 10)  # the same image under the teacher's own label
+    assert ev.check_readable(readable, real) == 1.0
+
+
 def test_stored_labels_replay_one_relabel_pass_for_every_student(tiny_root, tmp_path):
     # FKD-style relabel: the plan's logits are the teacher's on exactly the images a replay rebuilds, and the teacher
     # runs once per batch of the plan however many students train (online: once per batch per student)
@@ -373,7 +392,7 @@ def test_stored_labels_replay_one_relabel_pass_for_every_student(tiny_root, tmp_
     online._pool = ev._pool  # the same loaded teacher, hooked
     online(syn, real, 0)
     hook.remove()
-    assert stored_calls == 2 * ev.epochs and len(calls) == 2 * 2 * ev.epochs
+    assert stored_calls == 2 * ev.epochs and len(calls) == 2 * 2 * ev.epochs + 1  # online: + the readability check
     assert "teacher stored (one relabel pass): KL T 20" in res["protocol"] and len(res["per_net"]["convnet"]) == 2
     assert ev(syn, real, 0)["per_net"] == res["per_net"]  # the same seed replays the same plan
 

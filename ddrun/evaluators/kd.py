@@ -327,6 +327,22 @@ class KDEvaluator(EvaluatorContract):
         final = ema.module if ema is not None else net
         return 100.0 * accuracy(final, real.test_images, real.test_labels)
 
+    def check_readable(self, syn: SyntheticSet, real: RealData, floor: float = 0.5) -> float:
+        """The share of S's images (un-augmented) the teacher pool assigns to their own class, and a warning when
+        it is below ``floor``: KD relabels S by the teacher, so images it cannot read (e.g. DM's or MTT's ipc-1
+        sets far outside the data's range) teach the students other classes, whatever S's own labels say.
+        Returns the share in [0, 1]."""
+        images, labels, _, k = self._s(syn, real)
+        pool = self.teachers(real)
+        pred = torch.cat([self._teach(pool, images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
+        share = float((pred == labels).float().mean()) if len(labels) else 1.0
+        if share < floor:
+            top = torch.bincount(pred, minlength=k)
+            log.warning("evaluator=kd: the teacher assigns only %.0f%% of S's images to their own class (%d of %d "
+                        "to class %d); the students learn the teacher's reading of S, not S's labels", 100 * share,
+                        int(top.max()), len(pred), int(top.argmax()))
+        return share
+
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
         """Evaluate S (module doc).
 
@@ -338,6 +354,8 @@ class KDEvaluator(EvaluatorContract):
             DataError: no teacher in the store for this setting (prints the ``ddrun teacher`` command); a corrupt or
                 inconsistent relabel file (names it).
         """
+        if self.labels != "stored":  # a stored plan (a relabel file) is replayed without running the teacher
+            self.check_readable(syn, real)
         plan = self.stored_plan(syn, real, derive_seed(seed, 104729, -1)) if self.labels == "stored" else None
         accs = [self.train_one(syn, real, derive_seed(seed, 104729, r), plan)
                 for r in tqdm(range(self.num_eval), desc="evaluate (kd)", leave=False, disable=None)]

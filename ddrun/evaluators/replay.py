@@ -27,7 +27,7 @@ from ddrun.contracts import Evaluator as EvaluatorContract
 from ddrun.data.datasets import RealData
 from ddrun.nets import build_net
 from ddrun.nets.functional import forward
-from ddrun.objectives.meta import has_steps, replay
+from ddrun.objectives.meta import replay, require_steps
 from ddrun.protocol import net_kwargs, net_name
 from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, derive_seed
@@ -153,10 +153,7 @@ class ReplayEvaluator(EvaluatorContract):
 
     def replayed(self, syn: SyntheticSet, real: RealData, net: nn.Module) -> dict[str, torch.Tensor]:
         """The parameters of ``net`` after S's steps."""
-        if not has_steps(syn):
-            raise ConfigError(f"evaluator=replay evaluates DD sets only (method=dd or method=ld, whose S holds DD's "
-                              f"per-step step sizes); this S (method={syn.meta.get('method', 'unknown')}) has none: "
-                              f"evaluate it with evaluator=default or evaluator=cross_arch")
+        require_steps(syn)
         syn_steps = self.syn_steps if self.syn_steps is not None else syn.meta.get("syn_steps")
         if syn_steps is None:
             raise ConfigError("S does not record how many batches its steps use: pass evaluator.syn_steps=N "

@@ -66,11 +66,10 @@ class PretrainedFetcher(Fetcher):
             raise ConfigError(f"fetcher.held_out={held_out}: must be >= 1 (networks kept to evaluate the steps)")
         self.store = Collection(buffers, "teachers", teacher_setting(self.source, net, recipe), collection_dir)
         need = f"num_teachers={int(held_out) + 1}"  # held_out kept aside, at least one to distill with
-        self.store.open_for_reading(data, need)
+        manifest = self.store.open_for_reading(data, need)
         usable = self.store.usable(max_teachers)
         if len(usable) < int(held_out) + 1:
-            more = command_for("teachers", self.store.setting, buffers, data, need,
-                               training=self.store.manifest().get("training"))
+            more = command_for("teachers", self.store.setting, buffers, data, need, training=manifest.get("training"))
             raise ConfigError(f"the teacher collection {self.store.dir} has {len(usable)} usable networks; "
                               f"fetcher.held_out={held_out} needs at least {int(held_out) + 1}: train more "
                               f"(`{more}`) or lower fetcher.held_out")

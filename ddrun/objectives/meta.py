@@ -79,18 +79,13 @@ def step_sizes(syn: SyntheticSet, syn_steps: int) -> torch.Tensor:
     ``syn_epochs`` passes that its meta records.
 
     Raises:
-        ConfigError: S holds no DD steps at all (e.g. a DM or MTT set: replay evaluates DD sets only).
+        ConfigError: S holds no DD steps at all (:func:`require_steps`).
     """
-    lrs = syn.syn_lr
-    if lrs is not None and lrs.dim() == 1:
-        return lrs.detach()
-    meta = syn.meta
-    if lrs is None and meta.get("inner_lr") is not None and meta.get("syn_epochs") is not None:
-        return torch.full((syn_steps * int(meta["syn_epochs"]),), float(meta["inner_lr"]),
-                          device=syn.images.device)
-    raise ConfigError(f"evaluator=replay evaluates DD sets only (method=dd or method=ld: S with DD's per-step step "
-                      f"sizes); this S (method={meta.get('method', 'unknown')}) has none: evaluate it with "
-                      f"evaluator=default or evaluator=cross_arch")
+    require_steps(syn)
+    if syn.syn_lr is not None:
+        return syn.syn_lr.detach()
+    return torch.full((syn_steps * int(syn.meta["syn_epochs"]),), float(syn.meta["inner_lr"]),
+                      device=syn.images.device)
 
 
 def has_steps(syn: SyntheticSet) -> bool:
@@ -98,6 +93,18 @@ def has_steps(syn: SyntheticSet) -> bool:
     if syn.syn_lr is not None:
         return syn.syn_lr.dim() == 1
     return syn.meta.get("inner_lr") is not None and syn.meta.get("syn_epochs") is not None
+
+
+def require_steps(syn: SyntheticSet) -> None:
+    """Refuse S without DD's steps (:func:`has_steps`), e.g. a DM or MTT set given to the replay.
+
+    Raises:
+        ConfigError: one line: replay evaluates DD sets only, and which evaluators to use instead.
+    """
+    if not has_steps(syn):
+        raise ConfigError(f"evaluator=replay evaluates DD sets only (method=dd or method=ld, whose S holds DD's "
+                          f"per-step step sizes); this S (method={syn.meta.get('method', 'unknown')}) has none: "
+                          f"evaluate it with evaluator=default or evaluator=cross_arch")
 
 
 def replay(net: nn.Module, syn: SyntheticSet, syn_steps: int) -> dict[str, torch.Tensor]:

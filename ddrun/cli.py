@@ -241,12 +241,16 @@ def unknown_keys(cmd: str, args: list[str]) -> str | None:
 
 
 def _foreign_groups(cmd: str, overrides: list[str], groups: set[str]) -> str | None:
-    """One line for a ``group=option`` whose group exists (another command has it) but not in ``cmd``'s config."""
+    """One line for a ``group=option`` whose group exists (another command has it) but not in ``cmd``'s config.
+    An appended group at an explicit package (``+stage@stages.relabel=relabel``) is the way to add one: skipped."""
     from ddrun.conf import config_repository
 
     repo = config_repository()
     for arg in overrides:
-        key = arg.split("=", 1)[0].lstrip("+")
+        key = arg.split("=", 1)[0]
+        if key.startswith("+") and "@" in key:
+            continue
+        key = key.lstrip("+")
         group = key.split("@", 1)[0]
         if "." not in group and group not in groups and repo.group_exists(group):
             own = sorted(g for g in groups if not g.startswith("hydra/"))

@@ -282,6 +282,10 @@ class Stage:
 
     name = "stage"
 
+    def prepare(self, real: RealData) -> None:
+        """Load what the stage needs (e.g. the relabel stage's teachers) once the data is loaded, before the first
+        iteration, so that a missing artefact stops the run at start-up; default: nothing."""
+
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int) -> SyntheticSet:
         raise NotImplementedError
 

@@ -100,6 +100,13 @@ def validate(cfg: DictConfig) -> None:
                           f"optimized): it takes iterations=0, not {cfg.iterations}; {hint}")
     check_per_ipc_tables(cfg)
     check_parametrized_init(cfg)
+    param = str(OmegaConf.select(cfg, "parametrization._target_", default=""))
+    for name, node in (cfg.get("stages") or {}).items():
+        if str(OmegaConf.select(node, "_target_", default="")) == "ddrun.stages.Relabel" and \
+                param != "ddrun.contracts.Parametrization":
+            raise ConfigError(f"stages.{name} relabels S's images, but S is stored factorized "
+                              f"({param.rsplit('.', 1)[-1]}): its labels belong to the stored images, not to the "
+                              f"decoded ones a teacher reads; drop the stage or pass parametrization=pixels")
 
 
 def check_parametrized_init(cfg: DictConfig) -> None:
@@ -244,6 +251,8 @@ class Distillation:
         for ev in [self.evaluator, *self.beside.values()]:
             if ev is not None:
                 ev.prepare(self.real)  # e.g. the KD evaluator's teachers: missing ones stop the run now
+        for stage in self.stages.values():
+            stage.prepare(self.real)  # e.g. the relabel stage's teachers: not after a long distillation
         # the fetcher before S: a missing or short buffer / teacher stops the run before a long init (K-Center's
         # network training, DATM's expert labels) is spent
         self.fetcher = (build(cfg.fetcher)(real=self.real, device=self.device, seed=self.seed) if self.objective

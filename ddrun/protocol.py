@@ -63,3 +63,17 @@ def net_name(factory) -> str:
 def net_kwargs(factory) -> dict:
     """The constructor keywords of a net factory (a ``functools.partial`` from ``_partial_: true``)."""
     return {k: v for k, v in sorted(getattr(factory, "keywords", {}).items())}
+
+
+def with_labels(result: dict, meta: dict) -> dict:
+    """``result`` (an evaluator's) with its ``labels`` field naming where S's stored labels come from when S's
+    ``meta`` records a relabel stage (``meta["relabel"]``: teachers and temperature), for every protocol that
+    trains on S's labels (not ``kd``, whose students are labelled by its own teachers); the ``protocol`` line is
+    described again. Other results are returned as they are."""
+    relabel = meta.get("relabel")
+    fields = result.get("protocol_fields") or {}
+    if not relabel or fields.get("evaluator") == "kd":
+        return result
+    fields = {**fields, "labels": f"{fields.get('labels', 'as stored')}, S's labels: soft at T "
+                                  f"{float(relabel.get('temperature', 1.0)):g} from {relabel.get('teachers')}"}
+    return {**result, "protocol_fields": fields, "protocol": describe(fields)}

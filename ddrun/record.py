@@ -68,7 +68,8 @@ def synthetic_info(syn, path: str | Path, describe: dict) -> dict:
     """The ``synthetic`` field of a record for the set ``syn`` saved at ``path``."""
     state = syn.state() if hasattr(syn, "state") else {"images": syn.images, "labels": syn.labels, "lr": None}
     return {"path": str(path), "digest": synthetic_digest(state), **describe,
-            "soft_labels": bool(state["labels"].dtype.is_floating_point), "learned_lr": state.get("lr") is not None}
+            "soft_labels": bool(state["labels"].dtype.is_floating_point), "learned_lr": state.get("lr") is not None,
+            "relabeled": (state.get("meta") or {}).get("relabel")}
 
 
 def test_info(real) -> dict:

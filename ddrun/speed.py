@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ddrun.protocol import describe
+from ddrun.protocol import describe, with_labels
 from ddrun.utils import ConfigError
 
 _CHOICES = {"batched_classes": ("auto", True, False), "tf32": ("default", True, False),
@@ -185,11 +185,11 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def evaluate(evaluator: Callable, syn, real, seed: int, device: torch.device) -> dict:
-    """``evaluator(syn, real, seed)`` under :func:`autocast`; its result's ``protocol_fields`` gain ``precision``
-    when the precision was lowered, and its ``protocol`` line is described again from them
+    """``evaluator(syn, real, seed)`` under :func:`autocast`; its result's ``protocol_fields`` name the teachers
+    of relabeled labels (:func:`ddrun.protocol.with_labels`) and gain ``precision`` when the precision was lowered, and its ``protocol`` line is described again from them
     (:func:`ddrun.protocol.describe`, as every evaluator's line is), so such accuracies say so."""
     with autocast(device):
-        res = evaluator(syn, real, seed)
+        res = with_labels(evaluator(syn, real, seed), getattr(syn, "meta", {}))
     lowered = precision(device)
     if lowered is None:
         return res

@@ -166,12 +166,9 @@ class KDEvaluator(EvaluatorContract):
         return self.name or getattr(self.student, "func", self.student).__name__.lower()
 
     def protocol_fields(self) -> dict:
-        teachers = " + ".join(
-            f"{getattr(f, 'func', f).__name__}({', '.join(f'{k} {v}' for k, v in net_kwargs(f).items())})"
-            for f in self.teacher_nets.values())
-        teacher = f"{teachers} x{self.num_teachers or 'all'}, recipe {self.recipe}"
-        if self._pool is not None:
-            teacher += ", test acc " + "/".join(f"{m['test_acc']:.2f}" for m in self._pool)
+        from ddrun.fetchers.teachers import describe_teachers
+
+        teacher = describe_teachers(self.teacher_nets, self.num_teachers, self.recipe, self._pool)
         fields = {"evaluator": "kd", "archs": [self._name()], "nets": {self._name(): net_kwargs(self.student)},
                   "num_eval": self.num_eval, "epochs": self.epochs, "optimizer": self.optimizer, "lr": self.lr,
                   "lr_schedule": self.schedule + (f" zeta {self.zeta:g}" if self.schedule == "smoothing" else ""),
@@ -246,7 +243,9 @@ class KDEvaluator(EvaluatorContract):
     @torch.no_grad()
     def _teach(pool: list[dict], x: torch.Tensor) -> torch.Tensor:
         """The pool's mean logits float ``[B, K]`` on the batch ``x`` (no gradient)."""
-        return torch.stack([m["net"](x) for m in pool]).mean(0)
+        from ddrun.fetchers.teachers import teacher_logits
+
+        return teacher_logits(pool, x)
 
     def _labelled(self, images: torch.Tensor, labels: torch.Tensor, k: int, pool: list[dict], steps):
         """The labelled batches ``(x, target, teacher logits)`` of ``steps`` ``(idx, generator, logits or None)``:

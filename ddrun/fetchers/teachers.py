@@ -22,6 +22,7 @@ from torch import nn
 from ddrun.contracts import Fetched, Fetcher
 from ddrun.data.datasets import RealData
 from ddrun.nets import build_net, refuse_without_batchnorm
+from ddrun.protocol import net_kwargs
 from ddrun.store import Collection, command_for, load_teacher, teacher_setting
 from ddrun.utils import ConfigError, DataError, derive_seed
 
@@ -76,6 +77,29 @@ def load_teachers(nets: Mapping[str, Callable[..., nn.Module]], real: RealData, 
             log.info("teacher%s #%d (%s): test accuracy %.2f%%, %d epochs", _of(name), index, store.dir,
                      pool[-1]["test_acc"], pool[-1]["epochs"])
     return pool
+
+
+@torch.no_grad()
+def teacher_logits(pool: list[dict], x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The pool's mean logits float ``[B, K]`` on images ``x`` float ``[B, C, H, W]`` (no gradient; the members
+    stay in eval mode), in chunks of ``chunk`` images (None: one batch). The one way ddrun reads a teacher pool's
+    labels: the KD evaluator's batches, its readability check and the relabel stage."""
+    step = len(x) if chunk is None else max(int(chunk), 1)
+    return torch.cat([torch.stack([m["net"](x[i:i + step]) for m in pool]).mean(0)
+                      for i in range(0, len(x), step)]) if len(x) else x.new_zeros(0, 0)
+
+
+def describe_teachers(nets: Mapping[str, Callable[..., nn.Module]], num_teachers: int | None, recipe: str,
+                      pool: list[dict] | None = None) -> str:
+    """One phrase naming a teacher pool for protocols and records: the architectures with their keywords, the
+    teachers per architecture, the recipe and (once loaded) each member's test accuracy, e.g.
+    ``ConvNet(act relu, ..., width 64) x1, recipe sre2l, test acc 90.50``."""
+    archs = " + ".join(f"{getattr(f, 'func', f).__name__}({', '.join(f'{k} {v}' for k, v in net_kwargs(f).items())})"
+                       for f in nets.values())
+    line = f"{archs} x{num_teachers or 'all'}, recipe {recipe}"
+    if pool is not None:
+        line += ", test acc " + "/".join(f"{m['test_acc']:.2f}" for m in pool)
+    return line
 
 
 def _of(name: str) -> str:

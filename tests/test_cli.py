@@ -112,3 +112,15 @@ def test_multirun_sweep_runs_every_point(tmp_path):
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "synthetic.pt").is_file())
     assert runs == ["0_dm_mnist_ipc1_seed0", "1_dm_mnist_ipc2_seed0", "2_dsa_mnist_ipc1_seed0",
                     "3_dsa_mnist_ipc2_seed0"]
+
+
+def test_a_relabel_stage_without_its_teacher_is_one_line_with_the_teacher_command(tmp_path):
+    """``+stage@stages.relabel=relabel`` (a group appended at a package) is accepted by the pre-Hydra checks, and
+    the missing teacher stops the run at start-up, before any iteration, printing the command that trains it."""
+    write_mnist_like(tmp_path, "MNIST", n_train=20, n_test=10)
+    r = ddrun("distill", "dataset=mnist", "method=dm", "ipc=1", "iterations=3", "+stage@stages.relabel=relabel",
+              f"paths.data={tmp_path}", "dataset.system_dirs=[]", f"paths.buffers={tmp_path}/store",
+              f"hydra.run.dir={tmp_path}/run", "logger=none")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "no 'stage' group" not in r.stderr, r.stderr
+    assert "stages.relabel: no teacher collection at" in r.stderr and "`ddrun teacher dataset=mnist" in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

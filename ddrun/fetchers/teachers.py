@@ -61,7 +61,10 @@ def load_teachers(nets: Mapping[str, Callable[..., nn.Module]], real: RealData, 
     for name, factory in nets.items():
         store = Collection(buffers, "teachers", teacher_setting(real, factory, recipe), teacher_dir)
         want = 1 if num_teachers is None else int(num_teachers)
-        manifest = store.open_for_reading(data, f"num_teachers={want}" if want > 1 else "")
+        try:
+            manifest = store.open_for_reading(data, f"num_teachers={want}" if want > 1 else "")
+        except DataError as exc:  # which component needs the teacher (a run may hold several)
+            raise DataError(f"{what}: {exc}") from None
         usable = store.usable(num_teachers)
         if len(usable) < want:  # the collection's own recipe, so that the command adds to it
             cmd = command_for("teachers", store.setting, buffers, data, extra=f"num_teachers={want}",

@@ -186,8 +186,9 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def evaluate(evaluator: Callable, syn, real, seed: int, device: torch.device) -> dict:
     """``evaluator(syn, real, seed)`` under :func:`autocast`; its result's ``protocol_fields`` name the teachers
-    of relabeled labels (:func:`ddrun.protocol.with_labels`) and gain ``precision`` when the precision was lowered, and its ``protocol`` line is described again from them
-    (:func:`ddrun.protocol.describe`, as every evaluator's line is), so such accuracies say so."""
+    of relabeled labels (:func:`ddrun.protocol.with_labels`) and gain ``precision`` when the precision was lowered,
+    and its ``protocol`` line is described again from them (:func:`ddrun.protocol.describe`, as every evaluator's
+    line is), so such accuracies say so."""
     with autocast(device):
         res = with_labels(evaluator(syn, real, seed), getattr(syn, "meta", {}))
     lowered = precision(device)

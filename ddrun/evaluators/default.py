@@ -40,7 +40,8 @@ def check_training_knobs(num_eval: int, epochs: int, lr: float, momentum: float,
     Raises:
         ConfigError: one line naming the ``evaluator.<key>``, its value and what is allowed.
     """
-    checks = (("num_eval", num_eval, isinstance(num_eval, int) and num_eval >= 0, "a whole number >= 0 (0: no evaluation in a distill run)"),
+    checks = (("num_eval", num_eval, isinstance(num_eval, int) and num_eval >= 0,
+               "a whole number >= 0 (0: no evaluation in a distill run)"),
               ("epochs", epochs, isinstance(epochs, int) and epochs >= 1, "a whole number >= 1"),
               ("lr", lr, isinstance(lr, (int, float)) and lr > 0, "> 0"),
               ("momentum", momentum, isinstance(momentum, (int, float)) and 0 <= momentum < 1, "in [0, 1)"),

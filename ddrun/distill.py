@@ -100,6 +100,7 @@ def validate(cfg: DictConfig) -> None:
                           f"optimized): it takes iterations=0, not {cfg.iterations}; {hint}")
     check_per_ipc_tables(cfg)
     check_parametrized_init(cfg)
+    check_syn_scheduler(cfg)
     param = str(OmegaConf.select(cfg, "parametrization._target_", default=""))
     for name, node in (cfg.get("stages") or {}).items():
         if str(OmegaConf.select(node, "_target_", default="")) == "ddrun.stages.Relabel" and \
@@ -107,6 +108,29 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"stages.{name} relabels S's images, but S is stored factorized "
                               f"({param.rsplit('.', 1)[-1]}): its labels belong to the stored images, not to the "
                               f"decoded ones a teacher reads; drop the stage or pass parametrization=pixels")
+
+
+def check_syn_scheduler(cfg: DictConfig) -> None:
+    """Build ``syn_scheduler`` on a one-parameter SGD optimizer, so its constructor's checks (``ddrun.schedule``:
+    a zero step, a negative decay, a word where a number goes) refuse the run before the data is loaded rather
+    than after it (the real scheduler is built on S's optimizer once S exists). Skipped without an objective
+    (nothing optimizes S) or a scheduler.
+
+    Raises:
+        ConfigError: the scheduler's own one-line error, or ``syn_scheduler: <error>`` for any other failure of its
+            target (e.g. torch's own schedulers' ValueError)."""
+    node = cfg.get("syn_scheduler")
+    if node is None or not has_objective(cfg):
+        return
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        build(node)(probe)
+    except DdrunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a foreign target's error (ValueError, TypeError ...): one line
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"syn_scheduler ({OmegaConf.select(node, '_target_')}): {type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
 
 
 def check_parametrized_init(cfg: DictConfig) -> None:

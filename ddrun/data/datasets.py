@@ -7,7 +7,7 @@ plus what is needed to sample per class and to map images back to pixels.
 The loaders are chosen by each ``conf/dataset/*.yaml`` through ``_target_`` (one per on-disk format family:
 IDX for MNIST-like sets, python pickles for CIFAR, ``.mat`` for SVHN). Files are never fetched unless
 ``dataset.download=true``; a missing dataset raises :class:`~ddrun.utils.DataError` naming the expected path
-and how to get the files, and a corrupt file raises it naming that file.
+and how to get the files, and a corrupt file, or one holding a label outside the dataset's classes, raises it naming that file.
 """
 
 from __future__ import annotations
@@ -269,6 +269,26 @@ def _check_files(name: str, folder: Path, entries: Sequence[tuple[str, str]], ve
                                 f"for files you made yourself")
 
 
+def _check_labels(name: str, file: Path, labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int,
+                  valid: str | None = None) -> None:
+    """Refuse a label outside ``[0, num_classes)`` among the ``labels`` read from ``file`` (int, any shape ``[N]``):
+    it would fail deep in training (an IndexError, a CUDA assert) or leave its samples out of every class.
+
+    Args:
+        valid: how the valid labels read in the file's own terms (default ``0..num_classes-1``).
+
+    Raises:
+        DataError: one line naming ``file``, the first bad label, its sample index, how many there are, and the
+            valid labels.
+    """
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise DataError(f"dataset {name}: {file} holds label {int(y[i])} (sample {i}; {int(bad.sum())} bad in all); "
+                        f"valid labels are {valid or f'0..{num_classes - 1}'}: fix or replace the file")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # IDX (MNIST, Fashion-MNIST)
 # ----------------------------------------------------------------------------------------------------------
@@ -339,7 +359,8 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
     image and scales it to unit L2 norm before ZCA, in both splits (:func:`layernorm_images`, RFAD's on SVHN).
 
     Raises:
-        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
+            outside the classes (names the file, the label and the valid labels).
     """
     cls = getattr(torchvision.datasets, torchvision_class)
     raw = Path(root) / torchvision_class / "raw"
@@ -360,6 +381,8 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
         return tr, te
 
     tr, te = _load_or_name_corrupt(name, load, files, _read_idx)
+    _check_labels(name, files[1], tr.targets, len(tr.classes))
+    _check_labels(name, files[3], te.targets, len(te.classes))
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(tr.data.unsqueeze(1), mean, std), tr.targets,
                    _normalize(te.data.unsqueeze(1), mean, std), te.targets, mean, std, tr.classes,
@@ -370,11 +393,17 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
 # CIFAR python pickles
 # ----------------------------------------------------------------------------------------------------------
 
-def _read_pickle(path: Path) -> None:
+def _read_pickle(path: Path) -> list:
+    """The labels of one CIFAR batch file (``labels``, CIFAR-100's ``fine_labels``; [] for a meta file).
+
+    Raises:
+        ValueError: images and labels differ in count; pickle / OS errors of an unreadable file."""
     with open(path, "rb") as f:
         entry = pickle.load(f, encoding="latin1")
-    if "data" in entry and len(entry["data"]) != len(entry.get("labels", entry.get("fine_labels", []))):
+    labels = entry.get("labels", entry.get("fine_labels", []))
+    if "data" in entry and len(entry["data"]) != len(labels):
         raise ValueError("images and labels differ in count")
+    return labels
 
 
 def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[float], std: Sequence[float],
@@ -390,7 +419,8 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
     :func:`idx_format`.
 
     Raises:
-        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
+            outside the classes (names the file, the label and the valid labels).
     """
     cls = getattr(torchvision.datasets, torchvision_class)
     folder = Path(root) / cls.base_folder
@@ -412,6 +442,13 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
         return (_Checked(root, train=True, download=False), _Checked(root, train=False, download=False))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_pickle)
+    for ds, listed in ((tr, cls.train_list), (te, cls.test_list)):
+        try:
+            _check_labels(name, folder, ds.targets, len(tr.classes))
+        except DataError:  # name the batch file that holds it (the split concatenates them)
+            for fn, _ in listed:
+                _check_labels(name, folder / fn, _read_pickle(folder / fn), len(tr.classes))
+            raise
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(to_nchw(tr.data), mean, std), tr.targets,
@@ -441,7 +478,8 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
     ``zca`` as in :func:`idx_format`.
 
     Raises:
-        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
+            outside the classes (names the file, the label and the valid labels).
     """
     cls = torchvision.datasets.SVHN
     folder = Path(root)
@@ -461,6 +499,8 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
         return (_Checked(root, split="train", download=False), _Checked(root, split="test", download=False))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_mat)
+    for ds, (fn, _) in zip((tr, te), entries):  # torchvision reads the file's 10 as the digit 0: others as they are
+        _check_labels(name, folder / fn, ds.labels, 10, valid="1..10 (10 is the digit 0)")
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(tr.data, mean, std), tr.labels, _normalize(te.data, mean, std), te.labels,
                    mean, std, [str(i) for i in range(10)], dsa_strategy, train_subset, test_subset, zca,

@@ -100,6 +100,19 @@ def test_balanced_subset(tmp_path):
     assert len(data.test_labels) == 10
 
 
+def test_a_subset_larger_than_a_class_keeps_it_whole_and_says_so(tmp_path, caplog):
+    """train_subset=N is "at most N per class" (debug=smoke's 50 on small sets): a class with fewer keeps all of
+    its images, and a warning states the counts actually kept, so an unbalanced T is never silent."""
+    write_mnist_like(tmp_path, "MNIST", n_train=6, n_test=3)
+    with caplog.at_level("WARNING", logger="ddrun.data"):
+        data = load("mnist", tmp_path, "dataset.train_subset=8", "dataset.test_subset=2")
+    assert torch.bincount(data.train_labels).tolist() == [6] * 10 and len(data.test_labels) == 20
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "dataset mnist: train_subset=8 is more than some classes hold: kept 6 images per " \
+                                "class, all of each short class (class 0: 6, class 1: 6, " in warned[0], warned
+    assert "pass a subset <= 6 for a balanced one" in warned[0]
+
+
 def test_missing_dataset_names_path_and_remedy(tmp_path):
     with pytest.raises(DataError) as e:
         load("fashion_mnist", tmp_path, "dataset.system_dirs=[]")

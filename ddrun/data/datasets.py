@@ -7,12 +7,14 @@ plus what is needed to sample per class and to map images back to pixels.
 The loaders are chosen by each ``conf/dataset/*.yaml`` through ``_target_`` (one per on-disk format family:
 IDX for MNIST-like sets, python pickles for CIFAR, ``.mat`` for SVHN). Files are never fetched unless
 ``dataset.download=true``; a missing dataset raises :class:`~ddrun.utils.DataError` naming the expected path
-and how to get the files, and a corrupt file, or one holding a label outside the dataset's classes, raises it naming that file.
+and how to get the files, and a corrupt file, or one holding a label outside the dataset's classes, raises it
+naming that file. ``train_subset`` / ``test_subset`` larger than a class keep all of it, with a warning.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import shutil
@@ -27,6 +29,8 @@ import torchvision
 
 from ddrun.files import file_digest, temporary_path
 from ddrun.utils import DataError, host_to
+
+log = logging.getLogger("ddrun.data")
 
 
 @dataclass
@@ -156,13 +160,33 @@ def layernorm_images(x: torch.Tensor) -> torch.Tensor:
     return centred / norm.clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: int) -> torch.Tensor | None:
-    """Indices of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle; None for all."""
+def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: int, name: str = "",
+                     split: str = "train") -> torch.Tensor | None:
+    """Indices of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle; None for all.
+
+    A class with fewer samples keeps all of them (``debug=smoke``'s ``train_subset: 50`` is "at most 50" on small
+    sets), and a warning states the counts actually kept (:func:`_short_classes`)."""
     if per_class is None:
         return None
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     keep = [order[labels[order] == c][:per_class] for c in range(num_classes)]
+    note = _short_classes([len(k) for k in keep], per_class)
+    if note:
+        log.warning("dataset %s: %s_subset=%d is more than some classes hold: %s", name, split, per_class, note)
     return torch.cat(keep).sort().values
+
+
+def _short_classes(counts: Sequence[int], per_class: int) -> str:
+    """What a per-class subset of ``per_class`` kept when some ``counts`` fall short ("" when none does): the
+    range kept per class and the short classes with their counts (the first 10)."""
+    short = [(c, n) for c, n in enumerate(counts) if n < per_class]
+    if not short:
+        return ""
+    shown = ", ".join(f"class {c}: {n}" for c, n in short[:10]) + (f", ... ({len(short)} classes)"
+                                                                   if len(short) > 10 else "")
+    kept = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+    return (f"kept {kept} images per class, all of each short class ({shown}); pass a subset <= {min(counts)} "
+            f"for a balanced one")
 
 
 def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float],
@@ -202,7 +226,7 @@ def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_stra
     if zca is not None:
         zca.fit(train_x)
     for split, sub, (x, y) in (("train", train_subset, (train_x, train_y)), ("test", test_subset, (test_x, test_y))):
-        idx = _balanced_subset(y, sub, k)
+        idx = _balanced_subset(y, sub, k, name, split)
         if idx is not None:
             if split == "train":
                 train_x, train_y = x[idx], y[idx]

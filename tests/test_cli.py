@@ -63,6 +63,13 @@ def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, comma
     (["syn_scheduler=step", "~syn_scheduler.step_size", "~syn_scheduler.gamma", "+syn_scheduler.start_factor=2",
       "syn_scheduler._target_=torch.optim.lr_scheduler.LinearLR"],
      "syn_scheduler (torch.optim.lr_scheduler.LinearLR): ValueError: Starting multiplicative factor expected"),
+    # the replay's theta_0 must be one the run's fetcher gives (once: a silent replay from a network S never saw,
+    # or an AttributeError at the first evaluation)
+    (["method=dd", "ipc=1", "evaluator.init=fixed"], "evaluator.init=fixed replays S's steps from the one fixed "
+     "theta_0 of fetcher=fixed, but S is distilled with RandomFetcher, not for that network: pass "
+     "evaluator.init=random, or distill with fetcher=fixed"),
+    (["method=dd", "ipc=1", "evaluator.init=pretrained", "fetcher=fixed"], "evaluator.init=pretrained replays S's "
+     "steps from the held-out networks of fetcher=pretrained's pool, but S is distilled with FixedFetcher"),
 ])
 def test_bad_values_fail_before_work(tmp_path, args, message):
     r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")

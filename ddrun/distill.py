@@ -100,6 +100,8 @@ def validate(cfg: DictConfig) -> None:
                           f"optimized): it takes iterations=0, not {cfg.iterations}; {hint}")
     check_per_ipc_tables(cfg)
     check_parametrized_init(cfg)
+    check_syn_scheduler(cfg)
+    check_replay_inits(cfg)
     param = str(OmegaConf.select(cfg, "parametrization._target_", default=""))
     for name, node in (cfg.get("stages") or {}).items():
         if str(OmegaConf.select(node, "_target_", default="")) == "ddrun.stages.Relabel" and \
@@ -107,6 +109,55 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"stages.{name} relabels S's images, but S is stored factorized "
                               f"({param.rsplit('.', 1)[-1]}): its labels belong to the stored images, not to the "
                               f"decoded ones a teacher reads; drop the stage or pass parametrization=pixels")
+
+
+def check_replay_inits(cfg: DictConfig) -> None:
+    """Every replay evaluator of the run (``evaluator``, ``beside.*``) gets a theta_0 its fetcher gives
+    (:func:`ddrun.evaluators.replay.resolve_init`): refused here, before the run directory and the data, rather
+    than by a crash at the first evaluation (``init=pretrained``) or a silent replay from a network S was never
+    distilled for (``init=fixed`` with ``fetcher=random``). Evaluators with ``num_eval`` 0 are not run: skipped.
+
+    Raises:
+        ConfigError: one line naming ``evaluator.init`` / ``beside.<name>.init``."""
+    from hydra.utils import get_object
+
+    from ddrun.evaluators.replay import ReplayEvaluator, resolve_init
+
+    nodes = [("evaluator", cfg.get("evaluator"))]
+    if cfg.get("beside_protocols", True):
+        nodes += [(f"beside.{name}", node) for name, node in (cfg.get("beside") or {}).items()]
+    for key, node in nodes:
+        target = OmegaConf.select(node, "_target_") if node is not None else None
+        try:
+            replays = target is not None and get_object(str(target)) is ReplayEvaluator
+        except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
+            replays = False
+        if replays and int(OmegaConf.select(node, "num_eval", default=1)) >= 1:
+            resolve_init(str(OmegaConf.select(node, "init", default="auto")),
+                         OmegaConf.select(node, "fetcher", default=None), key)
+
+
+def check_syn_scheduler(cfg: DictConfig) -> None:
+    """Build ``syn_scheduler`` on a one-parameter SGD optimizer, so its constructor's checks (``ddrun.schedule``:
+    a zero step, a negative decay, a word where a number goes) refuse the run before the data is loaded rather
+    than after it (the real scheduler is built on S's optimizer once S exists). Skipped without an objective
+    (nothing optimizes S) or a scheduler.
+
+    Raises:
+        ConfigError: the scheduler's own one-line error, or ``syn_scheduler: <error>`` for any other failure of its
+            target (e.g. torch's own schedulers' ValueError)."""
+    node = cfg.get("syn_scheduler")
+    if node is None or not has_objective(cfg):
+        return
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        build(node)(probe)
+    except DdrunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a foreign target's error (ValueError, TypeError ...): one line
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"syn_scheduler ({OmegaConf.select(node, '_target_')}): {type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
 
 
 def check_parametrized_init(cfg: DictConfig) -> None:
@@ -322,11 +373,13 @@ class Distillation:
 
     def _theta0_meta(self) -> dict:
         """What a replay of S's steps needs to rebuild the run's networks (``evaluator=replay evaluator.init=fixed``
-        checks it): the run's ``seed`` and the fetcher's network (``net``: :func:`ddrun.protocol.net_name`,
-        ``net_kwargs``: its constructor keywords)."""
+        checks it): the run's ``seed``, the fetcher's class name (``fetcher``) and its network (``net``:
+        :func:`ddrun.protocol.net_name`, ``net_kwargs``: its constructor keywords)."""
         from ddrun.protocol import net_kwargs, net_name
 
         meta = {"seed": int(self.seed)}
+        if self.fetcher is not None:  # its class: a fixed-init replay needs FixedFetcher's theta_0
+            meta["fetcher"] = type(self.fetcher).__name__
         factory = getattr(self.fetcher, "net_factory", None)
         if factory is not None:
             kwargs = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v

@@ -11,7 +11,8 @@ as the DC reference's 100-model figures do) and, for distill runs, the best eval
 papers report), per architecture (from the evaluation rows of ``metrics.jsonl``: a cross-architecture run's pooled
 best is no architecture's). Writes ``report.md`` and ``report.csv`` and draws accuracy vs iteration and accuracy vs
 ipc as PNG; where it cannot write, it prints the table anyway and says so in one line. ``--compare`` adds the
-published figures shipped in ``ddrun/published.csv`` (each with its source).
+published figures shipped in ``ddrun/published.csv`` (each with its source). Runs of DD's poisoning
+(``objective.attack``) get a column of their recorded attack success before and after S's steps.
 
 Plain argparse rather than Hydra: the command takes a list of paths and a few flags, composes no config, and must
 not create a run directory of its own.
@@ -33,6 +34,7 @@ from ddrun.utils import DataError, DdrunError
 
 PUBLISHED = Path(__file__).with_name("published.csv")
 BASELINES = {"random": 0, "herding": 1, "kcenter": 2}
+ATTACK = ("dd_attack_before", "dd_attack_success")  # DD's poisoning: % of class a read as b, before / after S's steps
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Result:
     best: dict[str, dict] = field(default_factory=dict)   # arch -> {"iteration", "acc_mean"}: its best evaluation
     curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # arch -> (iteration, its mean accuracy)
     run_seed: int | None = None           # the record's own seed (an evaluate's student seed; a distill's = seed)
+    extra: dict[str, float] = field(default_factory=dict)  # the evaluation's ATTACK metrics (%), when recorded
 
     def key(self, arch: str) -> tuple:
         """What must agree for two results to be seeds of one experiment."""
@@ -132,7 +135,9 @@ def results_of(path: Path) -> list[Result]:
                           setting=source.get("setting") or rec.get("setting") or {}, protocol=protocol,
                           protocol_line=line, test_images=test.get("images"), accs=accs,
                           best=_bests(curves, rows, rec, line) if distilled else {}, curve=curves,
-                          run_seed=rec.get("seed")))
+                          run_seed=rec.get("seed"),
+                          extra={k: float(v) for k, v in (ev.get("extra") or {}).items()
+                                 if k in ATTACK and isinstance(v, (int, float)) and not isinstance(v, bool)}))
     return out
 
 
@@ -204,6 +209,25 @@ class Group:
         if not bests:
             return None
         return statistics.fmean(bests), statistics.pstdev(bests) if len(bests) > 1 else 0.0
+
+
+def _mean_std(values: list[float]) -> tuple[float, float] | None:
+    """Mean and population std of ``values`` (None when empty)."""
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _attack_cell(g: Group) -> str:
+    """``before → after`` (mean ± std over the row's runs, %) of DD's poisoning metrics, with the classes when the
+    setting records them; "–" for a row without them."""
+    before, after = (_mean_std([r.extra[k] for r in g.results if k in r.extra]) for k in ATTACK)
+    if after is None:
+        return "–"
+    pair = [g.first.setting.get(f"objective.attack.{k}") for k in ("source", "target")]
+    classes = f" (class {pair[0]} as {pair[1]})" if None not in pair else ""
+    start = "" if before is None else f"{before[0]:.2f} ± {before[1]:.2f} → "
+    return f"{start}{after[0]:.2f} ± {after[1]:.2f}{classes}"
 
 
 def _seed_values(runs: list[tuple[Result, list[float]]], pool: str) -> tuple[list[Result], list[float], list[str]]:
@@ -291,8 +315,10 @@ def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> st
     (``[n]``), and the sources with ``compare``."""
     pub = load_published() if compare else {}
     over = "networks" if pool == "nets" else "seeds"
+    attack = any(r.extra for g in groups for r in g.results)  # a column only for reports that hold DD's poisoning
     head = ["dataset", "ipc", "method", "arch", f"accuracy % (mean ± std over {over})", "n", "seeds", "iterations",
-            "best % (over evaluations)"] + (["published"] if compare else [])
+            "best % (over evaluations)"] + (["attack success % (before → after S's steps)"] if attack else []) \
+        + (["published"] if compare else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     protocols: dict[str, int] = {}
     notes: list[str] = []
@@ -313,7 +339,7 @@ def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> st
         cells = [g.dataset, str(g.ipc), label + note, g.arch, f"{g.mean:.2f} ± {g.std:.2f} ^{mark}",
                  str(g.n), ",".join(map(str, g.seeds)) or "–",
                  "–" if g.first.iterations is None else str(g.first.iterations),
-                 "–" if best is None else f"{best[0]:.2f} ± {best[1]:.2f}"]
+                 "–" if best is None else f"{best[0]:.2f} ± {best[1]:.2f}"] + ([_attack_cell(g)] if attack else [])
         if compare:
             cells.append(_published_cell(pub, g) or "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -332,13 +358,16 @@ def write_csv(groups: list[Group], path: Path, compare: bool = False) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "ipc", "method", "arch", "command", "acc_mean", "acc_std", "n", "seeds", "iterations",
-                    "best_mean", "protocol", "test_images", "setting_hash", "published", "runs"])
+                    "best_mean", "protocol", "test_images", "setting_hash", "published", "runs",
+                    *(f"{k}_mean" for k in ATTACK)])
         for g in groups:
             best = g.best
+            attack = [_mean_std([r.extra[k] for r in g.results if k in r.extra]) for k in ATTACK]
             w.writerow([g.dataset, g.ipc, g.method, g.arch, g.first.command, f"{g.mean:.4f}", f"{g.std:.4f}",
                         g.n, " ".join(map(str, g.seeds)), "" if g.first.iterations is None else g.first.iterations,
                         "" if best is None else f"{best[0]:.4f}", g.first.protocol_line, g.first.test_images,
-                        g.first.setting_hash, _published_cell(pub, g), " ".join(str(r.path) for r in g.results)])
+                        g.first.setting_hash, _published_cell(pub, g), " ".join(str(r.path) for r in g.results),
+                        *("" if a is None else f"{a[0]:.4f}" for a in attack)])
 
 
 def _save_figure(fig, axes, path: Path) -> Path:

@@ -57,6 +57,19 @@ def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, comma
     (["method=herding", "objective=dm"], "method=herding selects no fetcher (S is ipc real images chosen by "
                                          "init=herding, not optimized), so the objective has no network; to "
                                          "distill from that initialization use `init=herding method=dm`"),
+    # the schedule of S's step sizes is checked before the (slow) data load, not when S's optimizer exists
+    (["syn_scheduler=step", "syn_scheduler.gamma=2"], "syn_scheduler.gamma=2: must be in (0, 1]"),
+    (["syn_scheduler=cosine", "syn_scheduler.total=0"], "syn_scheduler.total=0: must be >= 1"),
+    (["syn_scheduler=step", "~syn_scheduler.step_size", "~syn_scheduler.gamma", "+syn_scheduler.start_factor=2",
+      "syn_scheduler._target_=torch.optim.lr_scheduler.LinearLR"],
+     "syn_scheduler (torch.optim.lr_scheduler.LinearLR): ValueError: Starting multiplicative factor expected"),
+    # the replay's theta_0 must be one the run's fetcher gives (once: a silent replay from a network S never saw,
+    # or an AttributeError at the first evaluation)
+    (["method=dd", "ipc=1", "evaluator.init=fixed"], "evaluator.init=fixed replays S's steps from the one fixed "
+     "theta_0 of fetcher=fixed, but S is distilled with RandomFetcher, not for that network: pass "
+     "evaluator.init=random, or distill with fetcher=fixed"),
+    (["method=dd", "ipc=1", "evaluator.init=pretrained", "fetcher=fixed"], "evaluator.init=pretrained replays S's "
+     "steps from the held-out networks of fetcher=pretrained's pool, but S is distilled with FixedFetcher"),
 ])
 def test_bad_values_fail_before_work(tmp_path, args, message):
     r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")

@@ -100,6 +100,19 @@ def test_balanced_subset(tmp_path):
     assert len(data.test_labels) == 10
 
 
+def test_a_subset_larger_than_a_class_keeps_it_whole_and_says_so(tmp_path, caplog):
+    """train_subset=N is "at most N per class" (debug=smoke's 50 on small sets): a class with fewer keeps all of
+    its images, and a warning states the counts actually kept, so an unbalanced T is never silent."""
+    write_mnist_like(tmp_path, "MNIST", n_train=6, n_test=3)
+    with caplog.at_level("WARNING", logger="ddrun.data"):
+        data = load("mnist", tmp_path, "dataset.train_subset=8", "dataset.test_subset=2")
+    assert torch.bincount(data.train_labels).tolist() == [6] * 10 and len(data.test_labels) == 20
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "dataset mnist: train_subset=8 is more than some classes hold: kept 6 images per " \
+                                "class, all of each short class (class 0: 6, class 1: 6, " in warned[0], warned
+    assert "pass a subset <= 6 for a balanced one" in warned[0]
+
+
 def test_missing_dataset_names_path_and_remedy(tmp_path):
     with pytest.raises(DataError) as e:
         load("fashion_mnist", tmp_path, "dataset.system_dirs=[]")
@@ -137,6 +150,51 @@ def test_corrupt_svhn_named(tmp_path):
     (folder / "test_32x32.mat").write_bytes(b"MATLAB garbage")
     with pytest.raises(DataError, match=r"corrupt or truncated file .*test_32x32.mat"):
         load("svhn", tmp_path, "dataset.verify_checksums=false")
+
+
+def _plant_label(fmt: str, root: Path) -> tuple[str, Path, str, list[str]]:
+    """Write a small dataset of ``fmt`` whose one file holds a label outside the valid range; returns the config
+    name, that file, the bad value as the file holds it and the extra overrides."""
+    import pickle
+
+    import numpy as np
+    import scipy.io as sio
+
+    from formats import write_idx
+
+    if fmt == "idx":
+        raw = write_mnist_like(root, "MNIST", n_train=6, n_test=3)
+        f = raw / "t10k-labels-idx1-ubyte"
+        labels = np.frombuffer(f.read_bytes()[8:], dtype=np.uint8).copy()
+        labels[4] = 12
+        write_idx(f, labels)
+        return "mnist", f, "12", ["dataset.system_dirs=[]"]
+    if fmt in ("cifar10", "cifar100"):
+        folder = write_cifar(root, fmt == "cifar100", n_train=5, n_test=2)
+        f = folder / ("train" if fmt == "cifar100" else "data_batch_3")
+        entry = pickle.loads(f.read_bytes())
+        key = "fine_labels" if fmt == "cifar100" else "labels"
+        entry[key][1] = -1
+        f.write_bytes(pickle.dumps(entry))
+        return fmt, f, "-1", ["dataset.verify_checksums=false"]
+    folder = write_svhn(root / "svhn", n_train=3, n_test=2)
+    f = folder / "train_32x32.mat"
+    m = sio.loadmat(f)
+    m["y"][2, 0] = 11
+    sio.savemat(f, {"X": m["X"], "y": m["y"]})
+    return "svhn", f, "11", ["dataset.verify_checksums=false"]
+
+
+@pytest.mark.parametrize("fmt,valid", [("idx", "0..9"), ("cifar10", "0..9"), ("cifar100", "0..99"),
+                                       ("svhn", "1..10")])
+def test_out_of_range_label_names_the_file_the_value_and_the_range(tmp_path, fmt, valid):
+    """A label >= K or < 0 in a dataset file (once: a CUDA assert or an IndexError deep in training, or a class
+    silently left empty) is one DataError naming the file, the label and the valid labels."""
+    name, f, value, extra = _plant_label(fmt, tmp_path)
+    with pytest.raises(DataError) as e:
+        load(name, tmp_path, *extra)
+    msg = str(e.value)
+    assert f"{f} holds label {value}" in msg and f"valid labels are {valid}" in msg and "\n" not in msg, msg
 
 
 def test_real_fashion_mnist(fmnist_root):

@@ -339,6 +339,27 @@ def test_a_fixed_init_replay_refuses_another_seed_or_network(tmp_path):
                            "evaluator.num_eval=1", "net=dd", "seed=7", *data], config_name="evaluate"))
 
 
+def test_a_fixed_init_replay_refuses_a_set_distilled_from_random_networks(tmp_path):
+    """S of fetcher=random was distilled for no single theta_0: `ddrun evaluate evaluator.init=fixed` (once: a
+    silent replay from a network S never saw, labelled "the fixed theta_0 of the run") is refused in one line;
+    init=random replays it."""
+    from ddrun.evaluate import evaluate_cmd
+
+    write_mnist_like(tmp_path, "MNIST", n_train=12, n_test=4)
+    data = [f"paths.data={tmp_path}", "dataset=mnist", "dataset.system_dirs=[]", "logger=none"]
+    out = distill(make_cfg(["method=dd", "ipc=1", "objective.syn_steps=1", "objective.syn_epochs=2", "debug=smoke",
+                            "beside.convnet.num_eval=0", "evaluator.num_eval=0", "objective.batch_real=4", *data]),
+                  tmp_path / "run")
+    assert torch.load(out["synthetic"], weights_only=True)["meta"]["fetcher"] == "RandomFetcher"
+    replay = [f"synthetic={out['synthetic']}", "evaluator=replay", "net=dd", *data]
+    with pytest.raises(ConfigError, match=r"^evaluator\.init=fixed replays S's steps from the one fixed theta_0 of "
+                                          r"fetcher=fixed, but S is distilled with RandomFetcher, not for that "
+                                          r"network: pass evaluator\.init=random, or distill with fetcher=fixed$"):
+        evaluate_cmd(make_cfg([*replay, "evaluator.init=fixed"], config_name="evaluate"))
+    res = evaluate_cmd(make_cfg([*replay, "evaluator.init=random", "evaluator.num_eval=1"], config_name="evaluate"))
+    assert 0 <= res["acc_mean"] <= 100
+
+
 def test_replay_of_a_set_without_dd_steps_says_it_evaluates_dd_sets_only(tmp_path):
     """A DM set has no DD steps: the replay says so first, not "pass evaluator.syn_steps=N" (after which it failed
     with another message)."""

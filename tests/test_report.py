@@ -24,7 +24,7 @@ PROTOCOL = {"evaluator": "default", "archs": ["convnet"], "nets": {"convnet": {}
 
 def write_run(folder: Path, method: str, ipc: int, seed: int, curve: dict[int, list[float]], iterations: int,
               finished: bool = True, protocol: dict | None = None, test_images: int = 10000,
-              command: str = "distill", setting: dict | None = None) -> Path:
+              command: str = "distill", setting: dict | None = None, extra: dict | None = None) -> Path:
     """A run directory as ddrun writes it: metrics.jsonl (evaluation rows with per_net and protocol line), and when
     finished the run record (``ddrun.record.write``)."""
     folder.mkdir(parents=True)
@@ -40,7 +40,7 @@ def write_run(folder: Path, method: str, ipc: int, seed: int, curve: dict[int, l
         last = max(curve)
         accs = curve[last]
         ev = {"iteration": last, "protocol": proto, "protocol_line": line, "acc_mean": sum(accs) / len(accs),
-              "acc_std": 0.0, "per_net": {"convnet": accs}, "per_arch": {}, "extra": {}}
+              "acc_std": 0.0, "per_net": {"convnet": accs}, "per_arch": {}, "extra": dict(extra or {})}
         best_it = max(curve, key=lambda i: sum(curve[i]))
         setting = {"objective.lr_img": 1.0, **(setting or {})}
         record.write(folder, {"command": command, "method": method, "dataset": "fashion_mnist", "ipc": ipc,
@@ -92,6 +92,29 @@ def test_fixture_sweep_gives_the_expected_table(sweep, tmp_path):
     for png in ("acc_vs_iteration.png", "acc_vs_ipc.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_dd_attack_metrics_get_a_column_when_recorded(sweep, tmp_path):
+    """DD's poisoning runs record dd_attack_before / dd_attack_success (percent of class a read as b, before and after
+    S's steps) beside the accuracy: the table shows them (mean ± std over seeds, with the classes), rows without
+    them say "–", the CSV has them; a report without any has no such column."""
+    attack = {"objective.attack.source": 0, "objective.attack.target": 1}
+    for seed, (before, after) in enumerate([(2.0, 80.0), (4.0, 90.0)]):
+        write_run(sweep / f"dd_attack_seed{seed}", "dd", 1, seed, {0: [12.0, 12.0], 20: [50.0, 52.0]}, 20,
+                  setting=attack, extra={"dd_attack_before": before, "dd_attack_success": after,
+                                         "dd_replay_acc": 50.0})
+    res = report([str(sweep)], out=str(tmp_path / "rep"), plot=False)
+    lines = res["table"].splitlines()
+    assert lines[0].endswith("| best % (over evaluations) | attack success % (before → after S's steps) |")
+    dd = next(line for line in lines if "| dd |" in line)
+    assert dd.endswith("| 51.00 ± 0.00 | 3.00 ± 1.00 → 85.00 ± 5.00 (class 0 as 1) |"), dd
+    assert next(line for line in lines if "| dm |" in line).endswith("| – |")
+    with open(tmp_path / "rep" / "report.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f) if r["ipc"] == "1"}
+    assert (rows["dd"]["dd_attack_before_mean"], rows["dd"]["dd_attack_success_mean"]) == ("3.0000", "85.0000")
+    assert rows["dm"]["dd_attack_success_mean"] == ""
+    plain = report([str(sweep / "0_random_fashion_mnist_ipc1_seed0")], out=str(tmp_path / "plain"), plot=False)
+    assert "attack" not in plain["table"]
 
 
 def test_pool_over_networks(sweep, tmp_path):

@@ -7,12 +7,14 @@ plus what is needed to sample per class and to map images back to pixels.
 The loaders are chosen by each ``conf/dataset/*.yaml`` through ``_target_`` (one per on-disk format family:
 IDX for MNIST-like sets, python pickles for CIFAR, ``.mat`` for SVHN). Files are never fetched unless
 ``dataset.download=true``; a missing dataset raises :class:`~ddrun.utils.DataError` naming the expected path
-and how to get the files, and a corrupt file raises it naming that file.
+and how to get the files, and a corrupt file, or one holding a label outside the dataset's classes, raises it
+naming that file. ``train_subset`` / ``test_subset`` larger than a class keep all of it, with a warning.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import shutil
@@ -27,6 +29,8 @@ import torchvision
 
 from ddrun.files import file_digest, temporary_path
 from ddrun.utils import DataError, host_to
+
+log = logging.getLogger("ddrun.data")
 
 
 @dataclass
@@ -156,13 +160,33 @@ def layernorm_images(x: torch.Tensor) -> torch.Tensor:
     return centred / norm.clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: int) -> torch.Tensor | None:
-    """Indices of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle; None for all."""
+def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: int, name: str = "",
+                     split: str = "train") -> torch.Tensor | None:
+    """Indices of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle; None for all.
+
+    A class with fewer samples keeps all of them (``debug=smoke``'s ``train_subset: 50`` is "at most 50" on small
+    sets), and a warning states the counts actually kept (:func:`_short_classes`)."""
     if per_class is None:
         return None
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     keep = [order[labels[order] == c][:per_class] for c in range(num_classes)]
+    note = _short_classes([len(k) for k in keep], per_class)
+    if note:
+        log.warning("dataset %s: %s_subset=%d is more than some classes hold: %s", name, split, per_class, note)
     return torch.cat(keep).sort().values
+
+
+def _short_classes(counts: Sequence[int], per_class: int) -> str:
+    """What a per-class subset of ``per_class`` kept when some ``counts`` fall short ("" when none does): the
+    range kept per class and the short classes with their counts (the first 10)."""
+    short = [(c, n) for c, n in enumerate(counts) if n < per_class]
+    if not short:
+        return ""
+    shown = ", ".join(f"class {c}: {n}" for c, n in short[:10]) + (f", ... ({len(short)} classes)"
+                                                                   if len(short) > 10 else "")
+    kept = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+    return (f"kept {kept} images per class, all of each short class ({shown}); pass a subset <= {min(counts)} "
+            f"for a balanced one")
 
 
 def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[float], std: Sequence[float],
@@ -202,7 +226,7 @@ def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_stra
     if zca is not None:
         zca.fit(train_x)
     for split, sub, (x, y) in (("train", train_subset, (train_x, train_y)), ("test", test_subset, (test_x, test_y))):
-        idx = _balanced_subset(y, sub, k)
+        idx = _balanced_subset(y, sub, k, name, split)
         if idx is not None:
             if split == "train":
                 train_x, train_y = x[idx], y[idx]
@@ -267,6 +291,26 @@ def _check_files(name: str, folder: Path, entries: Sequence[tuple[str, str]], ve
                 raise DataError(f"dataset {name}: corrupt file {folder / fn} (md5 differs from torchvision's "
                                 f"{md5}); delete it and obtain it again, or set dataset.verify_checksums=false "
                                 f"for files you made yourself")
+
+
+def _check_labels(name: str, file: Path, labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int,
+                  valid: str | None = None) -> None:
+    """Refuse a label outside ``[0, num_classes)`` among the ``labels`` read from ``file`` (int, any shape ``[N]``):
+    it would fail deep in training (an IndexError, a CUDA assert) or leave its samples out of every class.
+
+    Args:
+        valid: how the valid labels read in the file's own terms (default ``0..num_classes-1``).
+
+    Raises:
+        DataError: one line naming ``file``, the first bad label, its sample index, how many there are, and the
+            valid labels.
+    """
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise DataError(f"dataset {name}: {file} holds label {int(y[i])} (sample {i}; {int(bad.sum())} bad in all); "
+                        f"valid labels are {valid or f'0..{num_classes - 1}'}: fix or replace the file")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,7 +383,8 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
     image and scales it to unit L2 norm before ZCA, in both splits (:func:`layernorm_images`, RFAD's on SVHN).
 
     Raises:
-        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
+            outside the classes (names the file, the label and the valid labels).
     """
     cls = getattr(torchvision.datasets, torchvision_class)
     raw = Path(root) / torchvision_class / "raw"
@@ -360,6 +405,8 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
         return tr, te
 
     tr, te = _load_or_name_corrupt(name, load, files, _read_idx)
+    _check_labels(name, files[1], tr.targets, len(tr.classes))
+    _check_labels(name, files[3], te.targets, len(te.classes))
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(tr.data.unsqueeze(1), mean, std), tr.targets,
                    _normalize(te.data.unsqueeze(1), mean, std), te.targets, mean, std, tr.classes,
@@ -370,11 +417,17 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
 # CIFAR python pickles
 # ----------------------------------------------------------------------------------------------------------
 
-def _read_pickle(path: Path) -> None:
+def _read_pickle(path: Path) -> list:
+    """The labels of one CIFAR batch file (``labels``, CIFAR-100's ``fine_labels``; [] for a meta file).
+
+    Raises:
+        ValueError: images and labels differ in count; pickle / OS errors of an unreadable file."""
     with open(path, "rb") as f:
         entry = pickle.load(f, encoding="latin1")
-    if "data" in entry and len(entry["data"]) != len(entry.get("labels", entry.get("fine_labels", []))):
+    labels = entry.get("labels", entry.get("fine_labels", []))
+    if "data" in entry and len(entry["data"]) != len(labels):
         raise ValueError("images and labels differ in count")
+    return labels
 
 
 def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[float], std: Sequence[float],
@@ -390,7 +443,8 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
     :func:`idx_format`.
 
     Raises:
-        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
+            outside the classes (names the file, the label and the valid labels).
     """
     cls = getattr(torchvision.datasets, torchvision_class)
     folder = Path(root) / cls.base_folder
@@ -412,6 +466,13 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
         return (_Checked(root, train=True, download=False), _Checked(root, train=False, download=False))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_pickle)
+    for ds, listed in ((tr, cls.train_list), (te, cls.test_list)):
+        try:
+            _check_labels(name, folder, ds.targets, len(tr.classes))
+        except DataError:  # name the batch file that holds it (the split concatenates them)
+            for fn, _ in listed:
+                _check_labels(name, folder / fn, _read_pickle(folder / fn), len(tr.classes))
+            raise
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(to_nchw(tr.data), mean, std), tr.targets,
@@ -441,7 +502,8 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
     ``zca`` as in :func:`idx_format`.
 
     Raises:
-        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file).
+        DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
+            outside the classes (names the file, the label and the valid labels).
     """
     cls = torchvision.datasets.SVHN
     folder = Path(root)
@@ -461,6 +523,8 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
         return (_Checked(root, split="train", download=False), _Checked(root, split="test", download=False))
 
     tr, te = _load_or_name_corrupt(name, load, [folder / fn for fn, _ in entries], _read_mat)
+    for ds, (fn, _) in zip((tr, te), entries):  # torchvision reads the file's 10 as the digit 0: others as they are
+        _check_labels(name, folder / fn, ds.labels, 10, valid="1..10 (10 is the digit 0)")
     zca, mean, std = _zca_setup(zca, zca_regularization, mean, std, zca_form, zca_centre)
     return _finish(name, _normalize(tr.data, mean, std), tr.labels, _normalize(te.data, mean, std), te.labels,
                    mean, std, [str(i) for i in range(10)], dsa_strategy, train_subset, test_subset, zca,

@@ -160,6 +160,7 @@ class KDEvaluator(EvaluatorContract):
         self.ema = None if ema is None else float(ema)
         self.labels, self.relabel_dir, self.name = labels, relabel_dir, name
         self._pool: list[dict] | None = None
+        self._warned_unreadable = False  # check_readable's warning: once per evaluator
 
     # --- protocol --------------------------------------------------------------------------------------
     def _name(self) -> str:
@@ -330,16 +331,19 @@ class KDEvaluator(EvaluatorContract):
         """The share of S's images (un-augmented) the teacher pool assigns to their own class, and a warning when
         it is below ``floor``: KD relabels S by the teacher, so images it cannot read (e.g. DM's or MTT's ipc-1
         sets far outside the data's range) teach the students other classes, whatever S's own labels say.
-        Returns the share in [0, 1]."""
+        The warning is given once per evaluator (once per run: a distill run's evaluations every ``eval_every``
+        reuse it); later low shares are logged at INFO level. Returns the share in [0, 1]."""
         images, labels, _, k = self._s(syn, real)
         pool = self.teachers(real)
         pred = torch.cat([self._teach(pool, images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
         share = float((pred == labels).float().mean()) if len(labels) else 1.0
         if share < floor:
             top = torch.bincount(pred, minlength=k)
-            log.warning("evaluator=kd: the teacher assigns only %.0f%% of S's images to their own class (%d of %d "
-                        "to class %d); the students learn the teacher's reading of S, not S's labels", 100 * share,
-                        int(top.max()), len(pred), int(top.argmax()))
+            (log.info if self._warned_unreadable else log.warning)(
+                "evaluator=kd: the teacher assigns only %.0f%% of S's images to their own class (%d of %d to class "
+                "%d); the students learn the teacher's reading of S, not S's labels", 100 * share, int(top.max()),
+                len(pred), int(top.argmax()))
+            self._warned_unreadable = True
         return share
 
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:

@@ -61,6 +61,38 @@ def net_overrides(name: str, kwargs: dict | None) -> str:
     return " ".join(best) if best else f"the net S was distilled with ({describe_net(name, kwargs)})"
 
 
+INITS = ("auto", "fixed", "random", "pretrained")
+FETCHER_INITS = {"FixedFetcher": "fixed", "PretrainedFetcher": "pretrained"}  # else: draws from p(theta_0)
+NEEDS = {"fixed": "the one fixed theta_0 of fetcher=fixed", "pretrained": "the held-out networks of "
+         "fetcher=pretrained's pool"}
+
+
+def resolve_init(init: str, fetcher: str | None, key: str = "evaluator") -> str:
+    """The replay's theta_0 kind for ``init`` given the run's fetcher ``_target_`` (None: not a distill run, e.g.
+    ``ddrun evaluate``): ``auto`` becomes ``fixed`` / ``pretrained`` / ``random`` by the fetcher. ``fixed`` and
+    ``pretrained`` need the fetcher of that kind: from another one S was never distilled for that theta_0 (with
+    fetcher=random the "fixed theta_0" is a network the run never used; the pretrained pool is not built at all).
+    ``random`` (held-out draws from p(theta_0)) goes with any fetcher.
+
+    Raises:
+        ConfigError: one line naming ``<key>.init``: an unknown value, ``auto`` without a fetcher, or ``fixed`` /
+            ``pretrained`` with a fetcher of another kind (and the overrides that fit).
+    """
+    if init not in INITS:
+        raise ConfigError(f"{key}.init={init!r}: valid values are {list(INITS)}")
+    kind = None if fetcher is None else FETCHER_INITS.get(str(fetcher).rsplit(".", 1)[-1], "random")
+    if init == "auto":
+        if kind is None:
+            raise ConfigError(f"{key}.init=auto needs the run's fetcher: pass {key}.init=fixed (S was "
+                              f"distilled with fetcher=fixed) or {key}.init=random")
+        return kind
+    if kind is not None and init in NEEDS and kind != init:
+        raise ConfigError(f"{key}.init={init} replays S's steps from {NEEDS[init]}, but S is distilled with "
+                          f"{str(fetcher).rsplit('.', 1)[-1]}, not for that network: pass {key}.init={kind}, or "
+                          f"distill with fetcher={init}")
+    return init
+
+
 class ReplayEvaluator(EvaluatorContract):
     """DD's protocol (module doc): accuracy (percent, whole real test split) of theta_0 after S's learned steps.
 
@@ -79,8 +111,9 @@ class ReplayEvaluator(EvaluatorContract):
         name: the architecture's name in ``per_net``.
 
     Raises:
-        ConfigError: an unknown ``init``; ``init: auto`` without a fetcher; ``init: pretrained`` without the pool
-            (at construction); at evaluation: S holds no DD steps (not a DD set); no ``syn_steps`` known; with
+        ConfigError: an unknown ``init``; ``init: auto`` without a fetcher; ``init: fixed`` / ``pretrained`` with
+            a fetcher of another kind (:func:`resolve_init`); ``init: pretrained`` without the pool (at
+            construction); at evaluation: S holds no DD steps (not a DD set); no ``syn_steps`` known; with
             ``init: fixed``, a ``seed`` or ``net`` other than the ones S's meta records (the fixed theta_0 would
             be another network).
     """
@@ -88,14 +121,7 @@ class ReplayEvaluator(EvaluatorContract):
     def __init__(self, net: Callable[..., nn.Module], init: str = "auto", fetcher: str | None = None,
                  num_eval: int = 1, syn_steps: int | None = None, epochs: int | None = None, name: str = "net",
                  pool: Callable | None = None):
-        if init not in ("auto", "fixed", "random", "pretrained"):
-            raise ConfigError(f"evaluator.init={init!r}: valid values are ['auto', 'fixed', 'random', 'pretrained']")
-        if init == "auto":
-            if fetcher is None:
-                raise ConfigError("evaluator.init=auto needs the run's fetcher: pass evaluator.init=fixed (S was "
-                                  "distilled with fetcher=fixed) or evaluator.init=random")
-            kinds = {"FixedFetcher": "fixed", "PretrainedFetcher": "pretrained"}
-            init = kinds.get(str(fetcher).rsplit(".", 1)[-1], "random")
+        init = resolve_init(init, fetcher)
         if init == "pretrained" and pool is None:
             raise ConfigError("evaluator.init=pretrained replays from the held-out networks of fetcher=pretrained's "
                               "pool: distill with fetcher=pretrained")
@@ -131,8 +157,9 @@ class ReplayEvaluator(EvaluatorContract):
         return build_net(self.net_factory, real, s, real.device)
 
     def check_theta0(self, syn: SyntheticSet, seed: int) -> None:
-        """With ``init: fixed``: refuse a ``seed`` or a network other than the run's (S's meta ``seed``, ``net``,
-        ``net_kwargs``; a file without them is not checked), which would replay S's steps from another theta_0.
+        """With ``init: fixed``: refuse S distilled with a fetcher other than ``fetcher=fixed`` (S's meta
+        ``fetcher``), or a ``seed`` or a network other than the run's (S's meta ``seed``, ``net``, ``net_kwargs``;
+        a file without them is not checked), which would replay S's steps from another theta_0.
 
         Raises:
             ConfigError: one line naming what differs and the override that gives the run's theta_0.
@@ -140,6 +167,8 @@ class ReplayEvaluator(EvaluatorContract):
         if self.init != "fixed":
             return
         meta = syn.meta
+        if meta.get("fetcher") is not None:  # S distilled with another fetcher has no fixed theta_0
+            resolve_init(self.init, meta["fetcher"])
         if meta.get("seed") is not None and int(meta["seed"]) != int(seed):
             raise ConfigError(f"evaluator.init=fixed: S was distilled from the fixed theta_0 of seed {meta['seed']}, "
                               f"not seed={seed}: pass seed={meta['seed']}")

@@ -115,7 +115,9 @@ def check_replay_inits(cfg: DictConfig) -> None:
     """Every replay evaluator of the run (``evaluator``, ``beside.*``) gets a theta_0 its fetcher gives
     (:func:`ddrun.evaluators.replay.resolve_init`): refused here, before the run directory and the data, rather
     than by a crash at the first evaluation (``init=pretrained``) or a silent replay from a network S was never
-    distilled for (``init=fixed`` with ``fetcher=random``). Evaluators with ``num_eval`` 0 are not run: skipped.
+    distilled for (``init=fixed`` with ``fetcher=random``); and a replay of a run whose objective is not DD's
+    (its S holds no steps: :func:`ddrun.objectives.meta.require_steps` would refuse it only at the first
+    evaluation). Evaluators with ``num_eval`` 0 are not run: skipped.
 
     Raises:
         ConfigError: one line naming ``evaluator.init`` / ``beside.<name>.init``."""
@@ -133,6 +135,12 @@ def check_replay_inits(cfg: DictConfig) -> None:
         except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
             replays = False
         if replays and int(OmegaConf.select(node, "num_eval", default=1)) >= 1:
+            objective = str(OmegaConf.select(cfg, "objective._target_", default=None))
+            if objective != "ddrun.objectives.meta.DatasetDistillation":  # only DD's meta-objective learns steps
+                raise ConfigError(f"{key}: evaluator=replay evaluates DD sets only (method=dd or method=ld, whose S "
+                                  f"holds DD's per-step step sizes); this run's objective "
+                                  f"({objective.rsplit('.', 1)[-1]}) stores none: use evaluator=default or "
+                                  f"evaluator=cross_arch")
             resolve_init(str(OmegaConf.select(node, "init", default="auto")),
                          OmegaConf.select(node, "fetcher", default=None), key)
 

@@ -70,6 +70,9 @@ def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, comma
      "evaluator.init=random, or distill with fetcher=fixed"),
     (["method=dd", "ipc=1", "evaluator.init=pretrained", "fetcher=fixed"], "evaluator.init=pretrained replays S's "
      "steps from the held-out networks of fetcher=pretrained's pool, but S is distilled with FixedFetcher"),
+    # a replay of a set without DD's steps (once refused only at the first evaluation, after the distillation)
+    (["method=dm", "ipc=1", "evaluator=replay"], "evaluator: evaluator=replay evaluates DD sets only (method=dd or "
+     "method=ld, whose S holds DD's per-step step sizes); this run's objective (DistributionMatching) stores none"),
 ])
 def test_bad_values_fail_before_work(tmp_path, args, message):
     r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")

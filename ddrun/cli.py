@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 2
     bad = (bad_top_level_value(cmd, rest) or bad_group_choice(cmd, rest) or unwritable_run_dir(cmd, rest)
-           or other_run_in_run_dir(cmd, rest))
+           or other_run_in_run_dir(cmd, rest) or no_slurm(rest))
     if bad:
         print(f"ddrun {cmd}: error: {bad}", file=sys.stderr)
         return 1
@@ -125,6 +125,24 @@ def unwritable_run_dir(cmd: str, args: list[str]) -> str | None:
     why = "not a folder" if not existing.is_dir() else "read-only or not writable"
     return (f"cannot write the run directory {target} ({existing} is {why}); pass "
             f"{key.rstrip('=')}=<a writable folder>")
+
+
+def no_slurm(args: list[str]) -> str | None:
+    """One line when a sweep goes to ``hydra/launcher=slurm`` but SLURM's ``sbatch`` / ``srun`` are not on PATH
+    (off the cluster): submitit would stop with a traceback after Hydra made the sweep folder; else None."""
+    import shutil
+
+    if not ("-m" in args or "--multirun" in args):
+        return None
+    launchers = [a.split("=", 1)[1] for a in overrides_of(args) if a.startswith("hydra/launcher=")]
+    if not launchers or launchers[-1] != "slurm":
+        return None
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if not missing:
+        return None
+    return (f"hydra/launcher=slurm submits with SLURM's sbatch and srun, and {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH: run it on the cluster's login node (or load "
+            f"SLURM's module there), or use hydra/launcher=local to run the sweep's jobs on this machine")
 
 
 def other_run_in_run_dir(cmd: str, args: list[str]) -> str | None:

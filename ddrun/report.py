@@ -141,6 +141,9 @@ def results_of(path: Path) -> list[Result]:
     return out
 
 
+RUN_FILES = (RECORD_FILE, "metrics.jsonl", "distill.log", "evaluate.log")  # any of them marks a run directory
+
+
 def find_results(paths: list[str]) -> tuple[list[Result], list[Path]]:
     """Every result under ``paths`` (searched recursively), and the run directories without a run record
     (running, stopped or failed).
@@ -152,8 +155,9 @@ def find_results(paths: list[str]) -> tuple[list[Result], list[Path]]:
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or directory")
-        dirs = {m.parent for m in p.rglob("metrics.jsonl")} | {m.parent for m in p.rglob(RECORD_FILE)}
-        dirs |= {p} if (p / RECORD_FILE).is_file() or (p / "metrics.jsonl").is_file() else set()
+        # a job that failed before its first metrics row left only its log (``distill.log``, ``evaluate.log``)
+        dirs = {m.parent for name in RUN_FILES for m in p.rglob(name)}
+        dirs |= {p} if any((p / name).is_file() for name in RUN_FILES) else set()
         dirs = {d for d in dirs if "archive" not in d.relative_to(p).parts}
         if not dirs:
             raise DataError(f"{p}: no run directories (a folder with results.json or metrics.jsonl) found")

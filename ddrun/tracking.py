@@ -36,6 +36,12 @@ def wandb_mode(mode: str) -> str:
     return "offline"
 
 
+def _scalars(row: dict) -> dict:
+    """The numbers of a ``metrics.jsonl`` row (what W&B's history gets; lists such as per-network accuracies stay
+    local)."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
 def unreachable(timeout_s: float) -> str | None:
     """Why the W&B server (``WANDB_BASE_URL``, default https://api.wandb.ai) cannot be reached, or None.
 
@@ -137,6 +143,26 @@ class Tracker:
         after that checkpoint by a run that was killed (they will be written again)."""
         self.rows = [dict(r) for r in rows]
         atomic_write("".join(json.dumps(r) + "\n" for r in self.rows).encode(), self.metrics_path)
+        if self.rows and self.run is not None and not getattr(self.run, "resumed", False):
+            self._safe(self._replay)
+
+    def _replay(self) -> None:
+        """Log the restored rows, and the image grids saved up to the last of them, to a W&B run that does not hold
+        them: an offline run (W&B cannot resume one: each attempt is its own ``offline-run-*`` folder under the same
+        id, and ``wandb sync`` keeps the last one synced), or an online run the server never saw. The newest W&B
+        run then holds the whole history, each value at its own step."""
+        import wandb
+
+        last = max(int(r["iteration"]) for r in self.rows)
+        steps: dict[int, dict] = {}
+        for row in self.rows:
+            steps.setdefault(int(row["iteration"]), {}).update(_scalars(row))
+        for path in sorted((self.run_dir / "images").glob("*_[0-9]*.png")):
+            name, _, step = path.stem.rpartition("_")
+            if step.isdigit() and int(step) <= last:
+                steps.setdefault(int(step), {})[f"images/{name}"] = wandb.Image(str(path))
+        for step in sorted(steps):
+            self.run.log(steps[step], step=step)
 
     @property
     def run_id(self) -> str | None:
@@ -149,7 +175,7 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.run is not None:
-            self._safe(self.run.log, {k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(step))
+            self._safe(self.run.log, _scalars(row), step=int(step))
 
     def images(self, pixels: torch.Tensor, ipc: int, step: int, name: str = "synthetic",
                class_names: list[str] | None = None) -> Path:

@@ -69,6 +69,18 @@ def sweep(tmp_path) -> Path:
     return root
 
 
+def test_a_job_that_failed_at_start_up_is_named_as_left_out(sweep, tmp_path):
+    """A sweep job stopped by a bad setting before its first iteration leaves only its log: the report names it
+    with the unfinished runs instead of dropping it silently."""
+    failed = sweep / "9_dc_fashion_mnist_ipc2_seed0"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / "distill.log").write_text("[2026-12-02 00:04:35,200][ddrun.distill][ERROR] - schedule.outer_loop is "
+                                        "not set: method=dc has no value for ipc=2 in its table preset.loops\n")
+    res = report([str(sweep)], out=str(tmp_path / "rep"), plot=False)
+    assert [p.name for p in res["unfinished"]] == ["8_dm_fashion_mnist_ipc1_seed2", failed.name]
+    assert len(res["results"]) == 8
+
+
 def test_fixture_sweep_gives_the_expected_table(sweep, tmp_path):
     res = report([str(sweep)], out=str(tmp_path / "rep"))
     lines = res["table"].splitlines()

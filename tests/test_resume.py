@@ -283,3 +283,12 @@ def test_resumed_run_continues_the_same_wandb_run(root, tmp_path):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     # offline-run-<date>_<time>-<id>, W&B adds "-1" when both runs started within the same second
     assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?", p.name) for p in runs)
+    # `wandb sync` of offline runs sharing an id keeps the last one synced (W&B cannot resume an offline run): the
+    # newest holds the whole history, the restored rows (and their image grids) replayed at their own steps
+    from wandb_files import history
+
+    newest = history(next(max(runs, key=lambda p: p.stat().st_mtime).glob("run-*.wandb")))
+    local = rows(run)
+    assert [int(h["_step"]) for h in newest] == [r["iteration"] for r in local] == [1, 2, 3, 4]
+    assert [json.loads(h["loss"]) for h in newest] == [r["loss"] for r in local]
+    assert [int(h["_step"]) for h in newest if "images/synthetic/path" in h] == [2, 4]

@@ -77,6 +77,24 @@ def test_slurm_launcher_submits_one_array_task_per_point(tmp_path, no_cluster):
     assert sorted(j.args[2] for j in jobs) == list(range(18))  # hydra.job.num: one sweep subdirectory each
 
 
+@pytest.mark.parametrize("tools", [[], ["srun"], ["sbatch"]])
+def test_slurm_launcher_off_the_cluster_is_one_line_before_the_sweep(tmp_path, tools):
+    """`-m hydra/launcher=slurm` where SLURM's sbatch or srun is not on PATH: one line naming what is missing and
+    the way out, no traceback, no sweep folder."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    r = ddrun("distill", "-m", "hydra/launcher=slurm", "method=dm,dc", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+              env=env(PATH=str(bin_dir)))
+    missing = " and ".join(t for t in ("sbatch", "srun") if t not in tools)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith(f"ddrun distill: error: hydra/launcher=slurm submits with SLURM's sbatch and srun, "
+                               f"and {missing} ") and "hydra/launcher=local" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.parametrize("command", ["distill", "evaluate", "buffer"])
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
 def test_launchers_compose_for_every_command(command, launcher, target):

@@ -74,6 +74,7 @@ def with_labels(result: dict, meta: dict) -> dict:
     fields = result.get("protocol_fields") or {}
     if not relabel or fields.get("evaluator") == "kd":
         return result
+    keep = ", own label where they disagree" if relabel.get("disagree") == "keep" else ""
     fields = {**fields, "labels": f"{fields.get('labels', 'as stored')}, S's labels: soft at T "
-                                  f"{float(relabel.get('temperature', 1.0)):g} from {relabel.get('teachers')}"}
+                                  f"{float(relabel.get('temperature', 1.0)):g} from {relabel.get('teachers')}{keep}"}
     return {**result, "protocol_fields": fields, "protocol": describe(fields)}

@@ -12,6 +12,7 @@ from teacher_helpers import make_teacher, tiny_args
 
 from ddrun.distill import distill
 from ddrun.fetchers.teachers import load_teachers
+from ddrun.synthetic import SyntheticSet
 from ddrun.utils import ConfigError, DataError, build
 
 RUN = ["method=random", "ipc=2", "evaluator.num_eval=1", "evaluator.epochs=2", "logger=none", "seed=0"]
@@ -65,3 +66,26 @@ def test_bad_relabel_settings_are_one_line_before_any_work(tiny_root, tmp_path, 
     with pytest.raises(ConfigError, match=message):
         distill(run_cfg(tiny_root, tmp_path / "missing-store", *STAGE, *extra), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_disagree_keep_gives_images_the_teachers_misread_their_own_label(tiny_root, tmp_path):
+    store = tmp_path / "store"
+    make_teacher(tiny_root, store)
+    cfg = run_cfg(tiny_root, store, *STAGE, "stages.relabel.temperature=4", "stages.relabel.disagree=keep")
+    real = build(cfg.dataset)
+    stage = build(cfg.stages.relabel)
+    pool = load_teachers({"teacher": build(cfg.net)}, real, "cpu", "sre2l", str(store))
+    images = real.train_images[:8].clone()
+    with torch.no_grad():
+        teacher = pool[0]["net"](images)
+    labels = teacher.argmax(1)
+    labels[::2] = (labels[::2] + 1) % 10  # every other image: a class the teacher does not give it
+    syn = SyntheticSet.from_state({"images": images, "labels": labels, "meta": {"method": "test", "num_classes": 10}})
+    out = stage(syn, real, seed=0)
+    probs = out.labels.softmax(1)
+    assert torch.allclose(probs[::2], torch.nn.functional.one_hot(labels[::2], 10).float(), atol=1e-30, rtol=0)  # own
+    assert torch.allclose(out.labels[1::2], teacher[1::2] / 4, atol=1e-5)  # the teacher's label where it agrees
+    assert out.meta["relabel"]["kept_class"] == 0.5 and out.meta["relabel"]["disagree"] == "keep"
+    assert torch.equal(out.images, images)
+    with pytest.raises(ConfigError, match=r"stages.relabel.disagree='ignore': valid values are \['teacher', 'keep'\]"):
+        build(run_cfg(tiny_root, store, *STAGE, "stages.relabel.disagree=ignore").stages.relabel)

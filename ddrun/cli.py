@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module.main()
     except SystemExit as exc:
-        sweep = "-m" in rest or "--multirun" in rest  # unknown_keys composed only the first values of a sweep
+        sweep = is_sweep(rest)  # unknown_keys composed only the first values of a sweep
         if exc.code == 1 and sweep:  # Hydra rejected a later value, or a job failed: name mistyped keys
             hint = typo_hint(cmd, rest)
             if hint:
@@ -113,7 +113,7 @@ def unwritable_run_dir(cmd: str, args: list[str]) -> str | None:
     else ``./outputs``) cannot be written, before Hydra tries (it would fail with a traceback); else None."""
     if cmd == "report":
         return None
-    multirun = "-m" in args or "--multirun" in args
+    multirun = is_sweep(args)
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     given = [a[len(key):] for a in args if a.startswith(key)]
     target = Path(given[-1] if given else "outputs").expanduser().absolute()
@@ -127,12 +127,17 @@ def unwritable_run_dir(cmd: str, args: list[str]) -> str | None:
             f"{key.rstrip('=')}=<a writable folder>")
 
 
+def is_sweep(args: list[str]) -> bool:
+    """Whether the command line asks Hydra for a multirun (``-m`` / ``--multirun``)."""
+    return "-m" in args or "--multirun" in args
+
+
 def no_slurm(args: list[str]) -> str | None:
     """One line when a sweep goes to ``hydra/launcher=slurm`` but SLURM's ``sbatch`` / ``srun`` are not on PATH
     (off the cluster): submitit would stop with a traceback after Hydra made the sweep folder; else None."""
     import shutil
 
-    if not ("-m" in args or "--multirun" in args):
+    if not is_sweep(args):
         return None
     launchers = [a.split("=", 1)[1] for a in overrides_of(args) if a.startswith("hydra/launcher=")]
     if not launchers or launchers[-1] != "slurm":
@@ -151,7 +156,7 @@ def other_run_in_run_dir(cmd: str, args: list[str]) -> str | None:
     its own distill folder (that resumes it); ``evaluate`` never rewrites an earlier evaluation. Checked before
     Hydra writes ``.hydra/``; else None."""
     given = [a.split("=", 1)[1] for a in overrides_of(args) if a.startswith("hydra.run.dir=")]
-    if cmd == "report" or not given or "-m" in args or "--multirun" in args:
+    if cmd == "report" or not given or is_sweep(args):
         return None
     import json
 
@@ -235,7 +240,7 @@ def unknown_keys(cmd: str, args: list[str]) -> str | None:
     if cmd == "report" or any(a in ("-sc", "--shell-completion") for a in args):
         return None
     overrides = [a for a in overrides_of(args) if not a.startswith(("hydra.", "hydra/"))]
-    if "-m" in args or "--multirun" in args:
+    if is_sweep(args):
         overrides = _first_values(overrides)
     if not overrides:
         return None
@@ -288,7 +293,7 @@ def bad_top_level_value(cmd: str, args: list[str]) -> str | None:
     from ddrun.schema import SCHEMAS
 
     schema = SCHEMAS.get(cmd)
-    if schema is None or "-m" in args or "--multirun" in args:  # sweep values (ipc=1,10): Hydra parses them
+    if schema is None or is_sweep(args):  # sweep values (ipc=1,10): Hydra parses them
         return None
     types = {f.name: f.type for f in fields(schema)}
     for arg in args:

@@ -209,10 +209,12 @@ class Group:
     @property
     def best(self) -> tuple[float, float] | None:
         """Mean and std over the runs of this architecture's best evaluation (None: no distill run has one)."""
-        bests = [r.best[self.arch]["acc_mean"] for r in self.results if self.arch in r.best]
-        if not bests:
-            return None
-        return statistics.fmean(bests), statistics.pstdev(bests) if len(bests) > 1 else 0.0
+        return _mean_std([r.best[self.arch]["acc_mean"] for r in self.results if self.arch in r.best])
+
+    @property
+    def attack(self) -> list[tuple[float, float] | None]:
+        """Mean and std over the runs of each of DD's poisoning metrics (:data:`ATTACK`; None where no run has it)."""
+        return [_mean_std([r.extra[k] for r in self.results if k in r.extra]) for k in ATTACK]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float] | None:
@@ -225,7 +227,7 @@ def _mean_std(values: list[float]) -> tuple[float, float] | None:
 def _attack_cell(g: Group) -> str:
     """``before → after`` (mean ± std over the row's runs, %) of DD's poisoning metrics, with the classes when the
     setting records them; "–" for a row without them."""
-    before, after = (_mean_std([r.extra[k] for r in g.results if k in r.extra]) for k in ATTACK)
+    before, after = g.attack
     if after is None:
         return "–"
     pair = [g.first.setting.get(f"objective.attack.{k}") for k in ("source", "target")]
@@ -366,12 +368,11 @@ def write_csv(groups: list[Group], path: Path, compare: bool = False) -> None:
                     *(f"{k}_mean" for k in ATTACK)])
         for g in groups:
             best = g.best
-            attack = [_mean_std([r.extra[k] for r in g.results if k in r.extra]) for k in ATTACK]
             w.writerow([g.dataset, g.ipc, g.method, g.arch, g.first.command, f"{g.mean:.4f}", f"{g.std:.4f}",
                         g.n, " ".join(map(str, g.seeds)), "" if g.first.iterations is None else g.first.iterations,
                         "" if best is None else f"{best[0]:.4f}", g.first.protocol_line, g.first.test_images,
                         g.first.setting_hash, _published_cell(pub, g), " ".join(str(r.path) for r in g.results),
-                        *("" if a is None else f"{a[0]:.4f}" for a in attack)])
+                        *("" if a is None else f"{a[0]:.4f}" for a in g.attack)])
 
 
 def _save_figure(fig, axes, path: Path) -> Path:

@@ -19,6 +19,7 @@ by ``(seed, it)``, so a run repeats exactly from ``seed`` and a resumed run cont
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddrun import record, speed
 from ddrun.checkpoint import RunLock, RunState, StopSignals, set_rng_state
@@ -224,6 +225,20 @@ def setting_hash(cfg: DictConfig) -> str:
     return _hashed(cfg, (*NOT_S, "seed"))
 
 
+def effective_config(cfg: DictConfig, real) -> DictConfig:
+    """``cfg`` with ``dataset.train_subset`` as the loaded data has it (``real.train_subset``: null when the subset
+    asked for is at least every class's size, i.e. the whole split), so that the record's setting and hashes and S's
+    meta say what was used and such a run pools with the full-split runs. ``cfg`` is left as given (a copy is
+    returned when a value differs): the checkpoint keeps the hash of the configuration as given, because a resume is
+    checked against it before the data is loaded."""
+    if OmegaConf.select(cfg, "dataset.train_subset") == real.train_subset:
+        return cfg
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.dataset.train_subset = real.train_subset
+    return out
+
+
 class Distillation:
     """One run of the loop (module doc) in ``run_dir``: its components, its :class:`~ddrun.checkpoint.RunState`,
     and the steps of the loop as methods. Built from ``cfg``, restored from ``checkpoint.pt`` when the directory
@@ -307,6 +322,7 @@ class Distillation:
         self.stages = {name: build(node) for name, node in (cfg.get("stages") or {}).items()}
         self.early = self._early_stopping()
         self.real = build(cfg.dataset).to(self.device)
+        self.effective = effective_config(cfg, self.real)  # the record's and S's hashes and setting
         for ev in [self.evaluator, *self.beside.values()]:
             if ev is not None:
                 ev.prepare(self.real)  # e.g. the KD evaluator's teachers: missing ones stop the run now
@@ -370,8 +386,8 @@ class Distillation:
                         zca_form=getattr(real.zca, "form", None), zca_centre=getattr(real.zca, "centre", None),
                         layernorm=real.layernorm, ipc=int(cfg.ipc),
                         method=str(cfg.preset.name),
-                        config_hash=self.chash,
-                        setting_hash=setting_hash(cfg), **self._theta0_meta())
+                        config_hash=config_hash(self.effective),
+                        setting_hash=setting_hash(self.effective), **self._theta0_meta())
         syn.meta.pop("zca_regularization", None)  # with ZCA only; evaluate compares it (older S lack it: unchecked)
         if getattr(real.zca, "regularization", None) is not None:
             syn.meta["zca_regularization"] = float(real.zca.regularization)
@@ -557,11 +573,11 @@ class Distillation:
         last = self.state.finals[-1]["protocol_line"] if self.state.finals else None
         best = self.best_row() if last is not None else None
         kept = self.run_dir / BEST_FILE
-        config = OmegaConf.to_container(self.cfg, resolve=True)
+        config = OmegaConf.to_container(self.effective, resolve=True)
         rec = {"command": "distill", "run_dir": str(self.run_dir), "method": str(self.cfg.preset.name),
                "dataset": self.real.name, "ipc": int(self.cfg.ipc), "seed": self.seed,
                "iterations": int(self.cfg.iterations), "early_stopping": self.selection_record(),
-               "config_hash": self.chash, "setting_hash": setting_hash(self.cfg),
+               "config_hash": config_hash(self.effective), "setting_hash": setting_hash(self.effective),
                "setting": record.flat_setting(config, NOT_S + ("seed",)),
                "synthetic": record.synthetic_info(self.syn, self.run_dir / "synthetic.pt",
                                                   self.param.describe(self.syn)),

@@ -20,6 +20,7 @@ Layout under ``paths.buffers`` (environment ``DDRUN_BUFFERS``)::
         <item>_0007.lock       flock held by the job training that item (other jobs skip or wait)
 
     dataset key   <dataset.name>[-zca[rel][<regularization> when not 0.1]][-sub<train_subset>]   e.g. cifar10-zca
+                  (the subset in effect: none when it is at least every class's size, i.e. the whole split)
     net key       <class>_<arg>-<value>_... of the net config     e.g. convnet_act-relu_depth-3_..._width-128
     augment key   dsa-<strategy> | noaug
 

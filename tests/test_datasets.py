@@ -100,17 +100,36 @@ def test_balanced_subset(tmp_path):
     assert len(data.test_labels) == 10
 
 
-def test_a_subset_larger_than_a_class_keeps_it_whole_and_says_so(tmp_path, caplog):
+def test_a_subset_larger_than_some_classes_keeps_them_whole_and_says_so(caplog):
     """train_subset=N is "at most N per class" (debug=smoke's 50 on small sets): a class with fewer keeps all of
-    its images, and a warning states the counts actually kept, so an unbalanced T is never silent."""
-    write_mnist_like(tmp_path, "MNIST", n_train=6, n_test=3)
+    its images, and a warning states the counts actually kept, so an unbalanced T is never silent. The classes of
+    sklearn_digits' training split hold 144 to 153 images: 150 cuts the larger ones, so it stays a subset."""
     with caplog.at_level("WARNING", logger="ddrun.data"):
-        data = load("mnist", tmp_path, "dataset.train_subset=8", "dataset.test_subset=2")
-    assert torch.bincount(data.train_labels).tolist() == [6] * 10 and len(data.test_labels) == 20
+        data = build(make_cfg(["dataset=sklearn_digits", "dataset.train_subset=150"]).dataset)
+    assert torch.bincount(data.train_labels).tolist() == [148, 150, 147, 150, 150, 150, 150, 149, 144, 150]
+    assert data.train_subset == 150
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warned) == 1 and "dataset mnist: train_subset=8 is more than some classes hold: kept 6 images per " \
-                                "class, all of each short class (class 0: 6, class 1: 6, " in warned[0], warned
-    assert "pass a subset <= 6 for a balanced one" in warned[0]
+    assert len(warned) == 1 and "dataset sklearn_digits: train_subset=150 is more than some classes hold: kept 144 " \
+                                "to 150 images per class, all of each short class (class 0: 148, class 2: 147, " \
+                                "class 7: 149, class 8: 144)" in warned[0], warned
+    assert "pass a subset <= 144 for a balanced one" in warned[0]
+
+
+def test_a_subset_of_at_least_every_class_is_the_whole_split_recorded_as_null(caplog):
+    """A subset no class fills (153: sklearn_digits' largest training class; 40 of a test split of 30 per class)
+    keeps the whole split, so it is recorded as null (store key, run record and hashes then equal a full-split
+    run's, which uses the same images), and the warning says so."""
+    full = build(make_cfg(["dataset=sklearn_digits"]).dataset)
+    with caplog.at_level("WARNING", logger="ddrun.data"):
+        data = build(make_cfg(["dataset=sklearn_digits", "dataset.train_subset=153", "dataset.test_subset=40"]).dataset)
+    assert data.train_subset is None
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(data, key), getattr(full, key)), key
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["dataset sklearn_digits: train_subset=153 is at least every class's size (the largest holds "
+                      "153): the whole train split is used, recorded as train_subset=null",
+                      "dataset sklearn_digits: test_subset=40 is at least every class's size (the largest holds "
+                      "30): the whole test split is used, recorded as test_subset=null"]
 
 
 def test_missing_dataset_names_path_and_remedy(tmp_path):

@@ -91,3 +91,25 @@ def test_dm_learns_on_real_fashion_mnist(fmnist_root, tmp_path):
     media = run_file.parent / "files" / json.loads(image_rows[-1]["images/synthetic/path"])
     assert media.is_file() and media.stat().st_size > 0
     assert out["acc_mean"] == pytest.approx(evals[40])
+
+
+def test_a_subset_no_class_fills_is_recorded_and_pooled_as_the_full_split(tmp_path):
+    """sklearn_digits' training classes hold 144 to 153 images, so train_subset=200 trains on the full split: its
+    record (setting, hashes) and S's meta say train_subset null, and `ddrun report` pools it with a full-split seed
+    instead of listing it apart; rerunning its own command still resumes its run directory (the checkpoint keeps the
+    configuration as given)."""
+    from ddrun.report import find_results, group_results
+
+    run = ["dataset=sklearn_digits", "method=random", "ipc=1", "net.width=8", "logger=none", "evaluator.num_eval=1",
+           "evaluator.epochs=1"]
+    distill(make_cfg([*run, "seed=0"]), tmp_path / "full")
+    sub = distill(make_cfg([*run, "seed=1", "dataset.train_subset=200"]), tmp_path / "sub200")
+    full_rec, sub_rec = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "sub200"))
+    assert sub_rec["setting"]["dataset.train_subset"] is None and sub_rec["setting"] == full_rec["setting"]
+    assert sub_rec["setting_hash"] == full_rec["setting_hash"]
+    meta = torch.load(sub["synthetic"], weights_only=True)["meta"]
+    assert meta["setting_hash"] == full_rec["setting_hash"] and meta["config_hash"] == sub_rec["config_hash"]
+    groups = group_results(find_results([str(tmp_path)])[0])
+    assert len(groups) == 1 and groups[0].seeds == [0, 1]
+    again = distill(make_cfg([*run, "seed=1", "dataset.train_subset=200"]), tmp_path / "sub200")
+    assert again["acc_mean"] == sub["acc_mean"]

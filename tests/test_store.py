@@ -176,3 +176,20 @@ def test_training_overrides_name_what_differs_from_the_command_defaults():
     assert training_overrides("teachers", {**recipe, "seed": 0}, "tiny_imagenet") == [
         "recipe.epochs=200", "recipe.batch=128", "recipe.lr=0.1", "recipe.weight_decay=0.0005",
         "recipe.warmup_epochs=0", "recipe.augment.kind=crop"]
+
+
+def test_a_subset_no_class_fills_shares_the_full_split_store():
+    """sklearn_digits' training classes hold 144 to 153 images: train_subset=200 keeps all of them, the very data of
+    a full-split run, so its collections are the full split's (no ``-sub200``: such runs pool their experts and
+    teachers); 150 cuts some classes and keeps its own ``-sub150``."""
+    from conftest import make_cfg
+    from ddrun.utils import build
+
+    def store_dir(*extra):
+        real = build(make_cfg(["dataset=sklearn_digits", *extra]).dataset)
+        return collection_dir("/store", "experts", setting_of(real, factory(), None))
+
+    full = store_dir()
+    assert full.parts[2] == "sklearn_digits"
+    assert store_dir("dataset.train_subset=200") == full
+    assert store_dir("dataset.train_subset=150").parts[2] == "sklearn_digits-sub150"

@@ -8,7 +8,8 @@ The loaders are chosen by each ``conf/dataset/*.yaml`` through ``_target_`` (one
 IDX for MNIST-like sets, python pickles for CIFAR, ``.mat`` for SVHN). Files are never fetched unless
 ``dataset.download=true``; a missing dataset raises :class:`~ddrun.utils.DataError` naming the expected path
 and how to get the files, and a corrupt file, or one holding a label outside the dataset's classes, raises it
-naming that file. ``train_subset`` / ``test_subset`` larger than a class keep all of it, with a warning.
+naming that file. ``train_subset`` / ``test_subset`` larger than a class keep all of it, with a warning; one at
+least every class's size is the whole split and is recorded as null (store key, run record, hashes).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class RealData:
         dsa_strategy: the DSA strategy the reference uses for this dataset (no flip for digits).
         zca: an optional whitening transform with ``inverse(x)``; images are stored whitened when present.
         layernorm: each image was centred and scaled to unit L2 norm before ZCA (:func:`layernorm_images`).
-        train_subset: the per-class training subset size the data was loaded with (None: the full split).
+        train_subset: the per-class training subset in effect (None: the full split, also when the subset asked
+            for is at least every class's size: :func:`_balanced_subset`).
     """
 
     name: str
@@ -162,11 +164,19 @@ def layernorm_images(x: torch.Tensor) -> torch.Tensor:
 
 def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: int, name: str = "",
                      split: str = "train") -> torch.Tensor | None:
-    """Indices of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle; None for all.
+    """Indices (int64, sorted) of the first ``per_class`` samples of each class in a fixed (seed 0) shuffle of int64
+    ``labels`` ``[N]``; None for the whole split: ``per_class`` None, or at least every class's size (the subset
+    would be the whole split, so it is recorded as null and such runs share the store and pool with full-split
+    runs; a warning says so).
 
     A class with fewer samples keeps all of them (``debug=smoke``'s ``train_subset: 50`` is "at most 50" on small
     sets), and a warning states the counts actually kept (:func:`_short_classes`)."""
     if per_class is None:
+        return None
+    largest = int(torch.bincount(labels, minlength=num_classes).max()) if len(labels) else 0
+    if per_class >= largest:
+        log.warning("dataset %s: %s_subset=%d is at least every class's size (the largest holds %d): the whole %s "
+                    "split is used, recorded as %s_subset=null", name, split, per_class, largest, split, split)
         return None
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     keep = [order[labels[order] == c][:per_class] for c in range(num_classes)]
@@ -225,13 +235,13 @@ def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_stra
         train_x, test_x = layernorm_images(train_x), layernorm_images(test_x)
     if zca is not None:
         zca.fit(train_x)
-    for split, sub, (x, y) in (("train", train_subset, (train_x, train_y)), ("test", test_subset, (test_x, test_y))):
-        idx = _balanced_subset(y, sub, k, name, split)
-        if idx is not None:
-            if split == "train":
-                train_x, train_y = x[idx], y[idx]
-            else:
-                test_x, test_y = x[idx], y[idx]
+    idx = _balanced_subset(train_y, train_subset, k, name, "train")
+    if idx is not None:
+        train_x, train_y = train_x[idx], train_y[idx]
+    train_subset = None if idx is None else train_subset  # in effect: null when it kept the whole split
+    idx = _balanced_subset(test_y, test_subset, k, name, "test")
+    if idx is not None:
+        test_x, test_y = test_x[idx], test_y[idx]
     data = RealData(name=name, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y,
                     mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=k,
                     class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy, train_subset=train_subset,

@@ -226,16 +226,19 @@ def setting_hash(cfg: DictConfig) -> str:
 
 
 def effective_config(cfg: DictConfig, real) -> DictConfig:
-    """``cfg`` with ``dataset.train_subset`` as the loaded data has it (``real.train_subset``: null when the subset
-    asked for is at least every class's size, i.e. the whole split), so that the record's setting and hashes and S's
-    meta say what was used and such a run pools with the full-split runs. ``cfg`` is left as given (a copy is
-    returned when a value differs): the checkpoint keeps the hash of the configuration as given, because a resume is
-    checked against it before the data is loaded."""
-    if OmegaConf.select(cfg, "dataset.train_subset") == real.train_subset:
+    """``cfg`` with ``dataset.train_subset`` / ``test_subset`` as the loaded data has them (``real.train_subset`` /
+    ``real.test_subset``: null when the subset asked for is at least every class's size, i.e. the whole split), so
+    that the record's setting and hashes and S's meta say what was used and such a run pools with the full-split
+    runs. ``cfg`` is left as given (a copy is returned when a value differs): the checkpoint keeps the hash of the
+    configuration as given, because a resume is checked against it before the data is loaded."""
+    keys = {k: getattr(real, k) for k in ("train_subset", "test_subset")
+            if OmegaConf.select(cfg, f"dataset.{k}") != getattr(real, k)}
+    if not keys:
         return cfg
     out = copy.deepcopy(cfg)
     with open_dict(out):
-        out.dataset.train_subset = real.train_subset
+        for k, v in keys.items():
+            out.dataset[k] = v
     return out
 
 

@@ -73,9 +73,9 @@ def synthetic_info(syn, path: str | Path, describe: dict) -> dict:
 
 
 def test_info(real) -> dict:
-    """The test set a protocol was measured on."""
-    return {"dataset": real.name, "images": int(len(real.test_labels)),
-            "subset": getattr(real, "test_subset", None)}
+    """The test set a protocol was measured on: ``{"dataset", "images", "subset"}`` (``subset``: the per-class test
+    subset in effect, ``RealData.test_subset``; None for the whole test split)."""
+    return {"dataset": real.name, "images": int(len(real.test_labels)), "subset": real.test_subset}
 
 
 def evaluation(result: dict, iteration: int, real) -> dict:

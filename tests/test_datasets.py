@@ -98,6 +98,7 @@ def test_balanced_subset(tmp_path):
     data = load("mnist", tmp_path, "dataset.train_subset=2", "dataset.test_subset=1")
     assert torch.bincount(data.train_labels).tolist() == [2] * 10
     assert len(data.test_labels) == 10
+    assert (data.train_subset, data.test_subset) == (2, 1)
 
 
 def test_a_subset_larger_than_some_classes_keeps_them_whole_and_says_so(caplog):
@@ -122,7 +123,7 @@ def test_a_subset_of_at_least_every_class_is_the_whole_split_recorded_as_null(ca
     full = build(make_cfg(["dataset=sklearn_digits"]).dataset)
     with caplog.at_level("WARNING", logger="ddrun.data"):
         data = build(make_cfg(["dataset=sklearn_digits", "dataset.train_subset=153", "dataset.test_subset=40"]).dataset)
-    assert data.train_subset is None
+    assert data.train_subset is None and data.test_subset is None
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(data, key), getattr(full, key)), key
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -113,3 +113,17 @@ def test_a_subset_no_class_fills_is_recorded_and_pooled_as_the_full_split(tmp_pa
     assert len(groups) == 1 and groups[0].seeds == [0, 1]
     again = distill(make_cfg([*run, "seed=1", "dataset.train_subset=200"]), tmp_path / "sub200")
     assert again["acc_mean"] == sub["acc_mean"]
+
+
+def test_the_test_subset_in_effect_is_recorded(tmp_path):
+    """The record's test set names its per-class subset (once always null: RealData had no test_subset): 10 of
+    sklearn_digits' 30 test images per class is recorded as 10; 40 keeps the whole test split, recorded as null in
+    the test set and in the setting."""
+    run = ["dataset=sklearn_digits", "method=random", "ipc=1", "net.width=8", "logger=none", "evaluator.num_eval=1",
+           "evaluator.epochs=1"]
+    for n, subset, images in ((10, 10, 100), (40, None, 300)):
+        distill(make_cfg([*run, f"dataset.test_subset={n}"]), tmp_path / str(n))
+        rec = json.loads((tmp_path / str(n) / "results.json").read_text())
+        assert rec["evaluations"][0]["protocol"]["test"] == {"dataset": "sklearn_digits", "images": images,
+                                                              "subset": subset}
+        assert rec["setting"]["dataset.test_subset"] == subset

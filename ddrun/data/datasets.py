@@ -51,6 +51,7 @@ class RealData:
         layernorm: each image was centred and scaled to unit L2 norm before ZCA (:func:`layernorm_images`).
         train_subset: the per-class training subset in effect (None: the full split, also when the subset asked
             for is at least every class's size: :func:`_balanced_subset`).
+        test_subset: likewise, the per-class test subset in effect (None: the whole test split).
     """
 
     name: str
@@ -66,6 +67,7 @@ class RealData:
     zca: object | None = None
     layernorm: bool = False
     train_subset: int | None = None
+    test_subset: int | None = None
     _class_index: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -242,10 +244,11 @@ def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_stra
     idx = _balanced_subset(test_y, test_subset, k, name, "test")
     if idx is not None:
         test_x, test_y = test_x[idx], test_y[idx]
+    test_subset = None if idx is None else test_subset
     data = RealData(name=name, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y,
                     mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=k,
                     class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy, train_subset=train_subset,
-                    layernorm=layernorm)
+                    test_subset=test_subset, layernorm=layernorm)
     if zca is not None:
         data.train_images = zca(data.train_images)
         data.test_images = zca(data.test_images)

@@ -127,10 +127,17 @@ class Objective:
     ``syn`` passed to ``__call__`` is the *decoded* set (``parametrization.decode(S)``); the hooks below get S
     itself.
 
+    Attributes:
+        stores_steps: class attribute, bool: the S this objective distils holds the per-step inner-loop steps that
+            ``evaluator=replay`` replays (DD's ``syn_steps`` in S's meta); False by default. A run with a replay
+            evaluator and an objective without it is refused at validation (``distill.check_replay_inits``).
+
     Raises:
         ConfigError: a negative step size or ``batch_real`` < 1 (one line naming the ``objective.`` key; a
             negative step would ascend the loss, a negative batch silently used all but that many images).
     """
+
+    stores_steps: bool = False
 
     def __init__(self, lr_img: float, lr_lr: float | None = None, lr_labels: float | None = None,
                  batch_real: int = 256, augment: DSA | None = None):

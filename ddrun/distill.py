@@ -136,14 +136,27 @@ def check_replay_inits(cfg: DictConfig) -> None:
         except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
             replays = False
         if replays and int(OmegaConf.select(node, "num_eval", default=1)) >= 1:
-            objective = str(OmegaConf.select(cfg, "objective._target_", default=None))
-            if objective != "ddrun.objectives.meta.DatasetDistillation":  # only DD's meta-objective learns steps
+            objective = OmegaConf.select(cfg, "objective._target_", default=None)
+            if objective is None or not _stores_steps(str(objective)):
                 raise ConfigError(f"{key}: evaluator=replay evaluates DD sets only (method=dd or method=ld, whose S "
                                   f"holds DD's per-step step sizes); this run's objective "
-                                  f"({objective.rsplit('.', 1)[-1]}) stores none: use evaluator=default or "
+                                  f"({str(objective).rsplit('.', 1)[-1]}) stores none: use evaluator=default or "
                                   f"evaluator=cross_arch")
             resolve_init(str(OmegaConf.select(node, "init", default="auto")),
                          OmegaConf.select(node, "fetcher", default=None), key)
+
+
+def _stores_steps(target: str) -> bool:
+    """Whether the objective class ``target`` (a dotted ``_target_``) declares ``stores_steps`` (the
+    :class:`~ddrun.contracts.Objective` capability: its S holds the steps a replay replays), read with Hydra's
+    ``get_object``. An unimportable target counts as True here: building it reports it in its own words."""
+    from hydra.utils import get_object
+
+    try:
+        cls = get_object(target)
+    except Exception:  # noqa: BLE001 - reported when it is built
+        return True
+    return bool(getattr(cls, "stores_steps", False))
 
 
 def check_syn_scheduler(cfg: DictConfig) -> None:

@@ -374,3 +374,22 @@ def test_replay_of_a_set_without_dd_steps_says_it_evaluates_dd_sets_only(tmp_pat
                                               r"this S \(method=dm\) has none: evaluate it with evaluator=default"):
             evaluate_cmd(make_cfg([f"synthetic={out['synthetic']}", "evaluator=replay", "evaluator.init=random",
                                    "net=dd", *extra, *data], config_name="evaluate"))
+
+
+class StepsKeepingDD(DatasetDistillation):
+    """DD's objective extended outside ddrun: its S still holds DD's steps (it inherits ``stores_steps``)."""
+
+
+def test_replay_validation_asks_the_objective_whether_it_stores_steps():
+    """A distill run with evaluator=replay is checked by the objective's capability (``Objective.stores_steps``),
+    not by its ``_target_`` string: a subclass of DD's objective defined here is accepted (it was refused as "stores
+    none"), and DM's objective, which lacks it, and a run without an objective are refused as before."""
+    from ddrun.distill import check_replay_inits
+
+    sub = f"{StepsKeepingDD.__module__}.{StepsKeepingDD.__qualname__}"
+    check_replay_inits(make_cfg(["method=dd", "ipc=1", "evaluator=replay", f"objective._target_={sub}"]))
+    for method, name in (("dm", "DistributionMatching"), ("random", "None")):
+        with pytest.raises(ConfigError, match=rf"^evaluator: evaluator=replay evaluates DD sets only \(method=dd or "
+                                              rf"method=ld, whose S holds DD's per-step step sizes\); this run's "
+                                              rf"objective \({name}\) stores none: use evaluator=default"):
+            check_replay_inits(make_cfg([f"method={method}", "ipc=1", "evaluator=replay"]))

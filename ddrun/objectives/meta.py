@@ -156,6 +156,8 @@ class DatasetDistillation(Objective):
         DdrunError: the unroll would not fit in memory; a learned step size became NaN.
     """
 
+    stores_steps = True  # S's meta records syn_steps (and the step sizes or inner_lr): evaluator=replay replays them
+
     def __init__(self, syn_steps: int = 10, syn_epochs: int = 3, lr_init: float = 0.02, truncate: int | None = None,
                  memory_limit: float | None = None, report_nets: int = 1, learn_labels: bool = False,
                  label_init: str = "onehot", attack: dict | None = None, **kwargs):

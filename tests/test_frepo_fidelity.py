@@ -172,3 +172,30 @@ def test_regression_protocol_beside_names_its_own_key(tiny_root, tmp_path):
     """The same evaluator under beside.frepo: the refusal names beside.frepo.<key>, before any data is loaded."""
     with pytest.raises(ConfigError, match=r"^beside\.frepo\.epochs=0: must be a whole number >= 1"):
         distill(tiny(tiny_root, "method=frepo", "beside_protocols=true", "beside.frepo.epochs=0"), tmp_path / "run")
+
+
+def test_early_stopping_states_the_validation_images_drawn_per_class():
+    """val_per_class asks for training images a class may not hold (sklearn_digits' training classes hold 144 to
+    153): the protocol states the counts drawn, which are the validation split's own (it once said "150/class"
+    whatever was drawn); a request every class fills keeps its text."""
+    real = build(make_cfg(["dataset=sklearn_digits"]).dataset)
+
+    def net(channels, num_classes, im_size):
+        return FRePoConv(channels, num_classes, im_size, width=4, depth=1, norm="none")
+
+    ev = RegressionEvaluator(net, num_eval=1, steps=2, warmup=0, val_per_class=150, val_every=1)
+    ev.prepare(real)
+    drawn = torch.bincount(ev._validation(real, seed=0)[1]).tolist()
+    assert ev.val_counts == drawn == [148, 150, 147, 150, 150, 150, 150, 149, 144, 150]
+    line = ("144 to 150/class (total 1488: asked 150/class, more than some classes hold) of the training split, "
+            "every 1 steps, patience 500")
+    assert ev.protocol_fields()["early_stopping"] == line
+    idx = torch.arange(0, len(real.train_labels), 150)
+    syn = SyntheticSet(real.train_images[idx], real.train_labels[idx], 10)
+    fresh = RegressionEvaluator(net, num_eval=1, steps=2, warmup=0, val_per_class=150, val_every=1)
+    res = fresh(syn, real, seed=0)  # evaluating prepares it: the result's protocol states the counts too
+    assert res["protocol_fields"]["early_stopping"] == line and "144 to 150/class (total 1488" in res["protocol"]
+    filled = RegressionEvaluator(net, num_eval=1, steps=2, warmup=0, val_per_class=100, val_every=1)
+    filled.prepare(real)
+    assert filled.val_counts == [100] * 10
+    assert filled.protocol_fields()["early_stopping"] == "100/class of the training split, every 1 steps, patience 500"

@@ -99,7 +99,8 @@ class RegressionEvaluator(EvaluatorContract):
             RFAD).
         augment: per-sample DSA during training, or None.
         val_per_class, val_every, patience: early stopping on a class-balanced validation split of the real
-            *training* set (RFAD); 0 images: off.
+            *training* set (RFAD); 0 images: off. A class holding fewer gives all of its images; :meth:`prepare`
+            records the counts drawn (``val_counts``) and the protocol states them.
         name: the architecture's name in ``per_net``.
 
     Raises:
@@ -137,7 +138,25 @@ class RegressionEvaluator(EvaluatorContract):
         self.warmup, self.final_lr = int(warmup), final_lr
         self.target_scale, self.reduction, self.augment = float(target_scale), reduction, augment
         self.val_per_class, self.val_every, self.patience = int(val_per_class), int(val_every), int(patience)
+        self.val_counts: list[int] | None = None  # validation images drawn per class (prepare); None: not known
         self.uses_learned_lr = False
+
+    def prepare(self, real: RealData) -> None:
+        """Record ``val_counts``: the validation images early stopping draws from each class of ``real``'s training
+        split, ``min(val_per_class, class size)`` (``RealData.balanced_sample``), so that the protocol states what
+        is drawn rather than what was asked; None with early stopping off. Also called by :meth:`__call__`."""
+        self.val_counts = None if not self.val_per_class else [
+            min(self.val_per_class, len(real.class_index(c))) for c in range(real.num_classes)]
+
+    def _validation_drawn(self) -> str:
+        """``"<n>/class"`` as asked, or, when some class holds fewer (``val_counts``), the range drawn per class with
+        the total and the request."""
+        counts, asked = self.val_counts, self.val_per_class
+        if not counts or all(n == asked for n in counts):
+            return f"{asked}/class"
+        lo, hi = min(counts), max(counts)
+        drawn = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        return f"{drawn}/class (total {sum(counts)}: asked {asked}/class, more than some classes hold)"
 
     def protocol_fields(self) -> dict:
         aug = self.augment.strategy if self.augment is not None and self.augment.enabled else "none"
@@ -153,7 +172,7 @@ class RegressionEvaluator(EvaluatorContract):
                   "labels": f"MSE to S's regression targets x{self.target_scale:g} ({self.reduction})",
                   "order": "reshuffled" if self.shuffle else "S's order"}
         if self.val_per_class:
-            fields["early_stopping"] = (f"{self.val_per_class}/class of the training split, every {self.val_every} "
+            fields["early_stopping"] = (f"{self._validation_drawn()} of the training split, every {self.val_every} "
                                         f"steps, patience {self.patience}")
         return fields
 
@@ -235,6 +254,7 @@ class RegressionEvaluator(EvaluatorContract):
             ``{"acc_mean", "acc_std", "per_net": {name: [acc, ...]}, "protocol", "protocol_fields"}``, accuracies in
             percent on the real test split (std: population std over the ``num_eval`` networks).
         """
+        self.prepare(real)  # the validation counts of the data evaluated on (the protocol states them)
         accs = [self.train_one(syn, real, derive_seed(seed, 104729, r))
                 for r in tqdm(range(self.num_eval), desc="evaluate (regression)", leave=False, disable=None)]
         return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,

@@ -120,6 +120,9 @@ def test_cutmix_and_mixup_mix_exactly_the_stored_pixels_with_the_stored_partner(
     up = load_batch(save_batch(tmp_path / "mixup.tar", full, [False] * 3, [1, 2, 0], 0.3), 3, 3, (6, 6))
     assert up.mix == "mixup"
     torch.testing.assert_close(replay(imgs, up), 0.3 * imgs + 0.7 * imgs[[1, 2, 0]])
+    big = save_batch(tmp_path / "big.tar", full, [False] * 3, [2, 0, 1], 0.4, [0, 0, 224, 224])  # a 224-px box
+    with pytest.raises(DataError, match=r"big.tar: mix_bbox .* inside S's 6x6 images .* set dataset.im_size to it"):
+        load_batch(big, 3, 3, (6, 6))
 
 
 # --- the evaluator: students trained from the files ---------------------------------------------------------------

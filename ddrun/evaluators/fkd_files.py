@@ -41,7 +41,7 @@ Replay (``train_FKD``): per image ``t_F.resized_crop`` at ``i = coords[0] H`` ..
 ``(j, i, j + w, i + h)``), resized bilinear to the input size, flipped where stored, ``ToTensor`` + ``Normalize``;
 then the stored mix on the batch; loss ``KLDivLoss(batchmean)(log_softmax(s / T), softmax(soft_label.float() / T))``
 without ``T^2`` (commented out), T 20 (``train_FKD.sh``); AdamW, cosine over the epochs; ``--gradient-accumulation-
-steps`` splits a stored batch into sub-batches summed into one step.
+steps`` splits a stored batch into sub-batches whose gradients (loss / steps) make one step.
 
 Loading: CutMix files hold ``numpy.int64`` scalars (the box, from ``np.clip``), which ``torch.load(...,
 weights_only=True)`` refuses by default ("Unsupported global: numpy._core.multiarray.scalar"). ddrun still loads
@@ -63,6 +63,9 @@ ddrun's replay and where it departs:
 - Crops are cut from S's float images with the reference's rounding and resized by ``F.interpolate`` (bilinear,
   antialiased: PIL's filter, without PIL's rounding to 8 bits) to S's image size, which must be the relabel's
   ``--input-size`` for the CutMix boxes to land where they did (a box outside S is refused).
+- The stored logits are the teacher's in the evaluator's loss: ``loss=kl`` at ``temperature`` is the reference's
+  (T 20 by default, as ``train_FKD.sh``); ``mse_ce``'s CE term takes S's hard labels mixed by pixel share
+  (:func:`mixed_target`).
 - One optimizer step per stored batch, without gradient accumulation (the same gradient except BatchNorm's batch
   statistics, which the reference computes per sub-batch).
 - FKD's own per-image format (szq0214/FKD ``FKD_SLG``: one file per image with many crops and top-k probabilities)
@@ -142,7 +145,8 @@ def _check_mix(path: Path, d: list, rows: int, size: tuple[int, int]) -> tuple:
     box = tuple(int(v) for v in bbox) if ok else None
     if box is None or not (0 <= box[0] <= box[2] <= size[0] and 0 <= box[1] <= box[3] <= size[1]):
         raise _fail(path, f"mix_bbox {bbox!r} is not a CutMix box [x1, y1, x2, y2] inside S's {size[0]}x{size[1]} "
-                          f"images (x rows, y columns; pixels of the relabel's --input-size, which must be S's size)")
+                          f"images (x rows, y columns, in pixels of the relabel's --input-size: set dataset.im_size "
+                          f"to it)")
     return index.long(), float(lam), box
 
 

@@ -117,7 +117,7 @@ class FKDBatch(NamedTuple):
 def _numpy_scalars() -> list:
     """The allowlist of :func:`load_batch`: numpy's scalar constructor (numpy 2 and numpy 1 names), ``numpy.dtype``
     and the numeric dtype classes."""
-    scalar = np._core.multiarray.scalar
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2 / numpy 1
     return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype,
             *sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefd"}, key=str)]
 

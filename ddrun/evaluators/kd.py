@@ -29,7 +29,10 @@ stores the teachers' logits on those exact images (float32, ``epochs x |S| x K``
 evaluation, not once per student, and the students differ only in their initialization. With ``relabel_dir``
 the plan is also written to a file there and read back by every later evaluation of the same S with the same
 teachers, epochs, batch size, augmentation, mix and seed, whatever the student (FKD's label files;
-:mod:`ddrun.evaluators.relabel_files`).
+:mod:`ddrun.evaluators.relabel_files`). ``fkd`` replays the label files SRe2L's own relabel script writes
+(``fkd_dir``: ``epoch_<e>/batch_<b>.tar``, :mod:`ddrun.evaluators.fkd_files`): every student trains on S's images
+in the reference's batch order with the stored crops, flips, mixes and soft labels, one step per stored batch of the
+stored size; no teacher is loaded.
 
 The evaluator ignores S's stored labels except for the CE term (hard labels, argmax of soft ones), so it
 evaluates any S: the random real subset, every earlier method's S, an imported image folder. Teachers come from
@@ -54,6 +57,7 @@ from tqdm.auto import tqdm
 from ddrun.contracts import Evaluator as EvaluatorContract
 from ddrun.data.datasets import RealData
 from ddrun.data.transforms import Augment
+from ddrun.evaluators.fkd_files import FKDLabels, batch_orders, mixed_target, replay
 from ddrun.evaluators.relabel_files import Relabeled, load_plan, plan_key, plan_path, save_plan
 from ddrun.nets import build_net
 from ddrun.protocol import net_kwargs
@@ -66,7 +70,7 @@ log = logging.getLogger("ddrun.evaluate")
 LOSSES = ("kl", "mse_ce")
 SCHEDULES = ("smoothing", "cosine", "constant")
 MIXES = ("cutmix", "mixup", "none")
-LABELS = ("online", "stored")
+LABELS = ("online", "stored", "fkd")
 
 
 def smoothing_factor(epoch: int, epochs: int, zeta: float) -> float:
@@ -115,11 +119,14 @@ class KDEvaluator(EvaluatorContract):
             plan replayed by every student, FKD-style; module doc).
         relabel_dir: with ``labels=stored``, the directory of relabel files (written once, read by later
             evaluations; :mod:`ddrun.evaluators.relabel_files`). None: the plan lives in memory for one evaluation.
+        fkd_dir: with ``labels=fkd``, SRe2L's ``--fkd-path`` folder (:mod:`ddrun.evaluators.fkd_files`); fkd_seed:
+            its sampler seed (``--fkd-seed``, 42). The batch size is the files'; augment, mix and the teachers are
+            not used.
         name: the student's name in ``per_net`` (None: its class name, lower case).
 
     Raises:
-        ConfigError: unknown loss / schedule / optimizer / mix / labels, non-positive sizes, or ``relabel_dir``
-            without ``labels=stored`` or naming a file.
+        ConfigError: unknown loss / schedule / optimizer / mix / labels, non-positive sizes, ``relabel_dir``
+            without ``labels=stored`` or naming a file, ``labels=fkd`` without ``fkd_dir`` or ``fkd_dir`` without it.
     """
 
     num_eval: int = 1
@@ -133,7 +140,8 @@ class KDEvaluator(EvaluatorContract):
                  zeta: float = 2.0, loss: str = "kl", temperature: float = 20.0, gamma: float = 0.025,
                  batch_train: int | None = None, batch_by_ipc: Mapping[int, int] | None = None,
                  augment: Augment | None = None, mix: str = "cutmix", mix_alpha: float = 1.0, ema: float | None = None,
-                 labels: str = "online", relabel_dir: str | None = None, name: str | None = None):
+                 labels: str = "online", relabel_dir: str | None = None, fkd_dir: str | None = None,
+                 fkd_seed: int = 42, name: str | None = None):
         for key, value, allowed in (("loss", loss, LOSSES), ("schedule", schedule, SCHEDULES),
                                     ("optimizer", optimizer, ("adamw", "sgd")), ("mix", mix, MIXES),
                                     ("labels", labels, LABELS)):
@@ -146,6 +154,10 @@ class KDEvaluator(EvaluatorContract):
         if relabel_dir is not None and labels != "stored":
             raise ConfigError(f"evaluator.relabel_dir={relabel_dir} stores relabel plans: it needs "
                               f"evaluator.labels=stored (now {labels})")
+        if (labels == "fkd") != (fkd_dir is not None):
+            raise ConfigError(f"evaluator.labels={labels} with evaluator.fkd_dir={fkd_dir}: labels=fkd replays "
+                              f"SRe2L's FKD label files and needs fkd_dir=<the --fkd-path folder of its relabel>, "
+                              f"and fkd_dir needs labels=fkd")
         if relabel_dir is not None and Path(relabel_dir).exists() and not Path(relabel_dir).is_dir():
             raise ConfigError(f"evaluator.relabel_dir={relabel_dir} is a file: pass a folder (created if missing)")
         self.student, self.teacher_nets = student, {"teacher": teacher_net, **dict(extra_teacher_nets or {})}
@@ -159,6 +171,7 @@ class KDEvaluator(EvaluatorContract):
         self.augment, self.mix, self.mix_alpha = augment, mix, float(mix_alpha)
         self.ema = None if ema is None else float(ema)
         self.labels, self.relabel_dir, self.name = labels, relabel_dir, name
+        self._fkd = FKDLabels(fkd_dir, self.epochs, fkd_seed) if fkd_dir is not None else None
         self._pool: list[dict] | None = None
         self._warned_unreadable = False  # check_readable's warning: once per evaluator
 
@@ -182,12 +195,21 @@ class KDEvaluator(EvaluatorContract):
                   "labels": (f"teacher {self.labels if self.labels == 'online' else 'stored (one relabel pass)'}: "
                              + (f"KL T {self.temperature:g}" if self.loss == "kl" else f"MSE + {self.gamma:g} CE")),
                   "teacher": teacher, "ema": self.ema}
+        if self._fkd is not None:  # SRe2L's label files: their batches, crops, flips, mixes and logits
+            loss = fields["labels"].split(": ", 1)[1]
+            fields.update(batch=self._fkd.batch or "the FKD files'", teacher="none (labels from FKD files)",
+                          augment=f"stored crops+flip+{self._fkd.mix or 'mix'} (FKD files)",
+                          labels=f"{self._fkd.describe()}: {loss}")
         return fields
 
     # --- training --------------------------------------------------------------------------------------
     def prepare(self, real: RealData) -> None:
-        """Load the teacher pool now (:meth:`teachers`): a missing teacher stops a distill run at start-up."""
-        self.teachers(real)
+        """Load the teacher pool now (:meth:`teachers`), or with ``labels=fkd`` check the FKD folder's layout: a
+        missing teacher or folder stops a distill run at start-up."""
+        if self._fkd is not None:
+            self._fkd.check_layout()
+        else:
+            self.teachers(real)
 
     def teachers(self, real: RealData) -> list[dict]:
         """The teacher pool (loaded on first use from the store; DataError with the ``ddrun teacher`` command when
@@ -298,8 +320,11 @@ class KDEvaluator(EvaluatorContract):
         return plan
 
     def _epochs(self, syn: SyntheticSet, real: RealData, g: torch.Generator, plan: list[list[Relabeled]] | None):
-        """Each epoch's labelled batches ``(x, target, teacher logits)``: drawn and relabeled online from ``g``, or
-        replayed from a stored ``plan``."""
+        """Each epoch's labelled batches ``(x, target, teacher logits)``: drawn and relabeled online from ``g``,
+        replayed from a stored ``plan``, or from SRe2L's FKD files (``labels=fkd``)."""
+        if self._fkd is not None:
+            yield from self._fkd_epochs(syn, real)
+            return
         pool, (images, labels, batch, k) = self.teachers(real), self._s(syn, real)
         for e in range(self.epochs):
             if plan is None:
@@ -308,6 +333,15 @@ class KDEvaluator(EvaluatorContract):
             else:
                 steps = [(idx, torch.Generator().manual_seed(s), t) for idx, s, t in plan[e]]
             yield self._labelled(images, labels, k, pool, steps)
+
+    def _fkd_epochs(self, syn: SyntheticSet, real: RealData):
+        """Each epoch's batches ``(x, target, stored logits)`` replayed from the FKD files (checked first by
+        :meth:`FKDLabels.check`): S's images in the reference's order, cropped, flipped and mixed as stored."""
+        images, labels = syn.images.detach().to(real.device), syn.hard_labels().detach().to(real.device)
+        n, k, size = len(images), real.num_classes, tuple(images.shape[-2:])
+        for e, order in enumerate(batch_orders(n, self._fkd.batch, self.epochs, self._fkd.seed)):
+            yield ((replay(images[idx.to(images.device)], b), mixed_target(labels[idx.to(labels.device)], k, b, size),
+                    b.logits.to(real.device)) for idx, b in zip(order, self._fkd.read_epoch(e, n, k, size)))
 
     def train_one(self, syn: SyntheticSet, real: RealData, seed: int,
                   plan: list[list[Relabeled]] | None = None) -> float:
@@ -355,9 +389,17 @@ class KDEvaluator(EvaluatorContract):
 
         Raises:
             DataError: no teacher in the store for this setting (prints the ``ddrun teacher`` command); a corrupt or
-                inconsistent relabel file (names it).
+                inconsistent relabel file or FKD label file or folder (names it).
+            ConfigError: ``labels=fkd`` with fewer epoch folders than ``epochs``, or a ``batch_train`` other than the
+                files' batch size.
         """
-        if self.labels != "stored":  # a stored plan (a relabel file) is replayed without running the teacher
+        if self._fkd is not None:  # SRe2L's files: checked against S before any student trains; no teacher
+            self._fkd.check(syn.hard_labels().detach(), real.num_classes, tuple(syn.images.shape[-2:]))
+            if self.batch_train not in (None, self._fkd.batch):
+                raise ConfigError(f"evaluator.batch_train={self.batch_train}, but the FKD files at {self._fkd.dir} "
+                                  f"hold batches of {self._fkd.batch}: SRe2L's train_FKD trains on the stored "
+                                  f"batches (pass evaluator.batch_train=null)")
+        elif self.labels != "stored":  # a stored plan (a relabel file) is replayed without running the teacher
             self.check_readable(syn, real)
         plan = self.stored_plan(syn, real, derive_seed(seed, 104729, -1)) if self.labels == "stored" else None
         accs = [self.train_one(syn, real, derive_seed(seed, 104729, r), plan)

@@ -215,7 +215,7 @@ def test_a_zca_set_records_its_regularization_and_evaluate_refuses_another(root,
 
     zca = ["dataset.zca=true", "dataset.zca_regularization=0.2"]
     s = distill(make_cfg(["method=random", "ipc=1", f"paths.data={root}", *TINY, *zca]), tmp_path / "run")
-    saved = torch.load(s["synthetic"], weights_only=False)
+    saved = torch.load(s["synthetic"], weights_only=True)
     assert saved["meta"]["zca_regularization"] == 0.2 and saved["meta"]["zca_form"] == "absolute"
     same = ev(root, f"synthetic={s['synthetic']}", *zca)
     load_set(same, build(same.dataset))
@@ -228,7 +228,7 @@ def test_a_zca_set_records_its_regularization_and_evaluate_refuses_another(root,
     older = ev(root, f"synthetic={tmp_path / 'older.pt'}", "dataset.zca=true")
     load_set(older, build(older.dataset))
     plain = distill(make_cfg(["method=random", "ipc=1", f"paths.data={root}", *TINY]), tmp_path / "plain")
-    assert "zca_regularization" not in torch.load(plain["synthetic"], weights_only=False)["meta"]
+    assert "zca_regularization" not in torch.load(plain["synthetic"], weights_only=True)["meta"]
 
 
 @pytest.mark.parametrize("meta,line", [({"zca": True}, "was made with ZCA whitening: pass dataset.zca=true"),

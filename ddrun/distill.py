@@ -122,8 +122,6 @@ def check_replay_inits(cfg: DictConfig) -> None:
 
     Raises:
         ConfigError: one line naming ``evaluator.init`` / ``beside.<name>.init``."""
-    from hydra.utils import get_object
-
     from ddrun.evaluators.replay import ReplayEvaluator, resolve_init
 
     nodes = [("evaluator", cfg.get("evaluator"))]
@@ -131,13 +129,10 @@ def check_replay_inits(cfg: DictConfig) -> None:
         nodes += [(f"beside.{name}", node) for name, node in (cfg.get("beside") or {}).items()]
     for key, node in nodes:
         target = OmegaConf.select(node, "_target_") if node is not None else None
-        try:
-            replays = target is not None and get_object(str(target)) is ReplayEvaluator
-        except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
-            replays = False
-        if replays and int(OmegaConf.select(node, "num_eval", default=1)) >= 1:
+        if _target_class(target) is ReplayEvaluator and int(OmegaConf.select(node, "num_eval", default=1)) >= 1:
             objective = OmegaConf.select(cfg, "objective._target_", default=None)
-            if objective is None or not _stores_steps(str(objective)):
+            cls = _target_class(objective)  # None: unimportable (reported when it is built), or no objective
+            if objective is None or (cls is not None and not getattr(cls, "stores_steps", False)):
                 raise ConfigError(f"{key}: evaluator=replay evaluates DD sets only (method=dd or method=ld, whose S "
                                   f"holds DD's per-step step sizes); this run's objective "
                                   f"({str(objective).rsplit('.', 1)[-1]}) stores none: use evaluator=default or "
@@ -146,17 +141,19 @@ def check_replay_inits(cfg: DictConfig) -> None:
                          OmegaConf.select(node, "fetcher", default=None), key)
 
 
-def _stores_steps(target: str) -> bool:
-    """Whether the objective class ``target`` (a dotted ``_target_``) declares ``stores_steps`` (the
-    :class:`~ddrun.contracts.Objective` capability: its S holds the steps a replay replays), read with Hydra's
-    ``get_object``. An unimportable target counts as True here: building it reports it in its own words."""
+def _target_class(target) -> type | None:
+    """The class (or function) a dotted ``_target_`` names, read with Hydra's ``get_object``; None for no target or
+    one that cannot be imported (building it reports that in its own words). Used to ask a component's class what
+    it is (``ReplayEvaluator``) or can do (the :class:`~ddrun.contracts.Objective` capability ``stores_steps``)
+    before anything is built."""
     from hydra.utils import get_object
 
+    if target is None:
+        return None
     try:
-        cls = get_object(target)
+        return get_object(str(target))
     except Exception:  # noqa: BLE001 - reported when it is built
-        return True
-    return bool(getattr(cls, "stores_steps", False))
+        return None
 
 
 def check_syn_scheduler(cfg: DictConfig) -> None:

@@ -224,6 +224,15 @@ def _zca_setup(zca: bool | object | None, regularization: float, mean: Sequence[
     return zca, [0.0] * len(mean), [1.0] * len(std)
 
 
+def _subset(x: torch.Tensor, y: torch.Tensor, per_class: int | None, num_classes: int, name: str,
+            split: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """One split ``x`` ``[N, ...]``, ``y`` int64 ``[N]`` cut to :func:`_balanced_subset`'s indices, with the
+    per-class subset in effect: ``per_class``, or None when the whole split is kept (None asked, or at least every
+    class's size)."""
+    idx = _balanced_subset(y, per_class, num_classes, name, split)
+    return (x, y, None) if idx is None else (x[idx], y[idx], per_class)
+
+
 def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_strategy, train_subset,
             test_subset, zca=None, layernorm: bool = False) -> RealData:
     """Assemble a RealData from normalized splits: layer-normalize each image (when ``layernorm``), fit ZCA (when
@@ -237,14 +246,8 @@ def _finish(name, train_x, train_y, test_x, test_y, mean, std, classes, dsa_stra
         train_x, test_x = layernorm_images(train_x), layernorm_images(test_x)
     if zca is not None:
         zca.fit(train_x)
-    idx = _balanced_subset(train_y, train_subset, k, name, "train")
-    if idx is not None:
-        train_x, train_y = train_x[idx], train_y[idx]
-    train_subset = None if idx is None else train_subset  # in effect: null when it kept the whole split
-    idx = _balanced_subset(test_y, test_subset, k, name, "test")
-    if idx is not None:
-        test_x, test_y = test_x[idx], test_y[idx]
-    test_subset = None if idx is None else test_subset
+    train_x, train_y, train_subset = _subset(train_x, train_y, train_subset, k, name, "train")
+    test_x, test_y, test_subset = _subset(test_x, test_y, test_subset, k, name, "test")
     data = RealData(name=name, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y,
                     mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=k,
                     class_names=[str(c) for c in classes], dsa_strategy=dsa_strategy, train_subset=train_subset,

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ddrun.data.datasets import RealData
+from ddrun.data.datasets import RealData, describe_per_class
 from ddrun.utils import ConfigError, derive_seed
 
 
@@ -66,7 +66,7 @@ class EarlyStopping:
         self.state = Selection()
         self.x_val: torch.Tensor | None = None
         self.y_val: torch.Tensor | None = None
-        self.drawn_per_class: int | None = None  # the fewest validation images of a class (after draw)
+        self.drawn_counts: list[int] | None = None  # validation images drawn per class (after draw)
 
     @classmethod
     def from_config(cls, node) -> "EarlyStopping | None":
@@ -77,11 +77,10 @@ class EarlyStopping:
 
     def draw(self, real: RealData, seed: int) -> None:
         """Draw the validation split (``val_per_class`` per class of the training split, all of a class that has
-        fewer) from ``seed``; ``drawn_per_class`` becomes the count of the smallest class."""
+        fewer) from ``seed``; ``drawn_counts`` becomes the images drawn per class."""
         g = torch.Generator().manual_seed(derive_seed(seed, 104729))
         self.x_val, self.y_val = real.balanced_sample(self.val_per_class, g)
-        counts = torch.bincount(self.y_val.cpu(), minlength=real.num_classes)
-        self.drawn_per_class = int(counts.min())
+        self.drawn_counts = torch.bincount(self.y_val.cpu(), minlength=real.num_classes).tolist()
 
     def due(self, it: int, last: int) -> bool:
         """Whether S is validated before iteration ``it`` (every ``every`` iterations, and at the last one
@@ -107,11 +106,9 @@ class EarlyStopping:
     def describe(self, objective_name: str) -> str:
         """How S is selected, for the record and the kept file's metadata: the validation images per class
         actually drawn (after :meth:`draw`; a class with fewer training images than ``val_per_class`` gives all
-        of them, and the smallest class's count is recorded and said to be all of it)."""
-        n = self.val_per_class if self.drawn_per_class is None else self.drawn_per_class
-        per_class = f"{n}/class" if n >= self.val_per_class else \
-            f"{n}/class (all of the smallest class; {self.val_per_class} requested)"
-        return f"lowest validation loss of {objective_name} on {per_class} of the training split, every " \
+        of them: :func:`~ddrun.data.datasets.describe_per_class`)."""
+        return f"lowest validation loss of {objective_name} on " \
+               f"{describe_per_class(self.drawn_counts, self.val_per_class)} of the training split, every " \
                f"{self.every} iterations"
 
     def state_dict(self) -> dict:

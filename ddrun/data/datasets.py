@@ -102,6 +102,10 @@ class RealData:
         perm = host_to(torch.randperm(len(idx), generator=generator)[:n], idx.device)
         return self.train_images[idx[perm]]
 
+    def balanced_counts(self, per_class: int) -> list[int]:
+        """The images :meth:`balanced_sample` draws from each class: ``min(per_class, class size)``."""
+        return [min(int(per_class), len(self.class_index(c))) for c in range(self.num_classes)]
+
     def balanced_sample(self, per_class: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor,
                                                                                                 torch.Tensor]:
         """A class-balanced sample of the training split: :meth:`sample_class` of every class in order. Returns
@@ -186,6 +190,18 @@ def _balanced_subset(labels: torch.Tensor, per_class: int | None, num_classes: i
     if note:
         log.warning("dataset %s: %s_subset=%d is more than some classes hold: %s", name, split, per_class, note)
     return torch.cat(keep).sort().values
+
+
+def describe_per_class(counts: Sequence[int] | None, asked: int) -> str:
+    """How many images per class a class-balanced draw of ``asked`` per class took, for records and protocols:
+    ``"<asked>/class"`` when every class gave ``asked`` (or ``counts`` is None: not drawn yet), else the range drawn
+    with the total and the request, e.g. ``"144 to 150/class (total 1488: asked 150/class, more than some classes
+    hold)"``."""
+    if not counts or all(n == asked for n in counts):
+        return f"{asked}/class"
+    lo, hi = min(counts), max(counts)
+    drawn = f"{lo}" if lo == hi else f"{lo} to {hi}"
+    return f"{drawn}/class (total {sum(counts)}: asked {asked}/class, more than some classes hold)"
 
 
 def _short_classes(counts: Sequence[int], per_class: int) -> str:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ddrun.contracts import Evaluator as EvaluatorContract
 from ddrun.data.augment import DSA
-from ddrun.data.datasets import RealData
+from ddrun.data.datasets import RealData, describe_per_class
 from ddrun.nets import build_net
 from ddrun.protocol import net_kwargs
 from ddrun.synthetic import SyntheticSet
@@ -143,20 +143,9 @@ class RegressionEvaluator(EvaluatorContract):
 
     def prepare(self, real: RealData) -> None:
         """Record ``val_counts``: the validation images early stopping draws from each class of ``real``'s training
-        split, ``min(val_per_class, class size)`` (``RealData.balanced_sample``), so that the protocol states what
+        split (``RealData.balanced_counts``), so that the protocol states what
         is drawn rather than what was asked; None with early stopping off. Also called by :meth:`__call__`."""
-        self.val_counts = None if not self.val_per_class else [
-            min(self.val_per_class, len(real.class_index(c))) for c in range(real.num_classes)]
-
-    def _validation_drawn(self) -> str:
-        """``"<n>/class"`` as asked, or, when some class holds fewer (``val_counts``), the range drawn per class with
-        the total and the request."""
-        counts, asked = self.val_counts, self.val_per_class
-        if not counts or all(n == asked for n in counts):
-            return f"{asked}/class"
-        lo, hi = min(counts), max(counts)
-        drawn = f"{lo}" if lo == hi else f"{lo} to {hi}"
-        return f"{drawn}/class (total {sum(counts)}: asked {asked}/class, more than some classes hold)"
+        self.val_counts = real.balanced_counts(self.val_per_class) if self.val_per_class else None
 
     def protocol_fields(self) -> dict:
         aug = self.augment.strategy if self.augment is not None and self.augment.enabled else "none"
@@ -172,7 +161,7 @@ class RegressionEvaluator(EvaluatorContract):
                   "labels": f"MSE to S's regression targets x{self.target_scale:g} ({self.reduction})",
                   "order": "reshuffled" if self.shuffle else "S's order"}
         if self.val_per_class:
-            fields["early_stopping"] = (f"{self._validation_drawn()} of the training split, every {self.val_every} "
+            fields["early_stopping"] = (f"{describe_per_class(self.val_counts, self.val_per_class)} of the training split, every {self.val_every} "
                                         f"steps, patience {self.patience}")
         return fields
 

@@ -235,6 +235,29 @@ def test_every_epoch_replays_the_batches_in_the_reference_dataloaders_order(digi
             torch.testing.assert_close(8 * target, logits, atol=4e-3, rtol=0)  # float16 logits
 
 
+@pytest.mark.parametrize("mix", ["cutmix", "mixup"])
+def test_the_replay_makes_every_batch_on_the_runs_device(digits, tmp_path, mix):
+    """The files load to the CPU and S lives on the run's device (CUDA under device=auto): every replayed image,
+    target and stored logit is moved there, and the loss takes them. Run on PyTorch's meta device, which refuses a
+    CPU tensor in an op with its tensors as CUDA does (indexing by a CPU index is allowed on both)."""
+    from types import SimpleNamespace
+
+    from ddrun.evaluators.kd import kd_loss
+
+    real, syn = digits
+    relabel(tmp_path / "fkd", syn.labels, (8, 8), 10, epochs=2, batch=30, mix=mix)  # flips, mixes, a short batch
+    ev = evaluator(tmp_path / "fkd", "evaluator.epochs=2", "evaluator.loss=mse_ce")
+    ev._fkd.check(syn.labels, 10, (8, 8))  # reads the batch size (on the CPU: it counts label hits)
+    meta = torch.device("meta")
+    on_meta = SyntheticSet(syn.images.to(meta), syn.labels.to(meta), 10)
+    for batches in ev._fkd_epochs(on_meta, SimpleNamespace(device=meta, num_classes=10)):
+        for x, target, logits in batches:
+            assert (x.device, target.device, logits.device) == (meta, meta, meta)
+            assert x.shape[1:] == (1, 8, 8) and target.shape == logits.shape == (len(x), 10)
+            student = torch.zeros(len(x), 10, device=meta)
+            assert kd_loss("mse_ce", student, logits, target, 20.0, 0.025).device == meta
+
+
 def test_an_image_folder_replays_image_for_image_as_the_references_pil_pipeline(digits, tmp_path):
     # SRe2L's layout (recover's save_images: new<class>/class<class>_id<ipc>.jpg; PNG here) read by ddrun as S, and
     # by torchvision's ImageFolder (the reference's dataset: PIL, RGB) through SRe2L's transforms in the sampler's

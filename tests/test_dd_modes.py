@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_cfg
+from conftest import SAME_S, make_cfg
 from ddrun.distill import distill
 from ddrun.nets.functional import forward
 from ddrun.objectives.meta import DatasetDistillation
@@ -156,7 +156,7 @@ def test_adaptation_from_another_dataset_replays_from_held_out_pretrained_nets(t
     args = ["method=dd", "fetcher=pretrained", "objective.report_nets=1", f"paths.buffers={tmp_path}/store",
             "dataset@fetcher.source=sklearn_digits", "fetcher.source.im_size=[28,28]", "objective.syn_steps=1",
             "objective.syn_epochs=1", "objective.batch_real=4", "iterations=2", "eval_every=2", "evaluator.num_eval=5",
-            "eval_at_start=false", "beside_protocols=false"]
+            "eval_at_start=false", "beside_protocols=false", *SAME_S]  # the two replays compared: one value on a GPU
     cfg = tiny(tiny_root, *args)
     make_pool(cfg, tmp_path / "store", 3, dataset=cfg.fetcher.source)
     out = distill(cfg, tmp_path / "run")

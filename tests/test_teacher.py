@@ -118,6 +118,38 @@ def test_fetcher_cycles_a_frozen_pool(tiny_root, tmp_path):
     assert len(fetcher_of(tiny_root, tmp_path / "store", "fetcher.num_teachers=3")[0].pool) == 3
 
 
+def test_a_multi_backbone_pool_cycles_its_architectures_named_as_conf_net_choices(tiny_root, tmp_path):
+    """G-VBSM's / EDC's pool: `+net@fetcher.extra_nets.<name>=<conf/net choice>` adds a backbone; a missing one is
+    named with the command that trains exactly it; the pool then cycles main, extra, main, ... (EDC recover.py); the
+    KD evaluator's `+net@evaluator.extra_teacher_nets.<name>` averages the same two teachers' logits."""
+    from ddrun.fetchers.teachers import teacher_logits
+    from ddrun.teachers import teacher
+
+    store = tmp_path / "store"
+    make_teacher(tiny_root, store)
+    extra = ("+net@fetcher.extra_nets.w4=convnet_bn", "fetcher.extra_nets.w4.width=4")
+    with pytest.raises(DataError, match=r"^fetcher: no teacher collection at .*width-4/sre2l; create it with "
+                                        r"`ddrun teacher dataset=mnist net=convnet net.norm=batchnorm net.width=4 "
+                                        r"recipe=sre2l") as err:
+        fetcher_of(tiny_root, store, *extra)
+    msg = str(err.value)
+    cmd = msg[msg.index("`") + 1:msg.index("`", msg.index("`") + 1)].split()
+    teacher(make_cfg([*cmd[2:], "dataset.system_dirs=[]", "recipe.epochs=1", "recipe.batch=32"], "teacher"))
+    fetcher, real = fetcher_of(tiny_root, store, *extra)
+    got = [fetcher.fetch(it) for it in range(4)]
+    assert [f.info["arch"] for f in got] == ["net", "w4", "net", "w4"]
+    assert [f.net.features[0].out_channels for f in got[:2]] == [8, 4]  # two backbones, not one teacher twice
+    x = real.train_images[:6]
+    kd = build(make_cfg([*tiny_args(tiny_root, store), "evaluator=kd",
+                         "+net@evaluator.extra_teacher_nets.w4=convnet_bn",
+                         "evaluator.extra_teacher_nets.w4.width=4"]).evaluator)
+    pool = kd.teachers(real)
+    assert [m["name"] for m in pool] == ["teacher", "w4"]
+    assert torch.allclose(teacher_logits(pool, x), (got[0].net(x) + got[1].net(x)) / 2, atol=1e-6)
+    assert " + ConvNet(act relu, depth 3, norm batchnorm, pooling avgpooling, width 4) x1" in \
+        kd.protocol_fields()["teacher"]
+
+
 def test_statistics_refuses_a_net_without_batchnorm_before_asking_for_a_teacher(tiny_root, tmp_path):
     """method=sre2l with a net without BatchNorm: the refusal comes first (the missing-teacher command would make a
     teacher the objective then refuses); with objective.bn=false the same net is fine (the missing teacher is next)."""

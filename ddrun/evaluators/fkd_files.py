@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 
 from ddrun.files import UnsafeFile, safe_load
-from ddrun.utils import ConfigError, DataError
+from ddrun.utils import ConfigError, DataError, host_to
 
 log = logging.getLogger("ddrun.evaluate")
 
@@ -213,11 +213,11 @@ def replay(images: torch.Tensor, batch: FKDBatch) -> torch.Tensor:
     """The reference's training batch: ``images`` float ``[B, C, H, W]`` (S's images in the batch's order) cropped,
     flipped and mixed as ``batch`` stores (module doc). Returns a new float ``[B, C, H, W]`` tensor."""
     out = torch.stack([_crop(img, c) for img, c in zip(images, batch.coords.tolist())])
-    flip = batch.flip.to(out.device).view(-1, 1, 1, 1)
+    flip = host_to(batch.flip, out.device).view(-1, 1, 1, 1)
     out = torch.where(flip, out.flip(-1), out)
     if batch.index is None:
         return out
-    index = batch.index.to(out.device)
+    index = host_to(batch.index, out.device)
     if batch.bbox is None:
         return batch.lam * out + (1.0 - batch.lam) * out[index]
     x1, y1, x2, y2 = batch.bbox
@@ -236,7 +236,7 @@ def mixed_target(labels: torch.Tensor, classes: int, batch: FKDBatch, size: tupl
     else:
         x1, y1, x2, y2 = batch.bbox
         share = 1.0 - (x2 - x1) * (y2 - y1) / (size[0] * size[1])
-    return share * target + (1.0 - share) * target[batch.index.to(target.device)]
+    return share * target + (1.0 - share) * target[host_to(batch.index, target.device)]
 
 
 def batch_orders(n: int, batch: int, epochs: int, seed: int = SEED) -> Iterator[list[torch.Tensor]]:

@@ -340,8 +340,9 @@ class KDEvaluator(EvaluatorContract):
         images, labels = syn.images.detach().to(real.device), syn.hard_labels().detach().to(real.device)
         n, k, size = len(images), real.num_classes, tuple(images.shape[-2:])
         for e, order in enumerate(batch_orders(n, self._fkd.batch, self.epochs, self._fkd.seed)):
-            yield ((replay(images[idx.to(images.device)], b), mixed_target(labels[idx.to(labels.device)], k, b, size),
-                    b.logits.to(real.device)) for idx, b in zip(order, self._fkd.read_epoch(e, n, k, size)))
+            yield ((replay(images[host_to(idx, images.device)], b),
+                    mixed_target(labels[host_to(idx, labels.device)], k, b, size), host_to(b.logits, real.device))
+                   for idx, b in zip(order, self._fkd.read_epoch(e, n, k, size)))
 
     def train_one(self, syn: SyntheticSet, real: RealData, seed: int,
                   plan: list[list[Relabeled]] | None = None) -> float:

@@ -8,8 +8,8 @@ expert trajectories; ``ddrun teacher``: teachers); components read them (``fetch
 Layout under ``paths.buffers`` (environment ``DDRUN_BUFFERS``)::
 
     <root>/<dataset key>/<net key>/<augment key>/            kind "experts" (the layout of earlier ddrun versions)
-    <root>/teachers/<dataset key>/<net key>/<augment key>/   kind "teachers"
-    <root>/pools/<dataset key>/<net key>/<augment key>/      kind "pools"
+    <root>/teachers/<dataset key>/<net key>/<recipe>/        kind "teachers" (the ``ddrun teacher`` recipe's name)
+    <root>/pools/<dataset key>/<net key>/<recipe>/           kind "pools"
 
     each collection directory:
         manifest.json          {"layout": 1, "kind", "setting", "training" (the recipe), "command",
@@ -19,7 +19,8 @@ Layout under ``paths.buffers`` (environment ``DDRUN_BUFFERS``)::
         <item>_0007.partial/   an unfinished item's resume points (the command's own format)
         <item>_0007.lock       flock held by the job training that item (other jobs skip or wait)
 
-    dataset key   <dataset.name>[-zca[rel][<regularization> when not 0.1]][-sub<train_subset>]   e.g. cifar10-zca
+    dataset key   <dataset.name>[-zca[rel][unc][<regularization> when not 0.1]][-ln][-sub<train_subset>]
+                  e.g. cifar10-zca (rel: the relative form; unc: uncentred; -ln: per-image layer norm first)
                   (the subset in effect: none when it is at least every class's size, i.e. the whole split)
     net key       <class>_<arg>-<value>_... of the net config     e.g. convnet_act-relu_depth-3_..._width-128
     augment key   dsa-<strategy> | noaug

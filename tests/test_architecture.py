@@ -1,5 +1,6 @@
 """Rules of the package's structure, read from the source: components never import a command module, the import
-graph of ``ddrun`` has no cycle, and no function is longer than 80 lines."""
+graph of ``ddrun`` has no cycle, no function is longer than 80 lines, and no line of the package, its tests or scripts
+is longer than the project's 120 characters (``[tool.ruff] line-length``)."""
 
 from __future__ import annotations
 
@@ -74,4 +75,15 @@ def test_no_function_is_longer_than_80_lines():
                 n = node.end_lineno - node.lineno + 1
                 if n > 80:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
+
+
+def test_no_line_is_longer_than_the_projects_line_length():
+    root = PACKAGE.parent
+    limit = 120  # pyproject.toml [tool.ruff] line-length
+    assert f"line-length = {limit}" in (root / "pyproject.toml").read_text()
+    files = [p for d in ("ddrun", "tests", "scripts") for p in (root / d).rglob("*.py")]
+    assert len(files) > 50  # the source tree, not an installed copy without tests
+    long = [f"{p.relative_to(root)}:{i}" for p in files
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > limit]
     assert not long, long

@@ -143,8 +143,8 @@ class RegressionEvaluator(EvaluatorContract):
 
     def prepare(self, real: RealData) -> None:
         """Record ``val_counts``: the validation images early stopping draws from each class of ``real``'s training
-        split (``RealData.balanced_counts``), so that the protocol states what
-        is drawn rather than what was asked; None with early stopping off. Also called by :meth:`__call__`."""
+        split (``RealData.balanced_counts``), so that the protocol states what is drawn rather than what was asked;
+        None with early stopping off. Also called by :meth:`__call__`."""
         self.val_counts = real.balanced_counts(self.val_per_class) if self.val_per_class else None
 
     def protocol_fields(self) -> dict:
@@ -161,8 +161,9 @@ class RegressionEvaluator(EvaluatorContract):
                   "labels": f"MSE to S's regression targets x{self.target_scale:g} ({self.reduction})",
                   "order": "reshuffled" if self.shuffle else "S's order"}
         if self.val_per_class:
-            fields["early_stopping"] = (f"{describe_per_class(self.val_counts, self.val_per_class)} of the training split, every {self.val_every} "
-                                        f"steps, patience {self.patience}")
+            drawn = describe_per_class(self.val_counts, self.val_per_class)
+            fields["early_stopping"] = (f"{drawn} of the training split, every {self.val_every} steps, "
+                                        f"patience {self.patience}")
         return fields
 
     def total_steps(self, n: int) -> int:

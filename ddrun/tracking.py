@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-import torchvision
 
 from ddrun.files import atomic_write
 
@@ -74,6 +73,7 @@ def image_grid(pixels: torch.Tensor, ipc: int, class_names: list[str] | None = N
         min_cell: images smaller than this (px) are enlarged by an integer factor (nearest neighbour), so that a
             28 px ipc-1 grid stays readable.
     """
+    import torchvision
     from PIL import Image, ImageDraw
 
     k = len(pixels) // ipc

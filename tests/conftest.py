@@ -14,6 +14,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
+# Under pytest-xdist (scripts/test.sh runs one worker per core) the cores are split between the workers: each
+# worker's torch and the `ddrun` processes its tests start (OMP_NUM_THREADS) get cores // workers threads, so that
+# two workers do not each spin two OpenMP threads on the same two cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+
 # device=auto (every test's default) runs on CUDA where it is available (scripts/gpu_check.sh).
 CUDA = torch.cuda.is_available()
 # "The same S" on a GPU: float sums in cuDNN's convolutions, cuBLAS and atomics-based backward kernels (DSA's

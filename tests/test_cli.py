@@ -21,6 +21,18 @@ def test_help_lists_commands_without_importing_torch():
     assert "distill" in out.stdout and "usage: ddrun" in out.stdout
 
 
+def test_no_command_imports_torchvision_before_its_config_is_checked():
+    # torchvision's import takes seconds (its ops import torch._dynamo): a command that stops at a bad value, and
+    # tab completion, should not wait for it. Datasets, the torchvision nets and image grids import it when used.
+    from ddrun.cli import COMMANDS
+
+    modules = [module for module, _ in COMMANDS.values()]
+    code = f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "'torch'" in out.stdout and "torchvision" not in out.stdout
+
+
 def test_unknown_command_lists_commands():
     r = ddrun("distil")
     assert r.returncode == 2 and "unknown command 'distil'" in r.stderr and "distill" in r.stderr

@@ -26,12 +26,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torchvision
 
 from ddrun.files import file_digest, temporary_path
 from ddrun.utils import DataError, host_to
 
 log = logging.getLogger("ddrun.data")
+
+
+def _torchvision_datasets():
+    """``torchvision.datasets``, imported when a dataset is read: importing torchvision takes seconds (its ops
+    import ``torch._dynamo``), which a command that stops at a bad value should not wait for."""
+    import torchvision.datasets
+
+    return torchvision.datasets
 
 
 @dataclass
@@ -418,7 +425,7 @@ def idx_format(name: str, torchvision_class: str, root: str, mean: Sequence[floa
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
             outside the classes (names the file, the label and the valid labels).
     """
-    cls = getattr(torchvision.datasets, torchvision_class)
+    cls = getattr(_torchvision_datasets(), torchvision_class)
     raw = Path(root) / torchvision_class / "raw"
     files = [raw / f for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
@@ -478,7 +485,7 @@ def cifar_format(name: str, torchvision_class: str, root: str, mean: Sequence[fl
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
             outside the classes (names the file, the label and the valid labels).
     """
-    cls = getattr(torchvision.datasets, torchvision_class)
+    cls = getattr(_torchvision_datasets(), torchvision_class)
     folder = Path(root) / cls.base_folder
     entries = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
     if download:
@@ -537,7 +544,7 @@ def svhn_format(name: str, root: str, mean: Sequence[float], std: Sequence[float
         DataError: files missing (names the path and ``how_to_get``) or corrupt (names the file), or a label
             outside the classes (names the file, the label and the valid labels).
     """
-    cls = torchvision.datasets.SVHN
+    cls = _torchvision_datasets().SVHN
     folder = Path(root)
     entries = [(cls.split_list[s][1], cls.split_list[s][2]) for s in ("train", "test")]
     if download:
@@ -591,7 +598,7 @@ def _image_folder(name: str, folder: Path):
         DataError: ``folder`` has no class folders, or a class folder holds no image (names the folder and the
             classes; torchvision raises FileNotFoundError)."""
     try:
-        return torchvision.datasets.ImageFolder(str(folder))
+        return _torchvision_datasets().ImageFolder(str(folder))
     except FileNotFoundError as exc:
         raise DataError(f"dataset {name}: no images to read in {folder} ({exc}); it must hold one folder of "
                         f"images per class, none of them empty") from None

@@ -107,6 +107,6 @@ class Relabel(Stage):
                 HARD_LOGIT * F.one_hot(syn.labels.to(logits.device), logits.shape[1]).float()
             logits = torch.where(kept[:, None], logits, own)
         state = syn.state()  # images and learned step size kept (DD's per-step vector too)
-        state.update(labels=logits.cpu(), meta={**state["meta"], "label_scale": 1.0,
+        state.update(labels=logits.cpu(), meta={**state["meta"], "label_scale": 1.0, "label_kind": "logits",
                                                 "relabel": {**self.describe(), "kept_class": round(agree, 4)}})
         return SyntheticSet.from_state(state).to(syn.images.device)

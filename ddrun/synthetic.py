@@ -10,6 +10,10 @@ from torch import nn
 from ddrun.files import load_tensors
 
 
+# the presets whose objective learns KRR targets (ddrun.objectives.krr): their soft labels are regression targets
+KERNEL_METHODS = ("kip", "rfad", "frepo")
+
+
 class SyntheticSet(nn.Module):
     """The learned synthetic set S.
 
@@ -25,7 +29,8 @@ class SyntheticSet(nn.Module):
             is a float32 vector ``[T]`` (see :meth:`learn_lr`) and :attr:`lr` is its mean.
         num_classes: K.
         label_scale: soft-label logits per unit of regression target (the kernel objectives store their learned
-            KRR targets Y as ``labels = label_scale * Y``; 1 otherwise), see :meth:`regression_targets`.
+            KRR targets Y as ``labels = label_scale * Y`` and set ``meta["label_kind"] = "regression"``; 1
+            otherwise), see :meth:`regression_targets`.
         meta: plain dict of str/int/float/list values (dataset, normalization, zca, ipc, method, iteration, config
             hash, the run's seed and network: ``seed``, ``net``, ``net_kwargs`` a dict of plain values).
     """
@@ -77,11 +82,24 @@ class SyntheticSet(nn.Module):
     def soft(self) -> bool:
         return self.labels.dtype.is_floating_point
 
+    @property
+    def labels_are_regression_targets(self) -> bool:
+        """Whether S's soft labels are learned KRR targets (``meta["label_kind"] == "regression"``, written by the
+        kernel objectives; sets saved before that key by ``method`` kip / rfad / frepo) rather than logits of a
+        classifier (a teacher's or an expert's, DATM's, learned under cross-entropy)."""
+        kind = self.meta.get("label_kind")
+        return kind == "regression" if kind is not None else self.meta.get("method") in KERNEL_METHODS
+
     def regression_targets(self) -> torch.Tensor:
-        """float ``[N, K]``: soft labels divided by :attr:`label_scale`, or centered one-hot ``onehot - 1/K`` of
-        hard labels (the regression targets of KIP / RFAD / FRePo)."""
-        if self.soft:
+        """float ``[N, K]``, the targets of the regression protocol (KIP / RFAD / FRePo's finite networks, FRePo's
+        pool): learned KRR targets, i.e. soft labels divided by :attr:`label_scale`
+        (:attr:`labels_are_regression_targets`); centered one-hot ``onehot - 1/K`` of hard labels; and for soft
+        labels that are logits (a relabeled S, TESLA / DATM) the centered probabilities ``softmax(labels) - 1/K``,
+        on the scale of the hard targets (their limit for a confident teacher), not the logits' own."""
+        if self.soft and self.labels_are_regression_targets:
             return self.labels / self.label_scale
+        if self.soft:
+            return torch.softmax(self.labels, dim=1) - 1.0 / self.labels.shape[1]
         return torch.nn.functional.one_hot(self.labels, self.num_classes).float() - 1.0 / self.num_classes
 
     def hard_labels(self) -> torch.Tensor:

@@ -192,6 +192,30 @@ def test_learned_labels_are_logits_of_the_regression_targets():
     assert label_margin(y).item() == pytest.approx(-0.25)  # margin capped at 1/K
 
 
+def test_regression_targets_follow_what_the_labels_are_not_their_scale():
+    """The regression protocol's targets: a kernel objective's learned labels over label_scale (even at scale 1,
+    and for a kip set saved before meta["label_kind"]); a set whose soft labels are a teacher's logits (the relabel
+    stage's, label_scale 1) regresses the centered probabilities, on the hard targets' scale; hard labels onehot - 1/K."""
+    real = tiny_real(k=4)
+    hard = tiny_syn(real, ipc=1)
+    onehot = torch.eye(4) - 0.25
+    assert torch.equal(hard.regression_targets(), onehot)
+    kernel = tiny_syn(real, ipc=1)
+    FRePo(lr_img=0.1, lr_labels=0.01, label_scale=1.0).prepare(kernel, real)
+    assert kernel.meta["label_kind"] == "regression"
+    assert torch.equal(kernel.regression_targets(), kernel.labels)  # FRePo's (onehot - 1/K) / sqrt(K/10), as learned
+    old = kernel.state()
+    del old["meta"]["label_kind"]
+    legacy = SyntheticSet.from_state({**old, "meta": {**old["meta"], "method": "kip"}})
+    assert torch.equal(legacy.regression_targets(), kernel.labels.detach())
+    logits = torch.tensor([[9.0, 1.0, 0.0, -3.0]]).repeat(4, 1)
+    relabeled = SyntheticSet.from_state({**old, "labels": logits, "meta": {**old["meta"], "label_kind": "logits"}})
+    y = relabeled.regression_targets()
+    assert torch.allclose(y, torch.softmax(logits, 1) - 0.25) and torch.allclose(y.sum(1), torch.zeros(4), atol=1e-6)
+    confident = SyntheticSet.from_state({**old, "labels": 100 * torch.eye(4), "meta": {"label_kind": "logits"}})
+    assert torch.allclose(confident.regression_targets(), onehot)
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="objective.label_scale"):
         KIP(kernel=nngp(), lr_img=0.1, label_scale=0)

@@ -41,6 +41,7 @@ def test_relabel_stores_the_teachers_soft_labels_and_every_result_names_them(tin
     assert after["labels"].dtype == torch.float32 and after["labels"].shape == (20, 10)
     assert torch.allclose(after["labels"], want, **LOGIT_TOL)
     relabel = after["meta"]["relabel"]
+    assert after["meta"]["label_kind"] == "logits"  # the regression protocol regresses their probabilities
     assert relabel["temperature"] == 2.0 and "recipe sre2l, test acc" in relabel["teachers"]
     kept = float((want.argmax(1) == before["labels"]).float().mean())
     assert relabel["kept_class"] == pytest.approx(kept, abs=1e-4)

@@ -122,6 +122,7 @@ class KernelRidge(Objective):
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
         self.num_classes = real.num_classes
         syn.label_scale = self.label_scale
+        syn.meta["label_kind"] = "regression"  # S's soft labels are KRR targets x label_scale, not logits
         if self.learn_labels and not isinstance(syn.labels, nn.Parameter):
             y0 = centered_onehot(syn.hard_labels(), real.num_classes) * self.target_scale(real.num_classes)
             syn.learn_labels()

@@ -36,7 +36,7 @@ from ddrun.checkpoint import RunLock, RunState, StopSignals, set_rng_state
 from ddrun.contracts import validates
 from ddrun.progress import Progress
 from ddrun.provenance import Provenance, config_diff
-from ddrun.schema import check_common
+from ddrun.schema import check_common, target_object
 from ddrun.selection import VALIDATING, EarlyStopping
 from ddrun.utils import (ConfigError, DdrunError, build, command_errors, derive_seed, resolve_device,
                          seed_everything)
@@ -129,9 +129,9 @@ def check_replay_inits(cfg: DictConfig) -> None:
         nodes += [(f"beside.{name}", node) for name, node in (cfg.get("beside") or {}).items()]
     for key, node in nodes:
         target = OmegaConf.select(node, "_target_") if node is not None else None
-        if _target_class(target) is ReplayEvaluator and int(OmegaConf.select(node, "num_eval", default=1)) >= 1:
+        if target_object(target) is ReplayEvaluator and int(OmegaConf.select(node, "num_eval", default=1)) >= 1:
             objective = OmegaConf.select(cfg, "objective._target_", default=None)
-            cls = _target_class(objective)  # None: unimportable (reported when it is built), or no objective
+            cls = target_object(objective)  # None: unimportable (reported when it is built), or no objective
             if objective is None or (cls is not None and not getattr(cls, "stores_steps", False)):
                 raise ConfigError(f"{key}: evaluator=replay evaluates DD sets only (method=dd or method=ld, whose S "
                                   f"holds DD's per-step step sizes); this run's objective "
@@ -139,21 +139,6 @@ def check_replay_inits(cfg: DictConfig) -> None:
                                   f"evaluator=cross_arch")
             resolve_init(str(OmegaConf.select(node, "init", default="auto")),
                          OmegaConf.select(node, "fetcher", default=None), key)
-
-
-def _target_class(target) -> type | None:
-    """The class (or function) a dotted ``_target_`` names, read with Hydra's ``get_object``; None for no target or
-    one that cannot be imported (building it reports that in its own words). Used to ask a component's class what
-    it is (``ReplayEvaluator``) or can do (the :class:`~ddrun.contracts.Objective` capability ``stores_steps``)
-    before anything is built."""
-    from hydra.utils import get_object
-
-    if target is None:
-        return None
-    try:
-        return get_object(str(target))
-    except Exception:  # noqa: BLE001 - reported when it is built
-        return None
 
 
 def check_syn_scheduler(cfg: DictConfig) -> None:

@@ -155,6 +155,20 @@ def check_top_level(cfg, command: str) -> None:
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
+def target_object(target: Any) -> Any | None:
+    """The class (or function) a dotted ``_target_`` names, read with Hydra's ``get_object``; None for no target or
+    one that cannot be imported (building it reports that in its own words). The one way a check asks a component's
+    class what it accepts, is (``ReplayEvaluator``) or can do (``Objective.stores_steps``) before anything is built."""
+    from hydra.utils import get_object
+
+    if target is None:
+        return None
+    try:
+        return get_object(str(target))
+    except Exception:  # noqa: BLE001 - reported when it is built
+        return None
+
+
 def accepted_keys(target: Any) -> set[str] | None:
     """The keyword arguments ``target`` (a class or function) accepts, following ``**kwargs`` up a class's MRO;
     None when it swallows anything (a ``**kwargs`` that goes nowhere we can see)."""
@@ -163,7 +177,10 @@ def accepted_keys(target: Any) -> set[str] | None:
         for cls in target.__mro__:
             if "__init__" not in cls.__dict__:
                 continue
-            params = inspect.signature(cls.__dict__["__init__"]).parameters.values()
+            try:
+                params = inspect.signature(cls.__dict__["__init__"]).parameters.values()
+            except (TypeError, ValueError):  # a constructor without a readable signature (C extension)
+                return None
             names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
             if not any(p.kind == p.VAR_KEYWORD for p in params):
                 return names - {"self"}
@@ -191,12 +208,8 @@ def check_component_keys(node: Any, path: str = "") -> None:
         return
     target = OmegaConf.select(node, "_target_", throw_on_missing=False)
     if isinstance(target, str):
-        from hydra.utils import get_object
-
-        try:
-            accepted = accepted_keys(get_object(target))
-        except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
-            accepted = None
+        obj = target_object(target)
+        accepted = accepted_keys(obj) if obj is not None else None
         if accepted is not None:
             for key in node.keys():
                 if key not in accepted and key not in _HYDRA_KEYS:

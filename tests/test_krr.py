@@ -195,7 +195,8 @@ def test_learned_labels_are_logits_of_the_regression_targets():
 def test_regression_targets_follow_what_the_labels_are_not_their_scale():
     """The regression protocol's targets: a kernel objective's learned labels over label_scale (even at scale 1,
     and for a kip set saved before meta["label_kind"]); a set whose soft labels are a teacher's logits (the relabel
-    stage's, label_scale 1) regresses the centered probabilities, on the hard targets' scale; hard labels onehot - 1/K."""
+    stage's, label_scale 1) regresses the centered probabilities, on the hard targets' scale; hard labels
+    onehot - 1/K."""
     real = tiny_real(k=4)
     hard = tiny_syn(real, ipc=1)
     onehot = torch.eye(4) - 0.25

@@ -19,6 +19,12 @@ images per class, 10 epochs).
 ``--num-eval N`` other than the default (4 students under KD at ipc 1, else 2) is its own row (``kdn8``);
 ``evaluate --kd-student resnet18_bn`` trains the issue's default student, ResNet-18-BN (CIFAR stem), instead of the
 ConvNet-BN-32 (``kdr18``).
+
+The pool of five backbones (README "A pool of five backbones"; EDC's CIFAR pool without MobileNet-V2, ResNet-18 and
+WRN-16-2), with its own ``--out``, e.g. ``--out outputs/fm_pool --teacher convnet_bn_w32 --teacher-epochs 2``:
+``teacher --pool`` also trains ConvNet-BN-D1, -D2, -128 and ShuffleNet-V2 x0.5 with the same recipe;
+``distill --methods edc_pool5`` recovers EDC against the five, cycled; ``evaluate --kd-pool`` is the KD protocol with
+the five teachers' mean logits (rows ``kdp``). ``--dry-run`` prints the commands without running them.
 """
 
 from __future__ import annotations
@@ -35,10 +41,25 @@ ROOT = Path(__file__).resolve().parent.parent
 IPCS = (1, 10, 50)
 # every row the table knows, in its order
 METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm", "gvbsm_roll4", "gvbsm_pool", "gvbsm_pool_roll4",
-           "edc_pool", "rded_f2", "dm", "mtt")
+           "edc_pool", "edc_pool5", "rded_f2", "dm", "mtt")
 # what `--methods` runs by default: the random subset and every decoupled preset (named, not a slice of METHODS,
 # which once dropped EDC silently as the list grew)
 DEFAULT_METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm")
+# the one teacher (`--teacher`): ConvNet-BN-64 for the main table, ConvNet-BN-32 for the pool's (README)
+TEACHERS = {"convnet_bn_w64": ["net=convnet_bn", "net.width=64"], "convnet_bn_w32": ["net=convnet_bn", "net.width=32"]}
+TEACHER = TEACHERS["convnet_bn_w64"]  # set from --teacher in main()
+# the four other backbones of the pool of five (EDC's ConvNetD1, ConvNetD2, ConvNetW128, ShuffleNetV2_0_5): each a
+# `ddrun teacher` of its own, then one `+net@<key>.<name>=...` entry of the recover's pool or the KD labels' ensemble
+POOL = {"d1": ["convnet_bn", "depth=1"], "d2": ["convnet_bn", "depth=2"], "w128": ["convnet_bn"],
+        "sh": ["shufflenet_v2"]}
+
+
+def pool_overrides(key: str) -> list[str]:
+    """The four pool members added under ``key`` (``fetcher.extra_nets`` or ``evaluator.extra_teacher_nets``)."""
+    return [o for name, (net, *kw) in POOL.items()
+            for o in (f"+net@{key}.{name}={net}", *(f"{key}.{name}.{k}" for k in kw))]
+
+
 # variants: a method's preset with overrides. SRe2L's r_bn 0.01 (its CIFAR value) with a teacher of only 3 BatchNorm
 # layers leaves one mode per class (the images of a class look alike); r_bn 1 is SRe2L's Tiny-ImageNet value.
 # G-VBSM's roll of up to 32 px is a full cycle on CIFAR's 32 px images and is derived as 28 px here; "gvbsm_roll4"
@@ -52,7 +73,8 @@ W32 = ("+fetcher.extra_nets.convnet_bn_w32={_target_: ddrun.nets.ConvNet, _parti
 ENSEMBLE = W32.replace("fetcher.extra_nets", "evaluator.extra_teacher_nets")
 VARIANTS = {"sre2l_rbn1": ("sre2l", ["objective.r_bn=1.0"]), "gvbsm_roll4": ("gvbsm", ["objective.augment.roll=4"]),
             "gvbsm_pool": ("gvbsm", [W32]), "gvbsm_pool_roll4": ("gvbsm", [W32, "objective.augment.roll=4"]),
-            "edc_pool": ("edc", [W32]), "rded_f2": ("rded", ["init.factor=2"])}
+            "edc_pool": ("edc", [W32]), "edc_pool5": ("edc", pool_overrides("fetcher.extra_nets")),
+            "rded_f2": ("rded", ["init.factor=2"])}
 # earlier methods' S evaluated by the same two protocols (`--methods dm --ipc 10`): DM at a CPU budget
 EARLIER = {"dm": ["net.width=32", "iterations=200", "objective.batch_real=64"],
            # MTT at issue 3's CPU setting (README "Trajectory matching"), from the `buffer` step's three experts
@@ -63,7 +85,6 @@ EARLIER_BY_IPC = {"mtt": {1: ["iterations=200", "objective.syn_steps=20"],
                           50: ["iterations=100", "objective.syn_steps=15", "objective.batch_syn=50"]}}
 # MTT's expert buffer (README "Trajectory matching": ConvNet-128, 300 images per class, 10 epochs, DSA)
 BUFFER = ["dataset.train_subset=300", "num_experts=3", "train_epochs=10", "batch_train=64"]
-TEACHER = ["net=convnet_bn", "net.width=64"]
 # RDED's 300 epochs at RDED's batch per ipc are 300 / 600 / 1500 student steps at ipc 1 / 10 / 50: at ipc 1 and 10
 # the students are far from converged (random real subset, ipc 1: 47.4 % after 300 epochs, 73.7 % after 1000), so
 # the epochs are raised to at least 1000 steps (EDC's CIFAR protocol runs 1000 epochs).
@@ -83,14 +104,21 @@ def kd_protocol(ipc: int, epochs: int | None = None, student: str = STUDENT) -> 
 
 def run(cmd: list[str], args) -> None:
     full = [sys.executable, "-m", "ddrun.cli", *cmd, "dataset=fashion_mnist", f"paths.data={args.data}",
-            f"paths.buffers={args.out / 'store'}", *([] if cmd[0] == "teacher" else ["logger=none"])]
+            f"paths.buffers={args.out / 'store'}", *(["logger=none"] if cmd[0] in ("distill", "evaluate") else [])]
+    # (teacher and buffer have no logger group: `buffer logger=none` stopped with "this command has no 'logger'
+    # group" until the dry-run test composed every command)
     print("$ ddrun " + " ".join(shlex.quote(c) for c in full[3:]), flush=True)
-    subprocess.run(full, check=True, cwd=ROOT)
+    if not args.dry_run:
+        subprocess.run(full, check=True, cwd=ROOT)
 
 
 def teacher(args) -> None:
-    run(["teacher", *TEACHER, f"recipe.epochs={args.teacher_epochs}", "test_every=1",
-         f"hydra.run.dir={args.out / 'teacher'}"], args)
+    nets = {"teacher": TEACHER}
+    if args.pool:  # the pool's other four, same recipe (a teacher already in the store is kept: `ddrun teacher`)
+        nets.update({name: [f"net={net}", *(f"net.{k}" for k in kw)] for name, (net, *kw) in POOL.items()})
+    for name, net in nets.items():
+        run(["teacher", *net, f"recipe.epochs={args.teacher_epochs}", "test_every=1",
+             f"hydra.run.dir={args.out / name}"], args)
 
 
 def buffer(args) -> None:
@@ -106,7 +134,7 @@ def distill(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
             d = s_dir(args, m, ipc)
-            if (d / "synthetic.pt").is_file():
+            if (d / "synthetic.pt").is_file() and not args.dry_run:
                 continue
             method, extra = VARIANTS.get(m, (m, EARLIER.get(m, []) + EARLIER_BY_IPC.get(m, {}).get(ipc, [])))
             iterations = {"sre2l": args.sre2l_iterations, "gvbsm": args.gvbsm_iterations}.get(method)
@@ -121,27 +149,30 @@ def evaluate(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
             protocols = [(p, kd_protocol(ipc) if p == "kd" else HARD) for p in args.protocols.split(",")]
-            if args.kd_epochs or args.kd_scale or args.kd_ensemble or args.kd_student:  # only KD, another variant
-                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale, args.kd_ensemble, args.kd_student)]
+            if args.kd_epochs or args.kd_scale or args.kd_ensemble or args.kd_student or args.kd_pool:  # a variant
+                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale, args.kd_ensemble, args.kd_student,
+                                        args.kd_pool)]
             for proto, over in protocols:
                 n, default = args.num_eval or num_students(proto, ipc), num_students(proto, ipc)
                 # another number of students than the default is another row (kd -> kdn8), not a rerun in place
                 d = args.out / "eval" / f"{m}_ipc{ipc}_{proto}{'' if n == default else f'n{n}'}"
-                if (d / "results.json").is_file():
+                if (d / "results.json").is_file() and not args.dry_run:
                     continue
                 run(["evaluate", f"synthetic={s_dir(args, m, ipc) / 'synthetic.pt'}", *over,
                      f"evaluator.num_eval={n}", f"label={m}", f"hydra.run.dir={d}"], args)
 
 
 def kd_variant(ipc: int, epochs: int | None, scale: float | None, ensemble: bool = False,
-               student: str | None = None) -> tuple[str, list[str]]:
+               student: str | None = None, pool: bool = False) -> tuple[str, list[str]]:
     """The KD protocol with another number of epochs (``kd300``), crop scale (``kds1.0``: RandomResizedCrop (1, 1),
-    i.e. no crop, RDED's validation at factor 1), the two-teacher ensemble (``kde``) and / or another student
-    (``kdr18``: ResNet-18-BN), composed (e.g. ``kd300s1.0e``): its row name and overrides."""
+    i.e. no crop, RDED's validation at factor 1), the two-teacher ensemble (``kde``), the pool of five's mean
+    logits (``kdp``) and / or another student (``kdr18``: ResNet-18-BN), composed (e.g. ``kd300s1.0e``): its row name
+    and overrides."""
     student = student or STUDENT
     over = kd_protocol(ipc, epochs, student) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else []) + (
-        [ENSEMBLE] if ensemble else [])
-    return f"kd{epochs or ''}{f's{scale}' if scale else ''}{'e' if ensemble else ''}{STUDENTS[student][1]}", over
+        [ENSEMBLE] if ensemble else []) + (pool_overrides("evaluator.extra_teacher_nets") if pool else [])
+    name = f"kd{epochs or ''}{f's{scale}' if scale else ''}{'e' if ensemble else ''}{'p' if pool else ''}"
+    return name + STUDENTS[student][1], over
 
 
 def num_students(proto: str, ipc: int) -> int:
@@ -186,6 +217,12 @@ def main() -> None:
                    "ConvNet-BN-64 and ConvNet-BN-32 averaged (EDC's / G-VBSM's online ensemble; kde)")
     p.add_argument("--kd-student", choices=sorted(STUDENTS), help="evaluate: only the KD protocol with this "
                    "student (default convnet_bn_w32; resnet18_bn: the issue's default student, rows kdr18)")
+    p.add_argument("--kd-pool", action="store_true", help="evaluate: only the KD protocol with the mean logits of "
+                   "the pool of five (the teacher and `teacher --pool`'s four; kdp)")
+    p.add_argument("--teacher", choices=sorted(TEACHERS), default="convnet_bn_w64", help="the one teacher of "
+                   "recover, relabel and KD (default convnet_bn_w64; convnet_bn_w32: the pool's table)")
+    p.add_argument("--pool", action="store_true", help="teacher: also the pool's four other backbones")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--protocols", default="kd,hard", help="evaluate: which of kd, hard (default both)")
     p.add_argument("--teacher-epochs", type=int, default=8, help="teacher: epochs of the SRe2L recipe (default 8)")
     p.add_argument("--sre2l-iterations", type=int, default=1000, help="distill: SRe2L's recover iterations at every "
@@ -193,6 +230,8 @@ def main() -> None:
     p.add_argument("--gvbsm-iterations", type=int, help="distill: G-VBSM's recover iterations (default: its preset's "
                    "4000)")
     args = p.parse_args()
+    global TEACHER
+    TEACHER = TEACHERS[args.teacher]
     args.ipc = [int(i) for i in args.ipc.split(",")]
     args.methods = args.methods.split(",")
     {"teacher": teacher, "buffer": buffer, "distill": distill, "evaluate": evaluate, "table": table}[args.step](args)

@@ -667,3 +667,36 @@ def test_recover_run_resumes_to_the_same_s(tiny_root, tmp_path, method, extra):
                                       torch.Generator().manual_seed(derive_seed(0, 1)))
     assert not torch.equal(a, init.images)
     assert_same_s(a, b)
+
+
+# --- the tables' script -------------------------------------------------------------------------------------------
+
+def test_the_tables_script_prints_commands_that_compose_for_every_row(tmp_path):
+    """scripts/decoupled_fmnist.py --dry-run (the README's commands for the decoupled tables, the pool of five
+    included): every `ddrun` command it would run composes with the real config tree, and the pool's commands name
+    the five backbones (the teacher and four `+net@...` members)."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "decoupled_fmnist.py"
+    common = ["--dry-run", "--out", str(tmp_path), "--teacher", "convnet_bn_w32"]
+    steps = [["teacher", "--pool"], ["buffer"], ["distill", "--ipc", "10", "--methods", "random,rded,sre2l,edc,"
+                                                 "gvbsm,edc_pool,edc_pool5,rded_f2,dm,mtt"],
+             ["evaluate", "--ipc", "1", "--methods", "edc_pool5"], ["evaluate", "--ipc", "1", "--kd-pool"],
+             ["evaluate", "--ipc", "10", "--kd-ensemble", "--kd-student", "resnet18_bn"]]
+    lines = []
+    for step in steps:
+        out = subprocess.run([sys.executable, str(script), *step, *common], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        lines += [line[len("$ ddrun "):] for line in out.stdout.splitlines() if line.startswith("$ ddrun ")]
+    assert len(lines) == 5 + 1 + 10 + 2 + 6 + 6
+    for line in lines:
+        command, *overrides = shlex.split(line)
+        make_cfg([o for o in overrides if not o.startswith("hydra.")], command)
+    recover = [line for line in lines if "S/edc_pool5_ipc10 " in line]
+    kd_pool = [line for line in lines if "_ipc1_kdp " in line]
+    assert len(recover) == 1 and recover[0].count("+net@fetcher.extra_nets.") == 4
+    assert len(kd_pool) == 6 and all(line.count("+net@evaluator.extra_teacher_nets.") == 4 for line in kd_pool)
+    assert sum("net=shufflenet_v2" in line for line in lines if line.startswith("teacher")) == 1

@@ -45,9 +45,9 @@ METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm", "gvbsm_roll4
 # what `--methods` runs by default: the random subset and every decoupled preset (named, not a slice of METHODS,
 # which once dropped EDC silently as the list grew)
 DEFAULT_METHODS = ("random", "rded", "sre2l", "sre2l_rbn1", "edc", "gvbsm")
-# the one teacher (`--teacher`): ConvNet-BN-64 for the main table, ConvNet-BN-32 for the pool's (README)
+# the one teacher, by `--teacher` (passed to every step): ConvNet-BN-64 for the main table, ConvNet-BN-32 for the
+# pool's (README)
 TEACHERS = {"convnet_bn_w64": ["net=convnet_bn", "net.width=64"], "convnet_bn_w32": ["net=convnet_bn", "net.width=32"]}
-TEACHER = TEACHERS["convnet_bn_w64"]  # set from --teacher in main()
 # the four other backbones of the pool of five (EDC's ConvNetD1, ConvNetD2, ConvNetW128, ShuffleNetV2_0_5): each a
 # `ddrun teacher` of its own, then one `+net@<key>.<name>=...` entry of the recover's pool or the KD labels' ensemble
 POOL = {"d1": ["convnet_bn", "depth=1"], "d2": ["convnet_bn", "depth=2"], "w128": ["convnet_bn"],
@@ -98,8 +98,8 @@ STUDENTS = {"convnet_bn_w32": (["net@evaluator.student=convnet_bn", "evaluator.s
 STUDENT = "convnet_bn_w32"  # the table's student
 
 
-def kd_protocol(ipc: int, epochs: int | None = None, student: str = STUDENT) -> list[str]:
-    return ["evaluator=kd", *TEACHER, *STUDENTS[student][0], f"evaluator.epochs={epochs or KD_EPOCHS[ipc]}"]
+def kd_protocol(ipc: int, teacher: str, epochs: int | None = None, student: str = STUDENT) -> list[str]:
+    return ["evaluator=kd", *TEACHERS[teacher], *STUDENTS[student][0], f"evaluator.epochs={epochs or KD_EPOCHS[ipc]}"]
 
 
 def run(cmd: list[str], args) -> None:
@@ -113,7 +113,7 @@ def run(cmd: list[str], args) -> None:
 
 
 def teacher(args) -> None:
-    nets = {"teacher": TEACHER}
+    nets = {"teacher": TEACHERS[args.teacher]}
     if args.pool:  # the pool's other four, same recipe (a teacher already in the store is kept: `ddrun teacher`)
         nets.update({name: [f"net={net}", *(f"net.{k}" for k in kw)] for name, (net, *kw) in POOL.items()})
     for name, net in nets.items():
@@ -140,7 +140,7 @@ def distill(args) -> None:
             iterations = {"sre2l": args.sre2l_iterations, "gvbsm": args.gvbsm_iterations}.get(method)
             if iterations:
                 extra = [f"iterations={iterations}", *extra]
-            net = [] if m in ("random", *EARLIER) else TEACHER
+            net = [] if m in ("random", *EARLIER) else TEACHERS[args.teacher]
             run(["distill", f"method={method}", f"ipc={ipc}", *net, *extra, "evaluator.num_eval=0",
                  f"hydra.run.dir={d}"], args)
 
@@ -148,10 +148,10 @@ def distill(args) -> None:
 def evaluate(args) -> None:
     for ipc in args.ipc:
         for m in args.methods:
-            protocols = [(p, kd_protocol(ipc) if p == "kd" else HARD) for p in args.protocols.split(",")]
+            protocols = [(p, kd_protocol(ipc, args.teacher) if p == "kd" else HARD) for p in args.protocols.split(",")]
             if args.kd_epochs or args.kd_scale or args.kd_ensemble or args.kd_student or args.kd_pool:  # a variant
-                protocols = [kd_variant(ipc, args.kd_epochs, args.kd_scale, args.kd_ensemble, args.kd_student,
-                                        args.kd_pool)]
+                protocols = [kd_variant(ipc, args.teacher, args.kd_epochs, args.kd_scale, args.kd_ensemble,
+                                        args.kd_student, args.kd_pool)]
             for proto, over in protocols:
                 n, default = args.num_eval or num_students(proto, ipc), num_students(proto, ipc)
                 # another number of students than the default is another row (kd -> kdn8), not a rerun in place
@@ -162,15 +162,16 @@ def evaluate(args) -> None:
                      f"evaluator.num_eval={n}", f"label={m}", f"hydra.run.dir={d}"], args)
 
 
-def kd_variant(ipc: int, epochs: int | None, scale: float | None, ensemble: bool = False,
+def kd_variant(ipc: int, teacher: str, epochs: int | None, scale: float | None, ensemble: bool = False,
                student: str | None = None, pool: bool = False) -> tuple[str, list[str]]:
     """The KD protocol with another number of epochs (``kd300``), crop scale (``kds1.0``: RandomResizedCrop (1, 1),
     i.e. no crop, RDED's validation at factor 1), the two-teacher ensemble (``kde``), the pool of five's mean
     logits (``kdp``) and / or another student (``kdr18``: ResNet-18-BN), composed (e.g. ``kd300s1.0e``): its row name
     and overrides."""
     student = student or STUDENT
-    over = kd_protocol(ipc, epochs, student) + ([f"evaluator.augment.scale=[{scale},1.0]"] if scale else []) + (
-        [ENSEMBLE] if ensemble else []) + (pool_overrides("evaluator.extra_teacher_nets") if pool else [])
+    over = kd_protocol(ipc, teacher, epochs, student) + (
+        [f"evaluator.augment.scale=[{scale},1.0]"] if scale else []) + ([ENSEMBLE] if ensemble else []) + (
+        pool_overrides("evaluator.extra_teacher_nets") if pool else [])
     name = f"kd{epochs or ''}{f's{scale}' if scale else ''}{'e' if ensemble else ''}{'p' if pool else ''}"
     return name + STUDENTS[student][1], over
 
@@ -230,8 +231,6 @@ def main() -> None:
     p.add_argument("--gvbsm-iterations", type=int, help="distill: G-VBSM's recover iterations (default: its preset's "
                    "4000)")
     args = p.parse_args()
-    global TEACHER
-    TEACHER = TEACHERS[args.teacher]
     args.ipc = [int(i) for i in args.ipc.split(",")]
     args.methods = args.methods.split(",")
     {"teacher": teacher, "buffer": buffer, "distill": distill, "evaluate": evaluate, "table": table}[args.step](args)

@@ -217,6 +217,31 @@ def test_regression_targets_follow_what_the_labels_are_not_their_scale():
     assert torch.allclose(confident.regression_targets(), onehot)
 
 
+def test_a_kernel_objective_reads_soft_labels_for_what_they_are():
+    """An S brought to a kernel objective with soft labels: a teacher's logits (the relabel stage's) become the
+    centered probabilities, learned or not (not logits / label_scale, nor a restart from one-hot); FRePo puts them
+    on its target scale; a kernel set's targets carry over to another label_scale unchanged."""
+    real = tiny_real(k=4)
+    logits = torch.tensor([[9.0, 1.0, 0.0, -3.0], [0.0, 2.0, 1.0, 0.0], [1.0, 1.0, 3.0, 1.0], [0.0, 0.0, 0.0, 4.0]])
+    probs = torch.softmax(logits, 1) - 0.25
+
+    def relabeled() -> SyntheticSet:
+        base = tiny_syn(real, ipc=1).state()
+        return SyntheticSet.from_state({**base, "labels": logits, "meta": {"label_kind": "logits"}})
+
+    for learn in (False, True):
+        syn, obj = relabeled(), KIP(kernel=nngp(), lr_img=0.1, lr_labels=0.01, learn_labels=learn)
+        obj.prepare(syn, real)
+        assert torch.allclose(obj.targets(syn), probs, atol=1e-6) and isinstance(syn.labels, nn.Parameter) == learn
+        assert torch.allclose(syn.regression_targets(), probs, atol=1e-6)
+    syn, frepo = relabeled(), FRePo(lr_img=0.1, lr_labels=0.01)
+    frepo.prepare(syn, real)
+    assert torch.allclose(frepo.targets(syn), probs * frepo.target_scale(4), atol=1e-6)
+    other = SyntheticSet.from_state(syn.state())  # FRePo's set (label_scale 10) to a KIP of label_scale 1
+    KIP(kernel=nngp(), lr_img=0.1, learn_labels=False, label_scale=1.0).prepare(other, real)
+    assert torch.allclose(other.regression_targets(), frepo.targets(syn).detach(), atol=1e-6)
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="objective.label_scale"):
         KIP(kernel=nngp(), lr_img=0.1, label_scale=0)

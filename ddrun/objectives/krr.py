@@ -30,8 +30,10 @@ Labels. The KRR targets of S are ``Y_S = labels / label_scale`` where ``labels``
 ``[N, K]`` *logits* (the project's convention: the evaluator trains with ``softmax(labels)``). They start at
 ``label_scale * target_scale * (onehot - 1/K)`` (KIP / RFAD / FRePo's centered one-hot; FRePo's
 ``target_scale = 1/sqrt(K/10)``), so the evaluator sees nearly hard labels at initialization and ``label_scale``
-sets how hard the learned labels are. ``lr_labels`` is in the papers' units (Y); the optimizer step on the stored
-logits is ``lr_labels * label_scale``, the same step for Adam-type optimizers.
+sets how hard the learned labels are. An S that comes with soft labels keeps what they say (``prepare``): a
+kernel set's targets carry over, a classifier's logits (a relabeled S) become ``softmax - 1/K`` targets.
+``lr_labels`` is in the papers' units (Y); the optimizer step on the stored logits is ``lr_labels * label_scale``,
+the same step for Adam-type optimizers.
 """
 
 from __future__ import annotations
@@ -120,14 +122,28 @@ class KernelRidge(Objective):
         return 1.0
 
     def prepare(self, syn: SyntheticSet, real: RealData) -> None:
-        self.num_classes = real.num_classes
-        syn.label_scale = self.label_scale
-        syn.meta["label_kind"] = "regression"  # S's soft labels are KRR targets x label_scale, not logits
-        if self.learn_labels and not isinstance(syn.labels, nn.Parameter):
-            y0 = centered_onehot(syn.hard_labels(), real.num_classes) * self.target_scale(real.num_classes)
+        """Make S's labels this objective's KRR targets x ``label_scale`` (module doc) and mark them so
+        (``meta["label_kind"] = "regression"``). Soft labels S brings from elsewhere keep what they say: a kernel
+        set's targets are carried over to this ``label_scale``; logits (a relabeled S, an expert's labels) become
+        their centered probabilities on the hard targets' scale (:meth:`SyntheticSet.regression_targets` x
+        :meth:`target_scale`). Hard labels start learned labels at the centered one-hot. Labels already learned
+        (a resumed run's) are left as they are."""
+        self.num_classes = k = real.num_classes
+        if syn.soft and not isinstance(syn.labels, nn.Parameter):
+            y0 = syn.regression_targets()
+            if not syn.labels_are_regression_targets:
+                y0 = y0 * self.target_scale(k)
+            with torch.no_grad():
+                syn.labels.copy_(self.label_scale * y0)
+            if self.learn_labels:
+                syn.learn_labels()
+        elif self.learn_labels and not syn.soft:
+            y0 = centered_onehot(syn.hard_labels(), k) * self.target_scale(k)
             syn.learn_labels()
             with torch.no_grad():
                 syn.labels.copy_(self.label_scale * y0)
+        syn.label_scale = self.label_scale
+        syn.meta["label_kind"] = "regression"  # S's soft labels are KRR targets x label_scale, not logits
 
     def targets(self, syn: SyntheticSet) -> torch.Tensor:
         """The KRR targets Y_S, float ``[N, K]`` (differentiable w.r.t. learned labels)."""

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import os
 from typing import Callable, Iterator, Mapping
 
@@ -43,6 +45,8 @@ from torch import nn
 
 from ddrun.protocol import describe, with_labels
 from ddrun.utils import ConfigError
+
+log = logging.getLogger("ddrun.speed")
 
 _CHOICES = {"batched_classes": ("auto", True, False), "tf32": ("default", True, False),
             "autocast": ("none", "bf16")}
@@ -180,8 +184,16 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     a cached bfloat16 copy of a weight would stay the weight before the optimizer's steps (networks that never
     learn: 9.8 % on Fashion-MNIST with it on)."""
     if precision(device):
+        if torch.device(device).type == "cpu":
+            _warn_cpu_bf16()
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
+
+
+@functools.cache
+def _warn_cpu_bf16() -> None:
+    log.warning("speed.autocast=bf16 on the CPU: the evaluation measured 1.5x slower than float32 even with "
+                "AVX512-BF16 (README \"Speed settings\"); it is a GPU setting, speed.autocast=none is faster here")
 
 
 def evaluate(evaluator: Callable, syn, real, seed: int, device: torch.device) -> dict:

@@ -79,9 +79,10 @@ def test_info(real) -> dict:
 
 
 def evaluation(result: dict, iteration: int, real) -> dict:
-    """One ``evaluations`` entry from an evaluator's result (and the objective's extra accuracies)."""
+    """One ``evaluations`` entry from an evaluator's result (and the objective's extra accuracies, DD's attack
+    figures and the KD evaluator's ``teacher_*`` view of S, :mod:`ddrun.evaluators.teacher_view`, in ``extra``)."""
     protocol = {**result.get("protocol_fields", {}), "test": test_info(real)}
-    extra = {k: v for k, v in result.items() if (k.endswith("_acc") or k.startswith("dd_attack_"))
+    extra = {k: v for k, v in result.items() if (k.endswith("_acc") or k.startswith(("dd_attack_", "teacher_")))
              and isinstance(v, (int, float))}
     return {"iteration": int(iteration), "protocol": protocol, "protocol_line": _line(protocol),
             "acc_mean": result["acc_mean"], "acc_std": result["acc_std"], "per_net": result.get("per_net", {}),

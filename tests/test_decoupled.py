@@ -13,10 +13,12 @@ from conftest import SAME_S, assert_same_s, make_cfg
 from teacher_helpers import make_teacher, tiny_args
 from torch import nn
 
+from ddrun import record
 from ddrun.contracts import Fetched
 from ddrun.data.datasets import RealData
 from ddrun.evaluators.kd import kd_loss, smoothing_factor
 from ddrun.evaluators.relabel_files import load_plan, save_plan
+from ddrun.evaluators.teacher_view import within_class_diversity
 from ddrun.init.rded import select_crops, stitch
 from ddrun.nets import ConvNet
 from ddrun.data.transforms import BatchAugment
@@ -361,14 +363,42 @@ def test_kd_warns_when_the_teacher_cannot_read_s(tiny_root, tmp_path, caplog):
     with torch.no_grad():
         read = int(teacher(x[:1]).argmax(1))
     with caplog.at_level("INFO", logger="ddrun.evaluate"):
-        assert ev.check_readable(syn, real) == pytest.approx(0.1)  # ten copies are read alike: one label of ten fits
+        assert ev.read_s(syn, real)["teacher_agreement"] == pytest.approx(10)  # ten copies read alike: one fits
         ev(syn, real, 0)
         ev(syn, real, 1)  # a distill run's next evaluation: not warned again
     line = f"the teacher assigns only 10% of S's images to their own class (10 of 10 to class {read})"
     said = [r.levelname for r in caplog.records if line in r.getMessage()]
     assert said == ["WARNING", "INFO", "INFO"], said  # warned once per run, still logged at every evaluation
     readable = SyntheticSet(x[:1], torch.tensor([read]), 10)  # the same image under the teacher's own label
-    assert ev.check_readable(readable, real) == 1.0
+    assert ev.read_s(readable, real)["teacher_agreement"] == 100.0
+
+
+def test_within_class_diversity_by_hand():
+    f = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
+    y = torch.tensor([0, 0, 1, 1, 2])  # class 0: one direction (0); class 1: orthogonal (1); class 2: one image
+    assert within_class_diversity(f, y, 3) == pytest.approx(0.5)
+    assert within_class_diversity(f[[0, 2]], torch.tensor([0, 1]), 2) is None
+
+
+def test_the_kd_evaluation_records_how_the_teacher_sees_s(tiny_root, tmp_path):
+    """Realism and diversity (RDED's two properties) beside the KD accuracy: copies of one image per class have no
+    diversity where a real draw has some; the agreement is the teacher's argmax share, by hand; at ipc 1 only the
+    reading is reported; the numbers reach the record's ``extra``."""
+    make_teacher(tiny_root, tmp_path / "store")
+    real = build(make_cfg(tiny_args(tiny_root, tmp_path)).dataset)
+    ev = kd(tiny_root, tmp_path / "store", "evaluator.epochs=1")
+    one = build(make_cfg(["init=real"]).init)(real, 1, torch.Generator().manual_seed(0))
+    copies = SyntheticSet(one.images.repeat_interleave(3, 0), one.labels.repeat_interleave(3), 10)
+    teacher = ev.teachers(real)[0]["net"]
+    with torch.no_grad():
+        probs = teacher(copies.images).softmax(1)
+    res = ev(copies, real, 0)
+    assert res["teacher_agreement"] == pytest.approx(100 * float((probs.argmax(1) == copies.labels).float().mean()))
+    assert res["teacher_confidence"] == pytest.approx(100 * float(probs.max(1).values.mean()), rel=1e-5)
+    assert abs(res["teacher_diversity"]) < 1e-5 < res["teacher_diversity_real"]
+    extra = record.evaluation(res, 0, real)["extra"]
+    assert set(extra) == {"teacher_agreement", "teacher_confidence", "teacher_diversity", "teacher_diversity_real"}
+    assert set(ev.read_s(one, real)) == {"teacher_agreement", "teacher_confidence"}
 
 
 def test_stored_labels_replay_one_relabel_pass_for_every_student(tiny_root, tmp_path):

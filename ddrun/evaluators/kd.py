@@ -59,6 +59,7 @@ from ddrun.data.datasets import RealData
 from ddrun.data.transforms import Augment
 from ddrun.evaluators.fkd_files import FKDLabels, batch_orders, mixed_target, replay
 from ddrun.evaluators.relabel_files import Relabeled, load_plan, plan_key, plan_path, save_plan
+from ddrun.evaluators.teacher_view import teacher_view
 from ddrun.nets import build_net
 from ddrun.protocol import net_kwargs
 from ddrun.synthetic import SyntheticSet
@@ -173,7 +174,7 @@ class KDEvaluator(EvaluatorContract):
         self.labels, self.relabel_dir, self.name = labels, relabel_dir, name
         self._fkd = FKDLabels(fkd_dir, self.epochs, fkd_seed) if fkd_dir is not None else None
         self._pool: list[dict] | None = None
-        self._warned_unreadable = False  # check_readable's warning: once per evaluator
+        self._warned_unreadable = False  # read_s's warning: once per evaluator
 
     # --- protocol --------------------------------------------------------------------------------------
     def _name(self) -> str:
@@ -362,31 +363,38 @@ class KDEvaluator(EvaluatorContract):
         final = ema.module if ema is not None else net
         return 100.0 * accuracy(final, real.test_images, real.test_labels)
 
-    def check_readable(self, syn: SyntheticSet, real: RealData, floor: float = 0.5) -> float:
-        """The share of S's images (un-augmented) the teacher pool assigns to their own class, and a warning when
-        it is below ``floor``: KD relabels S by the teacher, so images it cannot read (e.g. DM's or MTT's ipc-1
-        sets far outside the data's range) teach the students other classes, whatever S's own labels say.
-        The warning is given once per evaluator (once per run: a distill run's evaluations every ``eval_every``
-        reuse it); later low shares are logged at INFO level. Returns the share in [0, 1]."""
+    def read_s(self, syn: SyntheticSet, real: RealData, floor: float = 0.5) -> dict[str, float]:
+        """How the teacher pool reads S's images, un-augmented (:func:`~ddrun.evaluators.teacher_view.teacher_view`:
+        agreement with S's labels, confidence, within-class feature diversity beside a real draw's), logged, and a
+        warning when the agreement is below ``floor``: KD relabels S by the teacher, so images it cannot read (e.g.
+        DM's or MTT's ipc-1 sets far outside the data's range) teach the students other classes, whatever S's own
+        labels say. The warning is given once per evaluator (once per run: a distill run's evaluations every
+        ``eval_every`` reuse it); later low shares are logged at INFO level. Returns the view (percent; the
+        diversities as fractions)."""
         images, labels, _, k = self._s(syn, real)
         pool = self.teachers(real)
-        pred = torch.cat([self._teach(pool, images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
-        share = float((pred == labels).float().mean()) if len(labels) else 1.0
-        if share < floor:
+        view = teacher_view(pool, images, labels, real)
+        if view:
+            div = ("" if "teacher_diversity" not in view else ", within-class feature diversity %.3f (a real draw of "
+                   "S's size: %.3f)" % (view["teacher_diversity"], view["teacher_diversity_real"]))
+            log.info("evaluator=kd: the teacher%s on S: agreement with S's labels %.1f%%, confidence %.1f%%%s",
+                     "s" if len(pool) > 1 else "", view["teacher_agreement"], view["teacher_confidence"], div)
+        if view and view["teacher_agreement"] < 100 * floor:
+            pred = torch.cat([self._teach(pool, images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
             top = torch.bincount(pred, minlength=k)
             (log.info if self._warned_unreadable else log.warning)(
                 "evaluator=kd: the teacher assigns only %.0f%% of S's images to their own class (%d of %d to class "
-                "%d); the students learn the teacher's reading of S, not S's labels", 100 * share, int(top.max()),
-                len(pred), int(top.argmax()))
+                "%d); the students learn the teacher's reading of S, not S's labels", view["teacher_agreement"],
+                int(top.max()), len(pred), int(top.argmax()))
             self._warned_unreadable = True
-        return share
+        return view
 
     def __call__(self, syn: SyntheticSet, real: RealData, seed: int = 0) -> dict:
         """Evaluate S (module doc).
 
         Returns:
             ``{"acc_mean", "acc_std", "per_net": {name: [acc, ...]}, "protocol", "protocol_fields"}``, percent on
-            the real test split.
+            the real test split, and with online labels the ``teacher_*`` numbers of :meth:`read_s`.
 
         Raises:
             DataError: no teacher in the store for this setting (prints the ``ddrun teacher`` command); a corrupt or
@@ -400,11 +408,12 @@ class KDEvaluator(EvaluatorContract):
                 raise ConfigError(f"evaluator.batch_train={self.batch_train}, but the FKD files at {self._fkd.dir} "
                                   f"hold batches of {self._fkd.batch}: SRe2L's train_FKD trains on the stored "
                                   f"batches (pass evaluator.batch_train=null)")
-        elif self.labels != "stored":  # a stored plan (a relabel file) is replayed without running the teacher
-            self.check_readable(syn, real)
+        view = {}
+        if self._fkd is None and self.labels != "stored":  # a stored plan / FKD files: no teacher run here
+            view = self.read_s(syn, real)
         plan = self.stored_plan(syn, real, derive_seed(seed, 104729, -1)) if self.labels == "stored" else None
         accs = [self.train_one(syn, real, derive_seed(seed, 104729, r), plan)
                 for r in tqdm(range(self.num_eval), desc="evaluate (kd)", leave=False, disable=None)]
         return {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                 "per_net": {self._name(): accs}, "protocol": self.protocol(),
-                "protocol_fields": self.protocol_fields()}
+                "protocol_fields": self.protocol_fields(), **view}

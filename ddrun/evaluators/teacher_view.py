@@ -1,0 +1,94 @@
+"""How a teacher pool sees S: the realism and diversity of a decoupled set, measured beside the KD protocol.
+
+RDED (Sun et al., CVPR 2024, Sec. 3 and Fig. 1) argues that a distilled set for the teacher-relabelled protocol must
+be *realistic* (the observer reads each image as its class, confidently) and *diverse* (the images of a class are
+not near copies in the observer's feature space); SRe2L's recovered images are its example of realistic but not
+diverse. :func:`teacher_view` puts numbers on both for any S, so that a KD accuracy can be read against them:
+
+- ``teacher_agreement``: percent of S's images (un-augmented) whose class the pool's mean logits pick;
+- ``teacher_confidence``: the pool's mean top softmax probability on them, percent;
+- ``teacher_diversity``: one minus the mean pairwise cosine similarity of a teacher's penultimate features
+  (``net.embed``) between two different images of one class, averaged over classes and over the pool's members;
+  0 for copies, about 1 for unrelated directions (ReLU features are non-negative, so rarely above 1);
+- ``teacher_diversity_real``: the same on a class-balanced draw of real training images of S's size per class
+  (seed 0, the same draw for every S of that size): the level of a random real subset.
+
+The diversity needs two images of a class (ipc >= 2); at ipc 1 the two diversity keys are left out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ddrun.data.datasets import RealData
+
+
+@torch.no_grad()
+def within_class_diversity(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float | None:
+    """``1 - mean cos(f_i, f_j)`` over pairs ``i != j`` of one class, averaged over the classes with two or more
+    images.
+
+    Args:
+        features: float ``[N, D]``; labels: int64 ``[N]`` in ``[0, num_classes)``.
+
+    Returns:
+        The diversity (a float in [0, 2]), or None when no class has two images.
+    """
+    f = F.normalize(features.flatten(1).float(), dim=1)
+    per_class = []
+    for c in range(num_classes):
+        fc = f[labels == c]
+        n = len(fc)
+        if n >= 2:
+            mean_cos = ((fc @ fc.T).sum() - n) / (n * (n - 1))  # the diagonal's n ones left out
+            per_class.append(1.0 - float(mean_cos))
+    return sum(per_class) / len(per_class) if per_class else None
+
+
+@torch.no_grad()
+def _pool_reading(pool: list[dict], x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 256):
+    """The pool's mean logits ``[N, K]`` on ``x`` and each member's diversity (chunks of ``chunk`` images)."""
+    logits, diversity = [], []
+    for member in pool:
+        net = member["net"]
+        feats = torch.cat([net.embed(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+        logits.append(torch.cat([net(x[i:i + chunk]) for i in range(0, len(x), chunk)]))
+        diversity.append(within_class_diversity(feats, labels, k))
+    div = None if any(d is None for d in diversity) else sum(diversity) / len(diversity)
+    return torch.stack(logits).mean(0), div
+
+
+def real_draw(real: RealData, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` real training images of every class (or all of a smaller class), drawn with ``seed``:
+    ``(images [n, C, H, W], labels [n])`` on the data's device."""
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for c in range(real.num_classes):
+        members = torch.nonzero(real.train_labels.cpu() == c).flatten()
+        idx.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    idx = torch.cat(idx).to(real.train_labels.device)
+    return real.train_images[idx].float(), real.train_labels[idx]
+
+
+def teacher_view(pool: list[dict], images: torch.Tensor, labels: torch.Tensor, real: RealData) -> dict[str, float]:
+    """The numbers of the module doc for S ``(images [N, C, H, W] float, labels [N] int64 hard)`` under ``pool``
+    (:func:`ddrun.fetchers.teachers.load_teachers`' members, in eval mode; each must have ``embed``).
+
+    Returns:
+        ``{"teacher_agreement", "teacher_confidence"}`` in percent, plus ``"teacher_diversity"`` and
+        ``"teacher_diversity_real"`` when some class of S has two images.
+    """
+    k = real.num_classes
+    if not len(images):
+        return {}
+    logits, div = _pool_reading(pool, images, labels, k)
+    probs = logits.softmax(1)
+    out = {"teacher_agreement": 100.0 * float((probs.argmax(1) == labels).float().mean()),
+           "teacher_confidence": 100.0 * float(probs.max(1).values.mean())}
+    if div is not None:
+        per_class = int(torch.bincount(labels, minlength=k).max())
+        x_real, y_real = real_draw(real, per_class)
+        out["teacher_diversity"] = div
+        out["teacher_diversity_real"] = _pool_reading(pool, x_real, y_real, k)[1]
+    return out

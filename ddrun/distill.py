@@ -666,8 +666,9 @@ class Distillation:
         line = record.evaluation(res, it, real)["protocol_line"]
         res, also = self.evaluate_beside(res, decoded, it)
         stored = self.param.describe(syn)  # the storage budget and what the networks trained on
+        view = {k: v for k, v in res.items() if k.startswith("teacher_")}  # the KD evaluator's reading of S
         self.tracker.log({"loss": st.loss, "acc_mean": res["acc_mean"], "acc_std": res["acc_std"], **extra, **also,
-                          "seconds": st.seconds, "per_net": res["per_net"], "protocol": line, **stored}, it)
+                          **view, "seconds": st.seconds, "per_net": res["per_net"], "protocol": line, **stored}, it)
         log.info("iteration %d: accuracy %.2f +- %.2f (%s; S: %d stored images, %d decoded, %s)", it,
                  res["acc_mean"], res["acc_std"], res["protocol"], stored["stored_images"],
                  stored["decoded_images"], stored["parametrization"])

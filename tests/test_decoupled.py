@@ -5,6 +5,7 @@ folders in and out, and the presets; tiny data, seconds each. Real-data learning
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -502,6 +503,12 @@ def test_method_rded_selects_with_the_observer_and_runs_zero_iterations(tiny_roo
     assert s["images"].shape == (20, 1, 28, 28) and out["protocol_fields"]["evaluator"] == "kd"
     # every kept image is a crop of a real training image scored by the observer: within the pixel range
     assert s["images"].min() >= (0 - 0.1307) / 0.3081 - 1e-5 and s["images"].max() <= (1 - 0.1307) / 0.3081 + 1e-5
+    # the KD evaluation's reading of S reaches the metrics and the record
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    view = next(row for row in logged if "teacher_agreement" in row)
+    recorded = json.loads((tmp_path / "run" / "results.json").read_text())["evaluations"][-1]["extra"]
+    assert view["teacher_agreement"] == recorded["teacher_agreement"] == out["teacher_agreement"]
+    assert 0 <= recorded["teacher_diversity"] < 2 and 0 < recorded["teacher_diversity_real"] < 2
 
 
 # --- image folders ------------------------------------------------------------------------------------------------

@@ -197,7 +197,6 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
             was stored in another parametrization (``parametrization=idc`` ... decodes it) (one line).
         DataError: the file or the dataset is missing, corrupt or refused.
     """
-    import types
 
     from ddrun import speed
     from ddrun.schema import check_common
@@ -218,7 +217,7 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
     evaluator.prepare(real)  # e.g. an architecture that cannot take the images, missing teachers: refused now
     sets, described = None, {}  # (stored S, decoded S) and the storage description; none for full=true
     if full:
-        syn = types.SimpleNamespace(images=real.train_images, labels=real.train_labels, lr=None, meta={})
+        syn = SyntheticSet.frozen(real.train_images, real.train_labels, real.num_classes)
         identity = {"method": "full", "ipc": "full", "iterations": 0,
                     "source": {"path": f"the whole {real.name} training set"}}
     else:

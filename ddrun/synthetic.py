@@ -43,10 +43,25 @@ class SyntheticSet(nn.Module):
             self.labels = nn.Parameter(labels.detach().clone().float())
         else:
             self.register_buffer("labels", labels.detach().clone())
+        self._finish(num_classes, lr, meta)
+
+    def _finish(self, num_classes: int, lr: float | None, meta: dict | None) -> None:
         self.syn_lr = None if lr is None else nn.Parameter(torch.as_tensor(lr, dtype=torch.float32).clone())
         self.num_classes = int(num_classes)
         self.meta = dict(meta or {})
         self.label_scale = float(self.meta.get("label_scale", 1.0))
+
+    @classmethod
+    def frozen(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "SyntheticSet":
+        """A set over ``images`` float ``[N, C, H, W]`` and hard ``labels`` int64 ``[N]`` as they are: buffers, no
+        copy, nothing learnable. What ``ddrun evaluate full=true`` evaluates (the whole training split through the
+        read interface every evaluator takes, without a second copy of it)."""
+        s = cls.__new__(cls)
+        nn.Module.__init__(s)
+        s.register_buffer("images", images)
+        s.register_buffer("labels", labels)
+        s._finish(num_classes, None, None)
+        return s
 
     @property
     def ipc(self) -> int:

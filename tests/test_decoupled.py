@@ -402,6 +402,20 @@ def test_the_kd_evaluation_records_how_the_teacher_sees_s(tiny_root, tmp_path):
     assert set(ev.read_s(one, real)) == {"teacher_agreement", "teacher_confidence"}
 
 
+def test_the_whole_training_set_under_the_kd_protocol(tiny_root, tmp_path):
+    """``ddrun evaluate full=true evaluator=kd``: the whole training split as S (the protocol's upper reference),
+    read in place (it failed on the plain namespace the full set used to be)."""
+    from ddrun.evaluate import evaluate_cmd
+
+    make_teacher(tiny_root, tmp_path / "store")
+    cfg = make_cfg([*tiny_args(tiny_root, tmp_path / "store"), "full=true", "evaluator=kd", "evaluator.epochs=1",
+                    "net@evaluator.student=convnet_bn", "evaluator.student.width=8", "evaluator.num_eval=1",
+                    "logger=none"], "evaluate")
+    out = evaluate_cmd(cfg, tmp_path / "run")
+    assert out["method"] == "full" and 0 <= out["acc_mean"] <= 100
+    assert out["teacher_diversity"] == pytest.approx(out["teacher_diversity_real"], rel=1e-4)  # a draw of all: itself
+
+
 def test_stored_labels_replay_one_relabel_pass_for_every_student(tiny_root, tmp_path):
     # FKD-style relabel: the plan's logits are the teacher's on exactly the images a replay rebuilds, and the teacher
     # runs once per batch of the plan however many students train (online: once per batch per student)

@@ -178,13 +178,10 @@ class RegressionEvaluator(EvaluatorContract):
         return int(self.steps)
 
     @staticmethod
-    def targets(syn) -> torch.Tensor:
-        """S's regression targets float ``[N, K]`` (``SyntheticSet.regression_targets``); for the real training
-        set of ``ddrun evaluate full=true`` (hard labels), ``onehot - 1/K``."""
-        if isinstance(syn, SyntheticSet):
-            return syn.regression_targets().detach()
-        k = int(syn.labels.max()) + 1
-        return torch.nn.functional.one_hot(syn.labels, k).float() - 1.0 / k
+    def targets(syn: SyntheticSet) -> torch.Tensor:
+        """S's regression targets float ``[N, K]`` (``SyntheticSet.regression_targets``: ``onehot - 1/K`` for hard
+        labels, e.g. the real training set of ``ddrun evaluate full=true``)."""
+        return syn.regression_targets().detach()
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The regression loss of outputs ``[B, K]`` against targets ``[B, K]`` (already x ``target_scale``)."""

@@ -11,7 +11,10 @@ as the DC reference's 100-model figures do) and, for distill runs, the best eval
 papers report), per architecture (from the evaluation rows of ``metrics.jsonl``: a cross-architecture run's pooled
 best is no architecture's). Writes ``report.md`` and ``report.csv`` and draws accuracy vs iteration and accuracy vs
 ipc as PNG; where it cannot write, it prints the table anyway and says so in one line. ``--compare`` adds the
-published figures shipped in ``ddrun/published.csv`` (each with its source). Runs of DD's poisoning
+published figures shipped in ``ddrun/published.csv`` (each with its source). ``--against METHOD`` adds each
+row's difference to that method's row under the same protocol, network by network: students of the same seeds
+(the same initialization and batches) on two sets differ far less than two sets' means do, so a paired difference
+with the share of networks above says more than two overlapping ``mean ± std``. Runs of DD's poisoning
 (``objective.attack``) get a column of their recorded attack success before and after S's steps.
 
 Plain argparse rather than Hydra: the command takes a list of paths and a few flags, composes no config, and must
@@ -281,6 +284,39 @@ def group_results(results: list[Result], pool: str = "seeds") -> list[Group]:
                                          g.method, g.arch, g.first.command != "distill", g.first.iterations or 0))
 
 
+def paired(g: Group, base: Group) -> list[float]:
+    """Per-network differences ``g - base`` (points) over the networks both rows trained from the same seeds: a
+    result of ``g`` and one of ``base`` with the same seed and record seed (so the same student seeds, e.g. S's
+    seed 0 evaluated with student seed 0), network i against network i. Empty when no result pairs up."""
+    others = {(r.seed, r.run_seed): r.accs.get(base.arch, []) for r in base.results}
+    out = []
+    for r in g.results:
+        mine, theirs = r.accs.get(g.arch, []), others.get((r.seed, r.run_seed), [])
+        if mine and len(mine) == len(theirs):
+            out += [a - b for a, b in zip(mine, theirs)]
+    return out
+
+
+def baseline_of(g: Group, groups: list[Group], against: str) -> Group | None:
+    """The row of method ``against`` that ``g`` is compared with: same dataset, ipc, architecture and evaluation
+    protocol (the first such row whose networks pair up with ``g``'s; None when there is none, or ``g`` is it)."""
+    for b in groups:
+        if b is not g and b.method == against and (b.dataset, str(b.ipc), b.arch, b.first.protocol_line) == \
+                (g.dataset, str(g.ipc), g.arch, g.first.protocol_line) and paired(g, b):
+            return b
+    return None
+
+
+def _paired_cell(g: Group, groups: list[Group], against: str) -> str:
+    """``mean ± std (k/n above)`` of :func:`paired` against the ``against`` row, or "–"."""
+    b = baseline_of(g, groups, against)
+    if b is None:
+        return "–"
+    d = paired(g, b)
+    spread = statistics.pstdev(d) if len(d) > 1 else 0.0
+    return f"{statistics.fmean(d):+.2f} ± {spread:.2f} ({sum(x > 0 for x in d)}/{len(d)} above)"
+
+
 def differences(a: Result, b: Result) -> list[str]:
     """What distinguishes result ``b`` from result ``a`` (same dataset, ipc, method, architecture)."""
     diff = []
@@ -316,15 +352,17 @@ def _published_cell(pub: dict, g: Group) -> str:
                      for p in pub.get((g.method, g.dataset, g.ipc, g.arch), []))
 
 
-def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> str:
+def table(groups: list[Group], compare: bool = False, pool: str = "seeds", against: str | None = None) -> str:
     """The Markdown table, then the protocol of each row (``^n``) and what distinguishes rows of one method
-    (``[n]``), and the sources with ``compare``."""
+    (``[n]``), and the sources with ``compare``; with ``against`` a column of each row's paired difference to that
+    method's row (:func:`paired`)."""
     pub = load_published() if compare else {}
     over = "networks" if pool == "nets" else "seeds"
     attack = any(r.extra for g in groups for r in g.results)  # a column only for reports that hold DD's poisoning
     head = ["dataset", "ipc", "method", "arch", f"accuracy % (mean ± std over {over})", "n", "seeds", "iterations",
             "best % (over evaluations)"] + (["attack success % (before → after S's steps)"] if attack else []) \
-        + (["published"] if compare else [])
+        + (["published"] if compare else []) \
+        + ([f"vs {against}, paired by student seed (points: mean ± std, networks above)"] if against else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     protocols: dict[str, int] = {}
     notes: list[str] = []
@@ -348,6 +386,8 @@ def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> st
                  "–" if best is None else f"{best[0]:.2f} ± {best[1]:.2f}"] + ([_attack_cell(g)] if attack else [])
         if compare:
             cells.append(_published_cell(pub, g) or "–")
+        if against:
+            cells.append(_paired_cell(g, groups, against))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"^{n} evaluation protocol: {p}" for p, n in protocols.items()]
@@ -359,20 +399,22 @@ def table(groups: list[Group], compare: bool = False, pool: str = "seeds") -> st
     return "\n".join(lines)
 
 
-def write_csv(groups: list[Group], path: Path, compare: bool = False) -> None:
+def write_csv(groups: list[Group], path: Path, compare: bool = False, against: str | None = None) -> None:
+    """``report.csv``: one line per row of :func:`table` (with ``against``, a last column of its paired cell)."""
     pub = load_published() if compare else {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "ipc", "method", "arch", "command", "acc_mean", "acc_std", "n", "seeds", "iterations",
                     "best_mean", "protocol", "test_images", "setting_hash", "published", "runs",
-                    *(f"{k}_mean" for k in ATTACK)])
+                    *(f"{k}_mean" for k in ATTACK), *([f"vs_{against}_paired"] if against else [])])
         for g in groups:
             best = g.best
             w.writerow([g.dataset, g.ipc, g.method, g.arch, g.first.command, f"{g.mean:.4f}", f"{g.std:.4f}",
                         g.n, " ".join(map(str, g.seeds)), "" if g.first.iterations is None else g.first.iterations,
                         "" if best is None else f"{best[0]:.4f}", g.first.protocol_line, g.first.test_images,
                         g.first.setting_hash, _published_cell(pub, g), " ".join(str(r.path) for r in g.results),
-                        *("" if a is None else f"{a[0]:.4f}" for a in g.attack)])
+                        *("" if a is None else f"{a[0]:.4f}" for a in g.attack),
+                        *([_paired_cell(g, groups, against)] if against else [])])
 
 
 def _save_figure(fig, axes, path: Path) -> Path:
@@ -440,20 +482,23 @@ def plot_ipc(groups: list[Group], out: Path) -> Path | None:
 
 
 def report(paths: list[str], out: str | None = None, compare: bool = False, pool: str = "seeds",
-           plot: bool = True) -> dict:
+           plot: bool = True, against: str | None = None) -> dict:
     """Build the report of the runs under ``paths``; write ``report.md``, ``report.csv`` and the PNGs into ``out``
     (default: the first path when it is a directory). Returns ``{"table", "groups", "results", "unfinished",
     "files", "not_written"}``: ``not_written`` says where files could not be written (the table is complete).
 
     Raises:
         DataError: missing paths, no run directories, no finished run, unreadable records; a ``report.md`` in
-            ``out`` that ddrun report did not write (it is kept).
+            ``out`` that ddrun report did not write (it is kept); ``against`` names no row's method.
     """
     results, unfinished = find_results(paths)
     if not results:
         raise DataError(f"no finished run under {', '.join(paths)} ({len(unfinished)} without a run record)")
     groups = group_results(results, pool)
-    text = table(groups, compare, pool)
+    if against is not None and against not in {g.method for g in groups}:
+        raise DataError(f"--against {against}: no row of that method; the methods are "
+                        f"{sorted({g.method for g in groups})}")
+    text = table(groups, compare, pool, against)
     out_dir = Path(out) if out else (Path(paths[0]) if Path(paths[0]).is_dir() else Path("."))
     files, not_written = [], None
     theirs = out_dir / "report.md"
@@ -462,7 +507,7 @@ def report(paths: list[str], out: str | None = None, compare: bool = False, pool
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.md").write_text(text + "\n")
-        write_csv(groups, out_dir / "report.csv", compare)
+        write_csv(groups, out_dir / "report.csv", compare, against)
         files = [out_dir / "report.md", out_dir / "report.csv"]
         if plot:
             import matplotlib
@@ -484,9 +529,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="std over runs (seeds, default) or over every evaluated network (nets)")
     parser.add_argument("--out", help="folder for report.md, report.csv and the PNG plots (default: the first path)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--against", metavar="METHOD",
+                        help="add each row's difference to METHOD's row of the same protocol, network by network "
+                             "(students of the same seeds), e.g. --against random")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        res = report(args.paths, args.out, args.compare, args.pool, not args.no_plots)
+        res = report(args.paths, args.out, args.compare, args.pool, not args.no_plots, args.against)
     except DdrunError as exc:
         print(f"ddrun report: error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -286,6 +286,25 @@ def test_unwritable_output_still_prints_the_table(sweep, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_against_pairs_networks_of_the_same_student_seeds(sweep, tmp_path):
+    """``--against random``: each row's difference to the random row of the same protocol, network i of a seed
+    against network i of that seed (by hand: DM ipc 1 is (40, 42) and (44, 46) against (30, 30) and (34, 34));
+    a row under another protocol has nothing to pair with; an unknown method is one line listing the methods."""
+    write_run(sweep / "9_dm_other_protocol", "dm", 1, 0, {0: [50.0, 50.0]}, 20, protocol={**PROTOCOL, "epochs": 1000})
+    res = report([str(sweep)], out=str(tmp_path / "rep"), plot=False, against="random")
+    lines = res["table"].splitlines()
+    assert lines[0].endswith("| vs random, paired by student seed (points: mean ± std, networks above) |")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:7]]
+    rows = {(c[1], c[2]): c[-1] for c in cells}  # (ipc, method and its footnote marks) -> the paired cell
+    assert rows[("1", "random")] == "–" and rows[("10", "random")] == "–"
+    assert rows[("1", "dm")] == "+11.00 ± 1.00 (4/4 above)" and rows[("10", "dm")] == "+8.50 ± 0.50 (4/4 above)"
+    assert rows[("1", "dm [1]")] == "–"  # 1000 epochs: no random row of that protocol
+    with open(tmp_path / "rep" / "report.csv") as f:
+        assert [r["vs_random_paired"] for r in csv.DictReader(f)][:2] == ["–", "+11.00 ± 1.00 (4/4 above)"]
+    with pytest.raises(DataError, match=r"--against kip: no row of that method; the methods are \['dm', 'random'\]"):
+        report([str(sweep)], out=str(tmp_path / "rep2"), plot=False, against="kip")
+
+
 def test_errors(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         report([str(tmp_path / "nope")])
@@ -306,7 +325,8 @@ def test_errors(tmp_path):
 
 def test_command_line(sweep, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ddrun.cli", "report", str(sweep), "--compare", "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True)
+                        str(tmp_path / "o"), "--against", "random"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 | 2 | 0,1 | 20 | 71.50 ± 1.50 | – |" in r.stdout
+    assert ("| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 | 2 | 0,1 | 20 | 71.50 ± 1.50 | – | "
+            "+8.50 ± 0.50 (4/4 above) |") in r.stdout
     assert "1 run(s) without a run record" in r.stdout and "acc_vs_ipc.png" in r.stdout

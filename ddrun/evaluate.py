@@ -197,7 +197,6 @@ def evaluate_cmd(cfg, run_dir: str | None = None) -> dict:
             was stored in another parametrization (``parametrization=idc`` ... decodes it) (one line).
         DataError: the file or the dataset is missing, corrupt or refused.
     """
-
     from ddrun import speed
     from ddrun.schema import check_common
     from ddrun.utils import ConfigError, build, resolve_device, seed_everything

@@ -373,14 +373,15 @@ class KDEvaluator(EvaluatorContract):
         diversities as fractions)."""
         images, labels, _, k = self._s(syn, real)
         pool = self.teachers(real)
-        view = teacher_view(pool, images, labels, real)
+        logits = torch.cat([self._teach(pool, images[i:i + 256]) for i in range(0, len(images), 256)])
+        view = teacher_view(pool, images, labels, logits, real)
         if view:
             div = ("" if "teacher_diversity" not in view else ", within-class feature diversity %.3f (a real draw of "
                    "S's size: %.3f)" % (view["teacher_diversity"], view["teacher_diversity_real"]))
             log.info("evaluator=kd: the teacher%s on S: agreement with S's labels %.1f%%, confidence %.1f%%%s",
                      "s" if len(pool) > 1 else "", view["teacher_agreement"], view["teacher_confidence"], div)
         if view and view["teacher_agreement"] < 100 * floor:
-            pred = torch.cat([self._teach(pool, images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
+            pred = logits.argmax(1)
             top = torch.bincount(pred, minlength=k)
             (log.info if self._warned_unreadable else log.warning)(
                 "evaluator=kd: the teacher assigns only %.0f%% of S's images to their own class (%d of %d to class "

@@ -47,16 +47,12 @@ def within_class_diversity(features: torch.Tensor, labels: torch.Tensor, num_cla
 
 
 @torch.no_grad()
-def _pool_reading(pool: list[dict], x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 256):
-    """The pool's mean logits ``[N, K]`` on ``x`` and each member's diversity (chunks of ``chunk`` images)."""
-    logits, diversity = [], []
-    for member in pool:
-        net = member["net"]
-        feats = torch.cat([net.embed(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-        logits.append(torch.cat([net(x[i:i + chunk]) for i in range(0, len(x), chunk)]))
-        diversity.append(within_class_diversity(feats, labels, k))
-    div = None if any(d is None for d in diversity) else sum(diversity) / len(diversity)
-    return torch.stack(logits).mean(0), div
+def pool_diversity(pool: list[dict], x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 256) -> float | None:
+    """:func:`within_class_diversity` of each member's ``embed`` features of ``x`` (chunks of ``chunk`` images),
+    averaged over the pool; None when no class has two images."""
+    per_member = [within_class_diversity(torch.cat([m["net"].embed(x[i:i + chunk]) for i in range(0, len(x), chunk)]),
+                                         labels, k) for m in pool]
+    return None if None in per_member else sum(per_member) / len(per_member)
 
 
 def real_draw(real: RealData, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,24 +67,25 @@ def real_draw(real: RealData, per_class: int, seed: int = 0) -> tuple[torch.Tens
     return real.train_images[idx].float(), real.train_labels[idx]
 
 
-def teacher_view(pool: list[dict], images: torch.Tensor, labels: torch.Tensor, real: RealData) -> dict[str, float]:
+def teacher_view(pool: list[dict], images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                 real: RealData) -> dict[str, float]:
     """The numbers of the module doc for S ``(images [N, C, H, W] float, labels [N] int64 hard)`` under ``pool``
-    (:func:`ddrun.fetchers.teachers.load_teachers`' members, in eval mode; each must have ``embed``).
+    (:func:`ddrun.fetchers.teachers.load_teachers`' members, in eval mode; each must have ``embed``), whose mean
+    logits on S are ``logits`` float ``[N, K]`` (:func:`ddrun.fetchers.teachers.teacher_logits`).
 
     Returns:
         ``{"teacher_agreement", "teacher_confidence"}`` in percent, plus ``"teacher_diversity"`` and
-        ``"teacher_diversity_real"`` when some class of S has two images.
+        ``"teacher_diversity_real"`` when some class of S has two images; ``{}`` for an empty S.
     """
     k = real.num_classes
     if not len(images):
         return {}
-    logits, div = _pool_reading(pool, images, labels, k)
     probs = logits.softmax(1)
     out = {"teacher_agreement": 100.0 * float((probs.argmax(1) == labels).float().mean()),
            "teacher_confidence": 100.0 * float(probs.max(1).values.mean())}
+    div = pool_diversity(pool, images, labels, k)
     if div is not None:
-        per_class = int(torch.bincount(labels, minlength=k).max())
-        x_real, y_real = real_draw(real, per_class)
+        x_real, y_real = real_draw(real, int(torch.bincount(labels, minlength=k).max()))
         out["teacher_diversity"] = div
-        out["teacher_diversity_real"] = _pool_reading(pool, x_real, y_real, k)[1]
+        out["teacher_diversity_real"] = pool_diversity(pool, x_real, y_real, k)
     return out

@@ -297,22 +297,24 @@ def paired(g: Group, base: Group) -> list[float]:
     return out
 
 
-def baseline_of(g: Group, groups: list[Group], against: str) -> Group | None:
-    """The row of method ``against`` that ``g`` is compared with: same dataset, ipc, architecture and evaluation
-    protocol (the first such row whose networks pair up with ``g``'s; None when there is none, or ``g`` is it)."""
+def paired_to(g: Group, groups: list[Group], against: str) -> list[float]:
+    """:func:`paired` of ``g`` against the row of method ``against`` with the same dataset, ipc, architecture and
+    evaluation protocol (the first such row whose networks pair up with ``g``'s); empty when there is none, or
+    ``g`` is that row."""
     for b in groups:
         if b is not g and b.method == against and (b.dataset, str(b.ipc), b.arch, b.first.protocol_line) == \
-                (g.dataset, str(g.ipc), g.arch, g.first.protocol_line) and paired(g, b):
-            return b
-    return None
+                (g.dataset, str(g.ipc), g.arch, g.first.protocol_line):
+            d = paired(g, b)
+            if d:
+                return d
+    return []
 
 
 def _paired_cell(g: Group, groups: list[Group], against: str) -> str:
-    """``mean ± std (k/n above)`` of :func:`paired` against the ``against`` row, or "–"."""
-    b = baseline_of(g, groups, against)
-    if b is None:
+    """``mean ± std (k/n above)`` of :func:`paired_to`, or "–"."""
+    d = paired_to(g, groups, against)
+    if not d:
         return "–"
-    d = paired(g, b)
     spread = statistics.pstdev(d) if len(d) > 1 else 0.0
     return f"{statistics.fmean(d):+.2f} ± {spread:.2f} ({sum(x > 0 for x in d)}/{len(d)} above)"
 

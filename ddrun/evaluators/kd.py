@@ -265,11 +265,11 @@ class KDEvaluator(EvaluatorContract):
 
     @staticmethod
     @torch.no_grad()
-    def _teach(pool: list[dict], x: torch.Tensor) -> torch.Tensor:
-        """The pool's mean logits float ``[B, K]`` on the batch ``x`` (no gradient)."""
+    def _teach(pool: list[dict], x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """The pool's mean logits float ``[B, K]`` on the batch ``x`` (no gradient; in chunks of ``chunk``)."""
         from ddrun.fetchers.teachers import teacher_logits
 
-        return teacher_logits(pool, x)
+        return teacher_logits(pool, x, chunk)
 
     def _labelled(self, images: torch.Tensor, labels: torch.Tensor, k: int, pool: list[dict], steps):
         """The labelled batches ``(x, target, teacher logits)`` of ``steps`` ``(idx, generator, logits or None)``:
@@ -373,7 +373,7 @@ class KDEvaluator(EvaluatorContract):
         diversities as fractions)."""
         images, labels, _, k = self._s(syn, real)
         pool = self.teachers(real)
-        logits = torch.cat([self._teach(pool, images[i:i + 256]) for i in range(0, len(images), 256)])
+        logits = self._teach(pool, images, chunk=256)
         view = teacher_view(pool, images, labels, logits, real)
         if view:
             div = ("" if "teacher_diversity" not in view else ", within-class feature diversity %.3f (a real draw of "

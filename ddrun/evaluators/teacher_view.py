@@ -11,7 +11,8 @@ diverse. :func:`teacher_view` puts numbers on both for any S, so that a KD accur
   (``net.embed``) between two different images of one class, averaged over classes and over the pool's members;
   0 for copies, about 1 for unrelated directions (ReLU features are non-negative, so rarely above 1);
 - ``teacher_diversity_real``: the same on a class-balanced draw of real training images of S's size per class
-  (seed 0, the same draw for every S of that size): the level of a random real subset.
+  (``RealData.balanced_sample`` with seed 0, the same draw for every S of that size): the level of a random real
+  subset.
 
 The diversity needs two images of a class (ipc >= 2); at ipc 1 the two diversity keys are left out.
 """
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ddrun.data.datasets import RealData
+from ddrun.train import embed
 
 
 @torch.no_grad()
@@ -46,25 +48,11 @@ def within_class_diversity(features: torch.Tensor, labels: torch.Tensor, num_cla
     return sum(per_class) / len(per_class) if per_class else None
 
 
-@torch.no_grad()
 def pool_diversity(pool: list[dict], x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 256) -> float | None:
-    """:func:`within_class_diversity` of each member's ``embed`` features of ``x`` (chunks of ``chunk`` images),
-    averaged over the pool; None when no class has two images."""
-    per_member = [within_class_diversity(torch.cat([m["net"].embed(x[i:i + chunk]) for i in range(0, len(x), chunk)]),
-                                         labels, k) for m in pool]
+    """:func:`within_class_diversity` of each member's ``embed`` features of ``x`` (:func:`ddrun.train.embed`, in
+    chunks of ``chunk`` images), averaged over the pool; None when no class has two images."""
+    per_member = [within_class_diversity(embed(m["net"], x, chunk), labels, k) for m in pool]
     return None if None in per_member else sum(per_member) / len(per_member)
-
-
-def real_draw(real: RealData, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` real training images of every class (or all of a smaller class), drawn with ``seed``:
-    ``(images [n, C, H, W], labels [n])`` on the data's device."""
-    g = torch.Generator().manual_seed(seed)
-    idx = []
-    for c in range(real.num_classes):
-        members = torch.nonzero(real.train_labels.cpu() == c).flatten()
-        idx.append(members[torch.randperm(len(members), generator=g)[:per_class]])
-    idx = torch.cat(idx).to(real.train_labels.device)
-    return real.train_images[idx].float(), real.train_labels[idx]
 
 
 def teacher_view(pool: list[dict], images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
@@ -85,7 +73,8 @@ def teacher_view(pool: list[dict], images: torch.Tensor, labels: torch.Tensor, l
            "teacher_confidence": 100.0 * float(probs.max(1).values.mean())}
     div = pool_diversity(pool, images, labels, k)
     if div is not None:
-        x_real, y_real = real_draw(real, int(torch.bincount(labels, minlength=k).max()))
+        per_class = int(torch.bincount(labels, minlength=k).max())
+        x_real, y_real = real.balanced_sample(per_class, torch.Generator().manual_seed(0))
         out["teacher_diversity"] = div
         out["teacher_diversity_real"] = pool_diversity(pool, x_real, y_real, k)
     return out

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +52,38 @@ def make_cfg(overrides: list[str] | None = None, config_name: str = "distill"):
     """Compose the real ``ddrun.conf`` tree with ``overrides`` (as ``ddrun <cmd> overrides`` would)."""
     with initialize_config_module("ddrun.conf", version_base="1.3"):
         return compose(config_name, overrides=list(overrides or []))
+
+
+def ddrun_here(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``ddrun args`` run by ``ddrun.cli.main`` (what the ``ddrun`` script calls) inside this process, with its
+    stdout, stderr and exit status returned as ``subprocess.run`` would.
+
+    For the checks that stop a command before its work (bad values, missing or corrupt files, refused reruns): a new
+    interpreter would spend about 6 CPU seconds importing torch and torchvision for each. The tests of the process
+    itself (the entry point, signals, concurrent processes, launchers, progress without a terminal) keep
+    ``subprocess``. An exception other than ``SystemExit`` escaping ``main`` fails the test where a process would
+    have printed a traceback; the root logger's handlers (Hydra configures its own per run) are restored after.
+    """
+    from ddrun.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, root = sys.argv[:], logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with contextlib.chdir(cwd or os.getcwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        sys.argv = argv
+        for h in set(root.handlers) - set(handlers):
+            h.close()
+        root.handlers[:], root.level = handlers, level
+    if isinstance(code, str):  # sys.exit("message"): the interpreter prints it and exits 1
+        err.write(code + "\n")
+    status = 0 if code is None else code if isinstance(code, int) else 1
+    return subprocess.CompletedProcess(["ddrun", *args], status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

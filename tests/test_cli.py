@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import ddrun_here
 from formats import write_mnist_like
 
 
@@ -87,15 +88,15 @@ def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, comma
      "method=ld, whose S holds DD's per-step step sizes); this run's objective (DistributionMatching) stores none"),
 ])
 def test_bad_values_fail_before_work(tmp_path, args, message):
-    r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")
+    r = ddrun_here("distill", *args, f"hydra.run.dir={tmp_path}/run", "logger=none", f"paths.data={tmp_path}/none")
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_missing_dataset_names_path_without_traceback(tmp_path):
-    r = ddrun("distill", "dataset=mnist", f"paths.data={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run",
-              "logger=none")
+    r = ddrun_here("distill", "dataset=mnist", f"paths.data={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run",
+                   "logger=none")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"files not found at {tmp_path}/nowhere/MNIST/raw" in r.stderr and "dataset.download=true" in r.stderr
 
@@ -103,7 +104,8 @@ def test_missing_dataset_names_path_without_traceback(tmp_path):
 def test_corrupt_dataset_file_named(tmp_path):
     raw = write_mnist_like(tmp_path, "MNIST", n_train=4, n_test=2)
     (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
-    r = ddrun("distill", "dataset=mnist", f"paths.data={tmp_path}", f"hydra.run.dir={tmp_path}/run", "logger=none")
+    r = ddrun_here("distill", "dataset=mnist", f"paths.data={tmp_path}", f"hydra.run.dir={tmp_path}/run",
+                   "logger=none")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "corrupt or truncated file" in r.stderr and "train-labels-idx1-ubyte" in r.stderr
 
@@ -146,9 +148,9 @@ def test_a_relabel_stage_without_its_teacher_is_one_line_with_the_teacher_comman
     """``+stage@stages.relabel=relabel`` (a group appended at a package) is accepted by the pre-Hydra checks, and
     the missing teacher stops the run at start-up, before any iteration, printing the command that trains it."""
     write_mnist_like(tmp_path, "MNIST", n_train=20, n_test=10)
-    r = ddrun("distill", "dataset=mnist", "method=dm", "ipc=1", "iterations=3", "+stage@stages.relabel=relabel",
-              f"paths.data={tmp_path}", "dataset.system_dirs=[]", f"paths.buffers={tmp_path}/store",
-              f"hydra.run.dir={tmp_path}/run", "logger=none")
+    r = ddrun_here("distill", "dataset=mnist", "method=dm", "ipc=1", "iterations=3", "+stage@stages.relabel=relabel",
+                   f"paths.data={tmp_path}", "dataset.system_dirs=[]", f"paths.buffers={tmp_path}/store",
+                   f"hydra.run.dir={tmp_path}/run", "logger=none")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no 'stage' group" not in r.stderr, r.stderr
     assert "stages.relabel: no teacher collection at" in r.stderr and "`ddrun teacher dataset=mnist" in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import CUDA, make_cfg
+from conftest import CUDA, ddrun_here, make_cfg
 from formats import write_mnist_like
 from ddrun.distill import distill
 from ddrun.evaluate import evaluate_cmd
@@ -105,8 +103,7 @@ def test_cross_arch_refuses_architectures_too_large_for_the_images_before_any_tr
     from ddrun.utils import build
     cfg = make_cfg([*base, "dataset.im_size=[28,28]"], config_name="evaluate")
     build(cfg.evaluator).prepare(build(cfg.dataset))  # upsampled: every architecture of the pool takes them
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "evaluate", *base, "evaluator.archs=[mlp,lenet]",
-                        f"hydra.run.dir={tmp_path / 'cli'}"], capture_output=True, text=True)
+    r = ddrun_here("evaluate", *base, "evaluator.archs=[mlp,lenet]", f"hydra.run.dir={tmp_path / 'cli'}")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "lenet cannot take sklearn_digits's 8x8 images" in r.stderr and "evaluator.archs=[mlp]" in r.stderr
 
@@ -137,9 +134,8 @@ def test_bad_inputs_get_one_line_errors(root, distilled, tmp_path):
     torch.save({"images": torch.zeros(4, 3, 32, 32), "labels": torch.arange(4)}, tmp_path / "rgb.pt")
     with pytest.raises(ConfigError, match=r"holds images \[3, 32, 32\] but dataset=mnist has \[1, 28, 28\]"):
         evaluate_cmd(ev(root, f"synthetic={tmp_path / 'rgb.pt'}"))
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "evaluate", f"paths.data={root}", *TINY,
-                        f"synthetic={tmp_path / 'rgb.pt'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                       capture_output=True, text=True)
+    r = ddrun_here("evaluate", f"paths.data={root}", *TINY, f"synthetic={tmp_path / 'rgb.pt'}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "ddrun evaluate: error: " in r.stderr and "holds images [3, 32, 32]" in r.stderr
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CUDA, assert_same_s, make_cfg
+from conftest import CUDA, assert_same_s, ddrun_here, make_cfg
 from formats import write_cifar, write_mnist_like
 from test_buffer import make_buffer, tiny_args
 from ddrun.data.augment import DSA
@@ -250,8 +248,7 @@ def test_same_seed_same_result_and_modes_agree(tiny_root, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_missing_buffer_names_path_and_command(tiny_root, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "distill", *mtt_args(tiny_root, tmp_path / "buffers"),
-                        f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True)
+    r = ddrun_here("distill", *mtt_args(tiny_root, tmp_path / "buffers"), f"hydra.run.dir={tmp_path}/run")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     line = [x for x in r.stderr.splitlines() if x.startswith("ddrun distill: error:")][0]
     want_dir = (tmp_path / "buffers" / "mnist" / "convnet_act-relu_depth-3_norm-instancenorm_pooling-avgpooling_width-8"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_cfg
+from conftest import ddrun_here, make_cfg
 from formats import write_mnist_like
 from ddrun.distill import distill
 from ddrun.evaluate import evaluate_cmd
@@ -52,7 +52,7 @@ def test_a_crafted_checkpoint_executes_nothing(tiny_root, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"iteration": 1, "syn": Payload()}, run / "checkpoint.pt")
-    r = ddrun(*tiny_cli(tiny_root, run))
+    r = ddrun_here(*tiny_cli(tiny_root, run))
     assert not marker.exists()
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "holds pickled objects, which ddrun never executes" in r.stderr and "corrupt" not in r.stderr.lower()
@@ -62,16 +62,16 @@ def test_unreadable_checkpoints_print_a_way_to_start_over_that_works(tiny_root, 
     """Both checkpoints damaged: one line naming them and the overrides that start over; those overrides do (the
     damaged run is moved to archive/, not deleted)."""
     run = tmp_path / "run"
-    assert ddrun(*tiny_cli(tiny_root, run, "checkpoint_every=1")).returncode == 0
+    assert ddrun_here(*tiny_cli(tiny_root, run, "checkpoint_every=1")).returncode == 0
     for p in (run / "checkpoint.pt", run / "checkpoint.prev.pt"):
         p.write_bytes(p.read_bytes()[:40])
     (run / "synthetic.pt").unlink()  # as if killed before the end
-    r = ddrun(*tiny_cli(tiny_root, run, "checkpoint_every=1"))
+    r = ddrun_here(*tiny_cli(tiny_root, run, "checkpoint_every=1"))
     errors = [line for line in r.stderr.splitlines() if line.startswith("ddrun distill: error:")]
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
     assert f"no readable checkpoint: {run / 'checkpoint.pt'}" in errors[0] and "(RuntimeError: " in errors[0]
     hint = re.search(r"pass (resume=false overwrite=true)", errors[0]).group(1).split()
-    r = ddrun(*tiny_cli(tiny_root, run, "checkpoint_every=1"), *hint)
+    r = ddrun_here(*tiny_cli(tiny_root, run, "checkpoint_every=1"), *hint)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "synthetic.pt").is_file() and list((run / "archive").glob("*/checkpoint.pt"))
 
@@ -113,16 +113,30 @@ def system_dir(tmp_path: Path, n_train: int, n_test: int) -> Path:
 def test_eight_concurrent_first_runs_share_an_empty_data_folder(tmp_path):
     system = system_dir(tmp_path, 20, 5)
     (tmp_path / "data").mkdir()
+    # eight processes forked after the imports (one interpreter's torch import instead of eight), so that they
+    # reach the empty folder within milliseconds of each other; each prints what it loaded
     code = textwrap.dedent(f"""
+        import os, sys, traceback
         from ddrun.data.datasets import idx_format
-        d = idx_format("mnist", "MNIST", {str(tmp_path / 'data')!r}, [0.13], [0.31], system_dirs=[{str(system)!r}])
-        print(len(d.train_labels), len(d.test_labels))
+        pids = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    d = idx_format("mnist", "MNIST", {str(tmp_path / 'data')!r}, [0.13], [0.31],
+                                   system_dirs=[{str(system)!r}])
+                    print(len(d.train_labels), len(d.test_labels), flush=True)
+                    os._exit(0)
+                except BaseException:
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                    os._exit(1)
+            pids.append(pid)
+        sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(8)]
-    outs = [p.communicate() for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
-    assert {o.strip() for o, _ in outs} == {"200 50"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n") == ["200 50"] * 8 + [""]
     assert not list((tmp_path / "data").rglob("*.tmp*"))
 
 
@@ -146,22 +160,22 @@ def _snapshot(run: Path) -> dict[str, str]:
 
 def test_a_refused_rerun_changes_nothing_and_names_what_differs(tiny_root, tmp_path):
     run = tmp_path / "run"
-    assert ddrun(*tiny_cli(tiny_root, run)).returncode == 0
+    assert ddrun_here(*tiny_cli(tiny_root, run)).returncode == 0
     before = _snapshot(run)
-    r = ddrun(*tiny_cli(tiny_root, run, "objective.lr_img=5", "seed=3"))
+    r = ddrun_here(*tiny_cli(tiny_root, run, "objective.lr_img=5", "seed=3"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "another configuration (objective.lr_img: 1.0 -> 5; seed: 0 -> 3)" in r.stderr
     assert _snapshot(run) == before  # .hydra, metrics, record, checkpoint: all as they were
-    r = ddrun(*tiny_cli(tiny_root, run, "resume=false"))
+    r = ddrun_here(*tiny_cli(tiny_root, run, "resume=false"))
     assert r.returncode == 1 and "holds a run and resume=false: pass overwrite=true" in r.stderr
     assert _snapshot(run) == before
 
 
 def test_overwrite_archives_and_metrics_never_hold_two_runs(tiny_root, tmp_path):
     run = tmp_path / "run"
-    assert ddrun(*tiny_cli(tiny_root, run)).returncode == 0
+    assert ddrun_here(*tiny_cli(tiny_root, run)).returncode == 0
     first = (run / "metrics.jsonl").read_text()
-    assert ddrun(*tiny_cli(tiny_root, run, "resume=false", "overwrite=true", "seed=1")).returncode == 0
+    assert ddrun_here(*tiny_cli(tiny_root, run, "resume=false", "overwrite=true", "seed=1")).returncode == 0
     archived = list((run / "archive").glob("*/metrics.jsonl"))
     assert len(archived) == 1 and archived[0].read_text() == first
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -170,9 +184,9 @@ def test_overwrite_archives_and_metrics_never_hold_two_runs(tiny_root, tmp_path)
 
 def test_a_finished_run_rerun_with_another_evaluator_is_evaluated_again_not_relabelled(tiny_root, tmp_path):
     run = tmp_path / "run"
-    assert ddrun(*tiny_cli(tiny_root, run)).returncode == 0
+    assert ddrun_here(*tiny_cli(tiny_root, run)).returncode == 0
     original = (run / ".hydra" / "config.yaml").read_text()
-    r = ddrun(*tiny_cli(tiny_root, run, "evaluator.epochs=3"))
+    r = ddrun_here(*tiny_cli(tiny_root, run, "evaluator.epochs=3"))
     assert r.returncode == 0, r.stderr
     rec = json.loads((run / "results.json").read_text())
     assert [e["protocol"]["epochs"] for e in rec["evaluations"]] == [2, 3]
@@ -204,7 +218,7 @@ def test_a_finished_run_rerun_with_another_evaluator_is_evaluated_again_not_rela
     (["logger.mode=foo"], "logger.mode=foo: valid values are auto, online, offline, disabled"),
 ])
 def test_every_knob_is_checked_before_any_work(tmp_path, args, message):
-    r = ddrun("distill", *args, f"hydra.run.dir={tmp_path}/run", f"paths.data={tmp_path}/none")
+    r = ddrun_here("distill", *args, f"hydra.run.dir={tmp_path}/run", f"paths.data={tmp_path}/none")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("ddrun distill: error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
@@ -212,7 +226,7 @@ def test_every_knob_is_checked_before_any_work(tmp_path, args, message):
 
 
 def test_a_set_with_nothing_to_learn_is_one_line(tiny_root, tmp_path):
-    r = ddrun(*tiny_cli(tiny_root, tmp_path / "run", "objective.lr_img=0"))
+    r = ddrun_here(*tiny_cli(tiny_root, tmp_path / "run", "objective.lr_img=0"))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "ddrun distill: error: nothing in S is learned: objective.lr_img=0" in r.stderr
 

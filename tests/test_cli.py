@@ -154,3 +154,13 @@ def test_a_relabel_stage_without_its_teacher_is_one_line_with_the_teacher_comman
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no 'stage' group" not in r.stderr, r.stderr
     assert "stages.relabel: no teacher collection at" in r.stderr and "`ddrun teacher dataset=mnist" in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_in_process_run_says_what_the_ddrun_process_says(tmp_path):
+    """``conftest.ddrun_here`` (the checks that stop before work run in the test's process) against a real
+    ``ddrun`` process on the same command line: the same exit status, stderr and (empty) stdout."""
+    args = ["distill", "method=dc", "ipc=7", f"hydra.run.dir={tmp_path}/run", "logger=none",
+            f"paths.data={tmp_path}/none"]
+    here, there = ddrun_here(*args), ddrun(*args)
+    assert there.returncode == 1 and "schedule.outer_loop is not set" in there.stderr
+    assert (here.returncode, here.stderr, here.stdout) == (there.returncode, there.stderr, there.stdout)

@@ -58,11 +58,13 @@ def ddrun_here(*args: str, cwd: str | Path | None = None) -> subprocess.Complete
     """``ddrun args`` run by ``ddrun.cli.main`` (what the ``ddrun`` script calls) inside this process, with its
     stdout, stderr and exit status returned as ``subprocess.run`` would.
 
-    For the checks that stop a command before its work (bad values, missing or corrupt files, refused reruns): a new
-    interpreter would spend about 6 CPU seconds importing torch and torchvision for each. The tests of the process
-    itself (the entry point, signals, concurrent processes, launchers, progress without a terminal) keep
-    ``subprocess``. An exception other than ``SystemExit`` escaping ``main`` fails the test where a process would
-    have printed a traceback; the root logger's handlers (Hydra configures its own per run) are restored after.
+    For the checks that stop a command before its work (bad values, missing or corrupt files, refused reruns, and
+    the tiny runs some of them need first): a new interpreter would spend about 6 CPU seconds importing torch and
+    torchvision for each. The tests of the process itself (the entry point, signals, concurrent processes,
+    launchers, progress without a terminal) keep ``subprocess``. An exception other than ``SystemExit`` escaping
+    ``main`` fails the test where a process would have printed a traceback; ``sys.argv`` and the root logger's
+    handlers (Hydra configures its own per run) are restored after. What a run sets for its whole process (the
+    seeds, ``speed``'s torch flags) stays set, as after any test that calls ``distill`` directly.
     """
     from ddrun.cli import main
 

@@ -114,7 +114,8 @@ def test_eight_concurrent_first_runs_share_an_empty_data_folder(tmp_path):
     system = system_dir(tmp_path, 20, 5)
     (tmp_path / "data").mkdir()
     # eight processes forked after the imports (one interpreter's torch import instead of eight), so that they
-    # reach the empty folder within milliseconds of each other; each prints what it loaded
+    # reach the empty folder within milliseconds of each other; each writes what it loaded in one write() to the
+    # pipe (print's several writes interleaved between the children)
     code = textwrap.dedent(f"""
         import os, sys, traceback
         from ddrun.data.datasets import idx_format
@@ -125,7 +126,7 @@ def test_eight_concurrent_first_runs_share_an_empty_data_folder(tmp_path):
                 try:
                     d = idx_format("mnist", "MNIST", {str(tmp_path / 'data')!r}, [0.13], [0.31],
                                    system_dirs=[{str(system)!r}])
-                    print(len(d.train_labels), len(d.test_labels), flush=True)
+                    os.write(1, f"{{len(d.train_labels)}} {{len(d.test_labels)}}\\n".encode())  # one write: atomic
                     os._exit(0)
                 except BaseException:
                     traceback.print_exc()

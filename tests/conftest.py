@@ -54,7 +54,7 @@ def make_cfg(overrides: list[str] | None = None, config_name: str = "distill"):
         return compose(config_name, overrides=list(overrides or []))
 
 
-def ddrun_here(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def ddrun_here(*args: str) -> subprocess.CompletedProcess:
     """``ddrun args`` run by ``ddrun.cli.main`` (what the ``ddrun`` script calls) inside this process, with its
     stdout, stderr and exit status returned as ``subprocess.run`` would.
 
@@ -72,7 +72,7 @@ def ddrun_here(*args: str, cwd: str | Path | None = None) -> subprocess.Complete
     argv, root = sys.argv[:], logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        with contextlib.chdir(cwd or os.getcwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main(list(args))
             except SystemExit as exc:

@@ -54,6 +54,13 @@ def make_cfg(overrides: list[str] | None = None, config_name: str = "distill"):
         return compose(config_name, overrides=list(overrides or []))
 
 
+def ddrun_process(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``ddrun args`` in a new interpreter (``python -m ddrun.cli``, the ``ddrun`` script's entry point), its output
+    captured as text; ``kwargs`` go to ``subprocess.run`` (``env``, ``cwd``, ``timeout``). For the tests of the
+    process itself; the checks that stop a command before its work use :func:`ddrun_here`."""
+    return subprocess.run([sys.executable, "-m", "ddrun.cli", *args], capture_output=True, text=True, **kwargs)
+
+
 def ddrun_here(*args: str) -> subprocess.CompletedProcess:
     """``ddrun args`` run by ``ddrun.cli.main`` (what the ``ddrun`` script calls) inside this process, with its
     stdout, stderr and exit status returned as ``subprocess.run`` would.

@@ -4,13 +4,11 @@ refusals; tiny MNIST-format data written by the test and a width-8 ConvNet keep 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_s, make_cfg
+from conftest import assert_same_s, ddrun_process, make_cfg
 
 from ddrun.buffers import buffer
 from ddrun.files import file_digest
@@ -120,8 +118,7 @@ def test_buffer_is_keyed_by_zca_subset_net_and_augmentation(tiny_root, tmp_path)
 
 def test_multirun_shards_via_the_command_line(tiny_root, tmp_path):
     args = tiny_args(tiny_root, tmp_path / "buffers", "train_epochs=2", "batch_train=32", "num_experts=1")
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "buffer", "-m", "expert_offset=0,1", *args,
-                        f"hydra.sweep.dir={tmp_path}/sweep"], capture_output=True, text=True)
+    r = ddrun_process("buffer", "-m", "expert_offset=0,1", *args, f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(next((tmp_path / "buffers").glob("*/*/*/manifest.json")).read_text())
     assert sorted(m["experts"]) == ["0", "1"]

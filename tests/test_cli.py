@@ -7,12 +7,8 @@ import sys
 
 import pytest
 
-from conftest import ddrun_here
+from conftest import ddrun_here, ddrun_process
 from formats import write_mnist_like
-
-
-def ddrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddrun.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_help_lists_commands_without_importing_torch():
@@ -35,7 +31,7 @@ def test_no_command_imports_torchvision_before_its_config_is_checked():
 
 
 def test_unknown_command_lists_commands():
-    r = ddrun("distil")
+    r = ddrun_process("distil")
     assert r.returncode == 2 and "unknown command 'distil'" in r.stderr and "distill" in r.stderr
 
 
@@ -49,7 +45,7 @@ def test_unknown_command_lists_commands():
     ("teacher", ["logger=none"], "logger=none: this command has no 'logger' group (its groups: dataset, net, "),
 ])
 def test_unknown_group_choice_is_one_line_listing_the_valid_ones(tmp_path, command, args, line):
-    r = ddrun(command, *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    r = ddrun_here(command, *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert r.returncode == 1 and r.stderr.startswith(f"ddrun {command}: error: {line}"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
@@ -111,7 +107,7 @@ def test_corrupt_dataset_file_named(tmp_path):
 
 
 def test_tab_completion_script():
-    r = ddrun("distill", "-sc", "install=bash")
+    r = ddrun_process("distill", "-sc", "install=bash")
     assert r.returncode == 0 and "complete" in r.stdout and "hydra_bash_completion" in r.stdout
 
 
@@ -119,8 +115,7 @@ def test_tab_completion_query_completes_groups_and_commands():
     import os
 
     env = {**os.environ, "COMP_LINE": "ddrun distill method=d", "COMP_POINT": "22"}
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "-sc", "query=bash"], capture_output=True, text=True,
-                       env=env)
+    r = ddrun_process("-sc", "query=bash", env=env)
     import ddrun.conf
 
     method_dir = os.path.join(os.path.dirname(ddrun.conf.__file__), "method")
@@ -128,16 +123,15 @@ def test_tab_completion_query_completes_groups_and_commands():
     assert {"method=dc", "method=dm", "method=dsa"} <= expected
     assert set(r.stdout.split()) == expected
     env.update(COMP_LINE="ddrun dis", COMP_POINT="9")
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "-sc", "query=bash"], capture_output=True, text=True,
-                       env=env)
+    r = ddrun_process("-sc", "query=bash", env=env)
     assert r.stdout.split() == ["distill"]
 
 
 def test_multirun_sweep_runs_every_point(tmp_path):
     write_mnist_like(tmp_path, "MNIST", n_train=4, n_test=2)
-    r = ddrun("distill", "-m", "method=dm,dsa", "ipc=1,2", "schedule.outer_loop=1", "schedule.inner_loop=1",
-              "dataset=mnist", f"paths.data={tmp_path}", "dataset.system_dirs=[]", "debug=smoke", "net.width=8",
-              "logger=none", "iterations=1", "eval_every=1", f"hydra.sweep.dir={tmp_path}/sweep")
+    r = ddrun_process("distill", "-m", "method=dm,dsa", "ipc=1,2", "schedule.outer_loop=1", "schedule.inner_loop=1",
+                      "dataset=mnist", f"paths.data={tmp_path}", "dataset.system_dirs=[]", "debug=smoke",
+                      "net.width=8", "logger=none", "iterations=1", "eval_every=1", f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "synthetic.pt").is_file())
     assert runs == ["0_dm_mnist_ipc1_seed0", "1_dm_mnist_ipc2_seed0", "2_dsa_mnist_ipc1_seed0",
@@ -161,6 +155,6 @@ def test_an_in_process_run_says_what_the_ddrun_process_says(tmp_path):
     ``ddrun`` process on the same command line: the same exit status, stderr and (empty) stdout."""
     args = ["distill", "method=dc", "ipc=7", f"hydra.run.dir={tmp_path}/run", "logger=none",
             f"paths.data={tmp_path}/none"]
-    here, there = ddrun_here(*args), ddrun(*args)
+    here, there = ddrun_here(*args), ddrun_process(*args)
     assert there.returncode == 1 and "schedule.outer_loop is not set" in there.stderr
     assert (here.returncode, here.stderr, here.stdout) == (there.returncode, there.stderr, there.stdout)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from omegaconf import OmegaConf
 from pathlib import Path
 
 import ddrun.conf
-from conftest import make_cfg
+from conftest import ddrun_here, make_cfg
 from ddrun.data.augment import DSA
 from ddrun.distill import has_objective, validate
 from ddrun.utils import build
@@ -94,8 +92,9 @@ def test_presets_carry_reference_values():
 
 
 def test_cfg_job_resolve_prints_preset_values():
-    out = subprocess.run([sys.executable, "-m", "ddrun.cli", "distill", "method=dsa", "ipc=10", "--cfg", "job",
-                          "--resolve"], capture_output=True, text=True, check=True).stdout
+    r = ddrun_here("distill", "method=dsa", "ipc=10", "--cfg", "job", "--resolve")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
     cfg = OmegaConf.create(out)
     assert cfg.schedule.outer_loop == 10 and cfg.schedule.inner_loop == 50
     assert cfg.objective.augment.strategy == "color_crop_cutout_flip_scale_rotate"

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import ddrun_here
 from ddrun import record
 from ddrun.report import load_published, report
 from ddrun.utils import DataError
@@ -279,8 +278,7 @@ def test_nothing_in_a_run_folder_is_resolved(tmp_path, monkeypatch):
 def test_unwritable_output_still_prints_the_table(sweep, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "report", str(sweep), "--out", str(blocker / "sub")],
-                       capture_output=True, text=True)
+    r = ddrun_here("report", str(sweep), "--out", str(blocker / "sub"))
     assert r.returncode == 0 and "| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 |" in r.stdout
     assert f"ddrun report: could not write the report files to {blocker / 'sub'}" in r.stderr
     assert "Traceback" not in r.stderr
@@ -318,14 +316,12 @@ def test_errors(tmp_path):
     (tmp_path / "bad" / "results.json").write_text("{not json")
     with pytest.raises(DataError, match="unreadable run record .*bad/results.json"):
         report([str(tmp_path / "bad")])
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "report", str(tmp_path / "nope")], capture_output=True,
-                       text=True)
+    r = ddrun_here("report", str(tmp_path / "nope"))
     assert r.returncode == 1 and "ddrun report: error: " in r.stderr and "Traceback" not in r.stderr
 
 
 def test_command_line(sweep, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "report", str(sweep), "--compare", "--out",
-                        str(tmp_path / "o"), "--against", "random"], capture_output=True, text=True)
+    r = ddrun_here("report", str(sweep), "--compare", "--out", str(tmp_path / "o"), "--against", "random")
     assert r.returncode == 0, r.stderr
     assert ("| fashion_mnist | 10 | dm | convnet | 71.50 ± 1.50 ^1 | 2 | 0,1 | 20 | 71.50 ± 1.50 | – | "
             "+8.50 ± 0.50 (4/4 above) |") in r.stdout

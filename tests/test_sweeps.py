@@ -18,7 +18,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import SAME_S, assert_same_s, make_cfg
+from conftest import SAME_S, assert_same_s, ddrun_here, ddrun_process, make_cfg
 from formats import write_mnist_like
 from ddrun.distill import distill
 from ddrun.report import report
@@ -37,10 +37,6 @@ def root(tmp_path_factory):
 
 def env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
-
-
-def ddrun(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "ddrun.cli", *args], capture_output=True, text=True, **kw)
 
 
 @pytest.fixture
@@ -62,9 +58,10 @@ def test_slurm_launcher_submits_one_array_task_per_point(tmp_path, no_cluster):
     with the launcher's resources, one pickled job (its overrides) per sweep point."""
     from submitit.core.utils import DelayedSubmission
 
-    r = ddrun("distill", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=proj42",
-              "hydra.launcher.array_parallelism=5", "hydra.launcher.timeout_min=90", "method=dm,dc", "ipc=1,10,50",
-              "seed=0,1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", env=no_cluster)
+    r = ddrun_process("distill", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                      "hydra.launcher.account=proj42", "hydra.launcher.array_parallelism=5",
+                      "hydra.launcher.timeout_min=90", "method=dm,dc", "ipc=1,10,50", "seed=0,1,2",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", env=no_cluster)
     assert r.returncode != 0 and "no SLURM cluster here (test stand-in)" in r.stderr
     script = (tmp_path / "submitted.sh").read_text().splitlines()
     for line in ("#SBATCH --array=0-17%5", "#SBATCH --partition=gpu", "#SBATCH --account=proj42",
@@ -86,8 +83,8 @@ def test_slurm_launcher_off_the_cluster_is_one_line_before_the_sweep(tmp_path, t
     for tool in tools:
         (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
         (bin_dir / tool).chmod(0o755)
-    r = ddrun("distill", "-m", "hydra/launcher=slurm", "method=dm,dc", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-              env=env(PATH=str(bin_dir)))
+    r = ddrun_process("distill", "-m", "hydra/launcher=slurm", "method=dm,dc",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env(PATH=str(bin_dir)))
     missing = " and ".join(t for t in ("sbatch", "srun") if t not in tools)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.startswith(f"ddrun distill: error: hydra/launcher=slurm submits with SLURM's sbatch and srun, "
@@ -160,8 +157,8 @@ def test_local_launcher_runs_jobs_and_a_stop_signal_requeues_and_resumes(root, t
 def test_a_failing_job_does_not_stop_the_sweep(root, tmp_path):
     """One job of a multirun fails (ipc=0): it is reported in one line, without a traceback, and the other jobs
     still run to the end; the sweep's exit status is 1."""
-    r = ddrun("distill", "-m", "method=dm", "ipc=0,2", *TINY, f"paths.data={root}", "debug=smoke",
-              f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env())
+    r = ddrun_process("distill", "-m", "method=dm", "ipc=0,2", *TINY, f"paths.data={root}", "debug=smoke",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env())
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "ddrun distill: error: ipc=0: must be >= 1\n" in r.stderr  # the job's own line, once
     assert "ddrun distill: error: ipc=0: must be >= 1 (job 0)" in r.stderr  # the sweep's last word
@@ -255,13 +252,13 @@ def test_reproduce_scripts_share_one_runner_and_run_every_named_run(tmp_path, sc
     ("evaluate", "evaluater=cross_arch", "unknown key 'evaluater'; did you mean 'evaluator'?"),
 ])
 def test_mistyped_keys_are_rejected_with_the_nearest_valid_key(tmp_path, command, arg, hint):
-    r = ddrun(command, arg, f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    r = ddrun_here(command, arg, f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
     assert r.returncode == 1 and r.stderr.strip() == f"ddrun {command}: {hint}"  # one line, Hydra's block not shown
     assert not (tmp_path / "run").exists()
 
 
 def test_a_mistyped_key_in_a_sweep_is_one_line_before_any_job(tmp_path):
-    r = ddrun("distill", "-m", "method=dm,dc", "ipcc=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    r = ddrun_here("distill", "-m", "method=dm,dc", "ipcc=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert r.returncode == 1 and r.stderr.strip() == "ddrun distill: unknown key 'ipcc'; did you mean 'ipc'?"
     assert not (tmp_path / "sweep").exists()
 

@@ -4,13 +4,11 @@ pool, missing / foreign teachers), the contracts of the components that read tea
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAME_S, assert_same_s, make_cfg
+from conftest import SAME_S, assert_same_s, ddrun_process, make_cfg
 from teacher_helpers import make_teacher, tiny_args
 
 from ddrun.contracts import Fetched, Fetcher
@@ -218,8 +216,7 @@ def test_rded_initializer_contract(tiny_root, tmp_path):
 
 def test_teacher_shards_via_the_command_line(tiny_root, tmp_path):
     args = [*tiny_args(tiny_root, tmp_path / "store"), "recipe.epochs=1", "recipe.batch=32"]
-    r = subprocess.run([sys.executable, "-m", "ddrun.cli", "teacher", "-m", "teacher_offset=0,1", *args,
-                        f"hydra.sweep.dir={tmp_path}/sweep"], capture_output=True, text=True)
+    r = ddrun_process("teacher", "-m", "teacher_offset=0,1", *args, f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(next((tmp_path / "store").glob("teachers/*/*/*/manifest.json")).read_text())
     assert sorted(m["teachers"]) == ["0", "1"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ddrun_here, make_cfg
+from conftest import ddrun_here, ddrun_process, make_cfg
 from formats import write_mnist_like
 from ddrun.distill import distill
 from ddrun.evaluate import evaluate_cmd
@@ -25,12 +25,6 @@ from ddrun.utils import ConfigError, DataError
 
 TINY = ["dataset=mnist", "dataset.system_dirs=[]", "net.width=8", "logger=none", "dataset.train_subset=12",
         "dataset.test_subset=4", "objective.batch_real=4", "evaluator.num_eval=1", "evaluator.epochs=2"]
-
-
-def ddrun(*args, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-m", "ddrun.cli", *args], capture_output=True, text=True, env=env,
-                          **kwargs)
 
 
 def tiny_cli(root, run, *extra) -> list[str]:
@@ -235,7 +229,7 @@ def test_a_set_with_nothing_to_learn_is_one_line(tiny_root, tmp_path):
 def test_an_unwritable_run_directory_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = ddrun("distill", f"hydra.run.dir={blocker}/run")
+    r = ddrun_here("distill", f"hydra.run.dir={blocker}/run")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"cannot write the run directory {blocker}/run" in r.stderr
 
@@ -249,15 +243,15 @@ def test_evaluate_refuses_the_folder_of_another_run(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text("- method=dm\n")
     (run / "synthetic.pt").write_bytes(b"S")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    r = ddrun("evaluate", f"synthetic={run / 'synthetic.pt'}", f"hydra.run.dir={run}")
+    r = ddrun_here("evaluate", f"synthetic={run / 'synthetic.pt'}", f"hydra.run.dir={run}")
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"hydra.run.dir={run} holds a ddrun distill run" in r.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     for command in ("teacher", "export"):  # no other command writes into it either
-        r = ddrun(command, f"hydra.run.dir={run}")
+        r = ddrun_here(command, f"hydra.run.dir={run}")
         assert r.returncode == 1 and f"holds a ddrun distill run: {command} would replace" in r.stderr
     (run / "results.json").unlink()  # a distill still running (no record yet) is refused too
-    r = ddrun("evaluate", f"synthetic={run / 'synthetic.pt'}", f"hydra.run.dir={run}")
+    r = ddrun_here("evaluate", f"synthetic={run / 'synthetic.pt'}", f"hydra.run.dir={run}")
     assert r.returncode == 1 and "holds a ddrun distill run" in r.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "results.json"} == \
         {p: b for p, b in before.items() if p.name != "results.json"}
@@ -266,7 +260,7 @@ def test_evaluate_refuses_the_folder_of_another_run(tmp_path):
     done.mkdir()
     (done / "results.json").write_text(json.dumps({"command": "evaluate", "method": "dm"}))
     for command in ("evaluate", "distill"):
-        r = ddrun(command, f"hydra.run.dir={done}")
+        r = ddrun_here(command, f"hydra.run.dir={done}")
         assert r.returncode == 1 and f"holds a ddrun evaluate run: {command} would replace" in r.stderr
 
 
@@ -324,13 +318,13 @@ def test_ctrl_c_is_a_clean_stop_that_resumes(tiny_root, tmp_path):
     assert "Traceback" not in err and "stopped by SIGINT at iteration" in err
     stopped = int(err.split("stopped by SIGINT at iteration ")[1].split(";")[0].split()[0])
     end = stopped + 5
-    r = ddrun(*tiny_cli(tiny_root, run, f"iterations={end}", f"eval_every={end}"))
+    r = ddrun_process(*tiny_cli(tiny_root, run, f"iterations={end}", f"eval_every={end}"))
     assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout
     assert f"at iteration {stopped}" in r.stderr + r.stdout
 
 
 def test_progress_lines_without_a_terminal(tiny_root, tmp_path):
-    r = ddrun(*tiny_cli(tiny_root, tmp_path / "run", "iterations=6", "eval_every=6", "progress_every=0.01"))
+    r = ddrun_process(*tiny_cli(tiny_root, tmp_path / "run", "iterations=6", "eval_every=6", "progress_every=0.01"))
     assert r.returncode == 0
     lines = [line for line in (r.stdout + r.stderr).splitlines() if "distill " in line and " it (" in line]
     assert lines and "it/s" in lines[-1] and "ETA" in lines[-1] and "loss" in lines[-1]

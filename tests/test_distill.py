@@ -68,7 +68,7 @@ def test_dm_learns_on_real_fashion_mnist(fmnist_root, tmp_path):
     cfg = make_cfg(["method=dm", "init=noise", "ipc=1", f"paths.data={fmnist_root}", "dataset.train_subset=500",
                     "dataset.test_subset=100", "iterations=20", "eval_every=20", "log_every=10",
                     "objective.batch_real=32", "objective.lr_img=10", "evaluator.num_eval=2",
-                    "evaluator.epochs=100", "logger.mode=offline"])
+                    "evaluator.epochs=40", "logger.mode=offline"])
     out = distill(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["iteration"]: r["acc_mean"] for r in rows if "acc_mean" in r}

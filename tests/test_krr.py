@@ -360,7 +360,8 @@ def fmnist(root, *extra):
     ("kip", ["objective.lr_img=0.05", *KERNEL_SMALL[:1], "objective.kernel.net_kwargs.width=64",
              "beside.kip.num_eval=0"]),
     ("rfad", ["objective.lr_img=0.05", "objective.lr_labels=0.01", *KERNEL_SMALL[:1],
-              "objective.kernel.net_kwargs.width=64", "beside.rfad.num_eval=0"]),
+              "objective.kernel.net_kwargs.width=64", "beside.rfad.num_eval=0", "objective.val_models=2",
+              "early_stopping.val_per_class=100"]),  # the early-stopping validation is test_selection's
     ("frepo", ["objective.lr_img=0.1", "objective.lr_labels=0.01", "fetcher.num_models=4",
                "fetcher.max_online_updates=20", "preset.pool_net.width=32", "beside.frepo.num_eval=0"]),
 ])

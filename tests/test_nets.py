@@ -42,9 +42,12 @@ def test_forward_backward_reaches_every_parameter(name, channels, size):
 
 @pytest.mark.parametrize("name", POOL)
 def test_initialization_follows_the_seed(name):
+    ctor = build(make_cfg([f"net={name}"]).net)
+
     def weights(seed):
         torch.manual_seed(seed)
-        return torch.cat([p.detach().flatten() for p in make(name, 3, 32).parameters()])
+        net = ctor(channels=3, num_classes=10, im_size=(32, 32))
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
 
     assert torch.equal(weights(0), weights(0)) and not torch.equal(weights(0), weights(1))
 

@@ -287,23 +287,30 @@ def group_results(results: list[Result], pool: str = "seeds") -> list[Group]:
 def paired(g: Group, base: Group) -> list[float]:
     """Per-network differences ``g - base`` (points) over the networks both rows trained from the same seeds: a
     result of ``g`` and one of ``base`` with the same seed and record seed (so the same student seeds, e.g. S's
-    seed 0 evaluated with student seed 0), network i against network i. Empty when no result pairs up."""
+    seed 0 evaluated with student seed 0), network i against network i for the networks both trained (network
+    i's seed is ``derive_seed(seed, 104729, i)`` whatever ``num_eval`` is, so 8 students pair their first 4 with
+    another row's 4). Empty when no result pairs up."""
     others = {(r.seed, r.run_seed): r.accs.get(base.arch, []) for r in base.results}
     out = []
     for r in g.results:
         mine, theirs = r.accs.get(g.arch, []), others.get((r.seed, r.run_seed), [])
-        if mine and len(mine) == len(theirs):
-            out += [a - b for a, b in zip(mine, theirs)]
+        out += [a - b for a, b in zip(mine, theirs)]
     return out
+
+
+def _protocol_but_count(r: Result) -> tuple:
+    """What two results' evaluations must share for their networks to pair: every protocol field but the number
+    of networks (``num_eval``), and the test set."""
+    return tuple(sorted((k, repr(v)) for k, v in r.protocol.items() if k != "num_eval")), r.test_images
 
 
 def paired_to(g: Group, groups: list[Group], against: str) -> list[float]:
     """:func:`paired` of ``g`` against the row of method ``against`` with the same dataset, ipc, architecture and
-    evaluation protocol (the first such row whose networks pair up with ``g``'s); empty when there is none, or
-    ``g`` is that row."""
+    evaluation protocol but for the number of networks (the first such row whose networks pair up with ``g``'s);
+    empty when there is none, or ``g`` is that row."""
     for b in groups:
-        if b is not g and b.method == against and (b.dataset, str(b.ipc), b.arch, b.first.protocol_line) == \
-                (g.dataset, str(g.ipc), g.arch, g.first.protocol_line):
+        if b is not g and b.method == against and (b.dataset, str(b.ipc), b.arch, _protocol_but_count(b.first)) == \
+                (g.dataset, str(g.ipc), g.arch, _protocol_but_count(g.first)):
             d = paired(g, b)
             if d:
                 return d

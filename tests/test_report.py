@@ -287,16 +287,21 @@ def test_unwritable_output_still_prints_the_table(sweep, tmp_path):
 def test_against_pairs_networks_of_the_same_student_seeds(sweep, tmp_path):
     """``--against random``: each row's difference to the random row of the same protocol, network i of a seed
     against network i of that seed (by hand: DM ipc 1 is (40, 42) and (44, 46) against (30, 30) and (34, 34));
-    a row under another protocol has nothing to pair with; an unknown method is one line listing the methods."""
+    a row of the same protocol with more networks pairs those both trained; a row under another protocol has
+    nothing to pair with; an unknown method is one line listing the methods."""
     write_run(sweep / "9_dm_other_protocol", "dm", 1, 0, {0: [50.0, 50.0]}, 20, protocol={**PROTOCOL, "epochs": 1000})
+    # the same protocol but 4 networks: its first 2 pair with the random row's 2 (the same student seeds)
+    write_run(sweep / "9_dm_four_nets", "dm", 1, 0, {0: [50.0, 53.0, 0.0, 0.0]}, 20,
+              protocol={**PROTOCOL, "num_eval": 4})
     res = report([str(sweep)], out=str(tmp_path / "rep"), plot=False, against="random")
     lines = res["table"].splitlines()
     assert lines[0].endswith("| vs random, paired by student seed (points: mean ± std, networks above) |")
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:7]]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:8]]
     rows = {(c[1], c[2]): c[-1] for c in cells}  # (ipc, method and its footnote marks) -> the paired cell
     assert rows[("1", "random")] == "–" and rows[("10", "random")] == "–"
     assert rows[("1", "dm")] == "+11.00 ± 1.00 (4/4 above)" and rows[("10", "dm")] == "+8.50 ± 0.50 (4/4 above)"
-    assert rows[("1", "dm [1]")] == "–"  # 1000 epochs: no random row of that protocol
+    assert rows[("1", "dm [1]")] == "+21.50 ± 1.50 (2/2 above)"  # 4 networks: (50, 53) against seed 0's (30, 30)
+    assert rows[("1", "dm [2]")] == "–"  # 1000 epochs: no random row of that protocol
     with open(tmp_path / "rep" / "report.csv") as f:
         assert [r["vs_random_paired"] for r in csv.DictReader(f)][:2] == ["–", "+11.00 ± 1.00 (4/4 above)"]
     with pytest.raises(DataError, match=r"--against kip: no row of that method; the methods are \['dm', 'random'\]"):
